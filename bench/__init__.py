@@ -1,0 +1,1 @@
+"""On-demand benchmarks (never run in CI). See docs/benchmarks.md."""

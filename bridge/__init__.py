@@ -1,0 +1,3 @@
+"""agent-bridge: run coding agents from team chat."""
+
+__version__ = "0.1.0"

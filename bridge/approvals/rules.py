@@ -1,0 +1,259 @@
+"""Approval rules: what runs at once, what is refused, what asks a person.
+
+A YAML file (default: `templates/approval-rules.yaml`) holds ordered rules at three scopes:
+global, per workspace and per conversation. For a request, the conversation's rules are tried
+first, then the workspace's, then the global ones; the first rule that matches decides (`allow`,
+`deny` with a message, or `ask`). When none matches, the preset of the most specific scope that
+sets one decides:
+
+- `strict`: ask for everything;
+- `default`: allow read-only commands (see `shell_policy`), ask for the rest;
+- `trusted`: allow commands that stay inside the workspace, ask for the rest.
+
+Command patterns match the parsed argv of each command in a line (`;`, `&&`, `|` ... split it):
+words are shell-style globs, and a last word `*` also matches "any further arguments". A `deny`
+rule matches when any command of the line matches; an `allow` rule only when every command does.
+A file with an error stops start-up naming the file, the line and the reason.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from bridge.runtimes.shell_policy import is_operator, is_read_only, tokenize
+
+Action = Literal["allow", "deny", "ask"]
+Preset = Literal["strict", "default", "trusted"]
+DEFAULT_FILE = Path(__file__).resolve().parents[2] / "templates" / "approval-rules.yaml"
+CHAIN_OPERATORS = {";", "&&", "||", "|", "&", "|&"}
+
+
+class RulesError(Exception):
+    """The rules file is unusable; the message names the file, the line and the reason."""
+
+
+class Rule(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = ""
+    action: Action
+    command: list[str] = Field(default_factory=list)
+    paths: list[str] = Field(default_factory=list)
+    runtime: list[str] = Field(default_factory=list)
+    message: str = ""
+
+    @field_validator("command", "paths", "runtime", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("command")
+    @classmethod
+    def _parsable(cls, value: list[str]) -> list[str]:
+        for pattern in value:
+            try:
+                if not shlex.split(pattern):
+                    raise ValueError("an empty command pattern")
+            except ValueError as exc:
+                raise ValueError(f"command pattern {pattern!r}: {exc}") from None
+        return value
+
+
+class Scope(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    preset: Preset | None = None
+    rules: list[Rule] = Field(default_factory=list)
+
+
+class RulesFile(Scope):
+    version: Literal[1] = 1
+    workspaces: dict[str, Scope] = Field(default_factory=dict)
+    conversations: dict[str, Scope] = Field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    action: Action
+    rule: str  # the rule's name, or "preset:<name>"
+    message: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class RequestFacts:
+    kind: str
+    command: str | None
+    paths: tuple[str, ...]
+    runtime: str
+    workspace: str
+    conversation: str
+
+
+def split_commands(line: str) -> list[list[str]] | None:
+    """The argv of each command in a shell line, or None when it cannot be parsed."""
+    tokens = tokenize(line)
+    if tokens is None:
+        return None
+    commands: list[list[str]] = [[]]
+    for token in tokens:
+        if token in CHAIN_OPERATORS:
+            commands.append([])
+        elif is_operator(token):
+            continue  # redirections and grouping: the words around them still count
+        else:
+            commands[-1].append(token)
+    return [c for c in commands if c]
+
+
+def _word_matches(word: str, pattern: str) -> bool:
+    """A shell-style glob; in a path-like pattern `*` stays within one path segment."""
+    if "/" not in pattern:
+        return fnmatch.fnmatchcase(word, pattern)
+    parts, wanted = word.split("/"), pattern.split("/")
+    return len(parts) == len(wanted) and all(fnmatch.fnmatchcase(a, p) for a, p in zip(parts, wanted))
+
+
+def _argv_matches(pattern: list[str], argv: list[str]) -> bool:
+    if pattern and pattern[-1] == "*" and len(argv) >= len(pattern) - 1:
+        head = pattern[:-1]
+        return all(_word_matches(a, p) for p, a in zip(head, argv))
+    return len(pattern) == len(argv) and all(_word_matches(a, p) for p, a in zip(pattern, argv))
+
+
+class Rules:
+    def __init__(self, parsed: RulesFile, source: str) -> None:
+        self.parsed = parsed
+        self.source = source
+        self._patterns = {
+            id(rule): [shlex.split(p) for p in rule.command]
+            for scope in self._all_scopes() for rule in scope.rules
+        }
+
+    def _all_scopes(self) -> list[Scope]:
+        return [self.parsed, *self.parsed.workspaces.values(), *self.parsed.conversations.values()]
+
+    def _scopes_for(self, facts: RequestFacts) -> list[Scope]:
+        scopes: list[Scope] = []
+        conversation = self.parsed.conversations.get(facts.conversation)
+        if conversation is not None:
+            scopes.append(conversation)
+        workspace = Path(facts.workspace).resolve()
+        matching = [(Path(k).expanduser().resolve(), s) for k, s in self.parsed.workspaces.items()]
+        for root, scope in sorted(matching, key=lambda item: len(str(item[0])), reverse=True):
+            if workspace == root or root in workspace.parents:
+                scopes.append(scope)
+        scopes.append(self.parsed)
+        return scopes
+
+    def decide(self, facts: RequestFacts) -> Verdict:
+        scopes = self._scopes_for(facts)
+        commands = split_commands(facts.command) if facts.command is not None else None
+        for scope in scopes:
+            for rule in scope.rules:
+                if self._matches(rule, facts, commands):
+                    return Verdict(rule.action, rule.name or rule.action, rule.message)
+        preset = next((s.preset for s in scopes if s.preset), "default")
+        return Verdict(self._preset(preset, facts), f"preset:{preset}")
+
+    def _matches(self, rule: Rule, facts: RequestFacts, commands: list[list[str]] | None) -> bool:
+        if rule.runtime and facts.runtime not in rule.runtime:
+            return False
+        if rule.paths:
+            if not facts.paths or not any(
+                fnmatch.fnmatchcase(path, pattern) for path in facts.paths for pattern in rule.paths
+            ):
+                return False
+            if not rule.command:
+                return True
+        if not rule.command:
+            return not rule.paths and bool(rule.runtime)  # a rule on the runtime alone
+        if not commands:
+            return False
+        patterns = self._patterns[id(rule)]
+        hits = [any(_argv_matches(p, argv) for p in patterns) for argv in commands]
+        return any(hits) if rule.action == "deny" else all(hits)
+
+    @staticmethod
+    def _preset(preset: str, facts: RequestFacts) -> Action:
+        if preset == "strict":
+            return "ask"
+        if facts.kind == "command" and facts.command is not None:
+            if is_read_only(facts.command):
+                return "allow"
+            if preset == "trusted" and _stays_inside(facts.command, facts.workspace):
+                return "allow"
+            return "ask"
+        if facts.kind == "file_change" and preset == "trusted" and facts.paths:
+            root = Path(facts.workspace).resolve()
+            inside = all(root in (root / p).resolve().parents or (root / p).resolve() == root for p in facts.paths)
+            return "allow" if inside else "ask"
+        return "ask"
+
+
+def _stays_inside(command: str, workspace: str) -> bool:
+    """No argument leaves the workspace: no absolute path outside it, no `..` above it, no `cd`."""
+    commands = split_commands(command)
+    if commands is None or any(s in command for s in ("`", "$(", "${", "~")):
+        return False
+    root = Path(workspace).resolve()
+    for argv in commands:
+        if argv[0] in ("cd", "pushd", "sudo", "su", "chroot"):
+            return False
+        for arg in argv[1:]:
+            value = arg.split("=", 1)[1] if arg.startswith("-") and "=" in arg else arg
+            if "/" not in value and value != "..":
+                continue
+            target = (root / value).resolve() if not os.path.isabs(value) else Path(value).resolve()
+            if target != root and root not in target.parents:
+                return False
+    return True
+
+
+def load(path: str | Path | None = None) -> Rules:
+    """Parse and check a rules file; RulesError names the file, the line and the reason."""
+    file = Path(path) if path else DEFAULT_FILE
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise RulesError(f"{file}: cannot read the approval rules: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text) or {}
+        root = yaml.compose(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise RulesError(f"{file}{line}: {exc.problem or exc}") from None
+    try:
+        return Rules(RulesFile.model_validate(data), str(file))
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = tuple(err.get("loc", ()))
+        where = ".".join(str(p) for p in loc) or "(top level)"
+        line = _line_of(root, loc)
+        raise RulesError(f"{file}{f':{line}' if line else ''}: {where}: {err.get('msg')}") from None
+
+
+def _line_of(node: Any, loc: tuple[Any, ...]) -> int | None:
+    """The 1-based line of the YAML node at `loc` (or of its nearest parent that exists)."""
+    line = node.start_mark.line + 1 if node is not None else None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            child = next((v for k, v in node.value if k.value == str(part)), None)
+            key = next((k for k, v in node.value if k.value == str(part)), None)
+            if child is None:
+                return line
+            node, line = child, (key.start_mark.line + 1)
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            return line
+    return line

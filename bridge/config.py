@@ -1,0 +1,116 @@
+"""Service configuration, read from the environment and an optional `.env` file.
+
+Every setting is documented in `.env.example`; `load_settings()` turns a validation error
+into one readable line naming the setting (the CLI exits with code 2 on it).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class ConfigError(Exception):
+    """A setting is missing or invalid; the message names it."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="BRIDGE_",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        validate_default=True,
+    )
+
+    host: str = "127.0.0.1"
+    port: int = Field(8788, ge=0, le=65535)
+    data_dir: Path = Path("./data")
+    database_url: str = ""
+    runtime: Literal["shell", "codex", "claude"] = "shell"
+    workspace: Path | None = None
+    admins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    log_level: Literal["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    log_format: Literal["text", "json"] = "text"
+
+    # Shell runtime.
+    shell_timeout: float = Field(600.0, gt=0)
+    shell_output_limit: int = Field(3500, ge=200)
+
+    # Pipeline.
+    max_concurrent_turns: int = Field(32, ge=1)
+    shutdown_timeout: float = Field(20.0, ge=0)
+    approval_timeout: float = Field(1800.0, gt=0)
+    approval_on_expiry: Literal["decline", "interrupt"] = "decline"
+    approval_rules: Path | None = None  # default: templates/approval-rules.yaml
+
+    # Delivery.
+    delivery_max_attempts: int = Field(8, ge=1)
+    delivery_base_delay: float = Field(0.5, gt=0)
+    delivery_max_delay: float = Field(60.0, gt=0)
+
+    @field_validator("admins", mode="before")
+    @classmethod
+    def _split_admins(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("admins")
+    @classmethod
+    def _qualified_admins(cls, value: list[str]) -> list[str]:
+        for item in value:
+            channel, sep, user = item.partition(":")
+            if not sep or not channel or not user:
+                raise ValueError(f"{item!r} is not channel-qualified (expected e.g. webchat:alice)")
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("database_url")
+    @classmethod
+    def _known_driver(cls, value: str) -> str:
+        if value and not value.startswith(("sqlite+aiosqlite://", "postgresql+asyncpg://")):
+            raise ValueError("must start with sqlite+aiosqlite:// or postgresql+asyncpg://")
+        return value
+
+    @model_validator(mode="after")
+    def _derive_paths(self) -> "Settings":
+        if not self.database_url:
+            self.database_url = f"sqlite+aiosqlite:///{(self.data_dir / 'bridge.db').resolve()}"
+        if self.workspace is None:
+            self.workspace = self.data_dir / "workspace"
+        self.workspace = self.workspace.resolve()
+        return self
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    def is_admin(self, channel: str, user_id: str) -> bool:
+        return f"{channel}:{user_id}" in self.admins
+
+
+def _env_name(loc: tuple[object, ...]) -> str:
+    field = str(loc[0]) if loc else "?"
+    return f"BRIDGE_{field.upper()}"
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build the settings, raising ConfigError with one line per invalid setting."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            name = _env_name(err.get("loc", ()))
+            value = err.get("input")
+            shown = f" (got {value!r})" if isinstance(value, (str, int, float)) else ""
+            lines.append(f"invalid setting {name}: {err.get('msg')}{shown}")
+        raise ConfigError("; ".join(lines)) from None

@@ -1,0 +1,73 @@
+"""`agent-bridge doctor`: check configuration, store, runtime and channels; one row each."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+from bridge.config import Settings
+from bridge.store import migrate
+from bridge.store.db import make_engine
+
+Row = tuple[str, bool, str]
+
+
+async def _store(settings: Settings) -> list[Row]:
+    head = migrate.HEAD
+    if settings.is_sqlite:
+        path = settings.database_url.split(":///", 1)[1]
+        if not os.path.exists(path):
+            return [("store", True, f"sqlite, {path} not created yet: `serve` or `db upgrade` creates it")]
+    engine = make_engine(settings.database_url, pool_size=1)
+    try:
+        revision = await migrate.current_revision(engine)
+    except Exception as exc:  # noqa: BLE001 - reported as a failed row
+        reason = str(exc).splitlines()[0] if str(exc) else ""
+        return [("store", False, f"cannot connect: {type(exc).__name__}: {reason}")]
+    finally:
+        await engine.dispose()
+    backend = "sqlite" if settings.is_sqlite else "postgresql"
+    if revision == head:
+        return [("store", True, f"{backend}, schema at {revision}")]
+    if revision is None:
+        return [("store", True, f"{backend}, empty: `agent-bridge db upgrade` (or serve) creates the schema")]
+    return [("store", False, f"{backend}, schema at {revision} but code expects {head}: run `agent-bridge db upgrade`")]
+
+
+def _runtime(settings: Settings) -> list[Row]:
+    if settings.runtime == "shell":
+        bash = shutil.which("bash")
+        return [("runtime", bash is not None, f"shell via {bash}" if bash else "bash not found on PATH")]
+    return [("runtime", False, f"{settings.runtime} is not available yet")]
+
+
+def _workspace(settings: Settings) -> list[Row]:
+    assert settings.workspace is not None
+    path = settings.workspace
+    probe = path if path.exists() else path.parent
+    while not probe.exists():
+        probe = probe.parent
+    ok = os.access(probe, os.W_OK)
+    return [("workspace", ok, str(path) + ("" if ok else " is not writable"))]
+
+
+def _rules(settings: Settings) -> list[Row]:
+    from bridge.approvals.rules import RulesError, load
+
+    try:
+        rules = load(settings.approval_rules)
+    except RulesError as exc:
+        return [("approval rules", False, str(exc))]
+    count = len(rules.parsed.rules) + sum(len(s.rules) for s in [*rules.parsed.workspaces.values(),
+                                                                   *rules.parsed.conversations.values()])
+    return [("approval rules", True, f"{rules.source}: {count} rules, preset {rules.parsed.preset or 'default'}")]
+
+
+async def run_checks(settings: Settings) -> list[Row]:
+    rows: list[Row] = [("config", True, f"listen {settings.host}:{settings.port}, runtime {settings.runtime}")]
+    rows += await _store(settings)
+    rows += _runtime(settings)
+    rows += _workspace(settings)
+    rows += _rules(settings)
+    rows.append(("channel:webchat", True, f"http://{settings.host}:{settings.port}/chat"))
+    return rows

@@ -1,0 +1,29 @@
+"""Prometheus metrics of one service instance (its own registry, passed to who needs it)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.inbound = Counter("bridge_inbound_events", "Inbound events accepted", ["channel", "kind"], registry=r)
+        self.duplicates = Counter("bridge_inbound_duplicates", "Inbound events ignored as duplicates", ["channel"], registry=r)
+        self.turns = Counter("bridge_turns", "Turns finished, by final status", ["status"], registry=r)
+        self.turn_latency = Histogram(
+            "bridge_turn_duration_seconds", "From message accepted to final reply queued",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800), registry=r,
+        )
+        self.turns_running = Gauge("bridge_turns_running", "Turns running now", registry=r)
+        self.outbox_depth = Gauge("bridge_outbox_depth", "Outbox operations by status", ["status"], registry=r)
+        self.delivery_attempts = Counter("bridge_delivery_attempts", "Delivery attempts", ["channel"], registry=r)
+        self.delivery_failures = Counter(
+            "bridge_delivery_failures", "Failed delivery attempts", ["channel", "kind"], registry=r
+        )
+        self.approvals_pending = Gauge("bridge_approvals_pending", "Approvals waiting for a decision", registry=r)
+        self.approvals = Counter("bridge_approvals", "Approval requests by outcome", ["outcome"], registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

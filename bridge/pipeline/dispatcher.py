@@ -1,0 +1,126 @@
+"""One ordered queue per conversation: one active turn at a time, later messages wait in order
+and are told their position. Control commands skip the queue, and so does whatever answers the
+human gate while a turn of the conversation waits on it (a shortcut such as "y", a question's
+free-text answer)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from loguru import logger
+
+from bridge.pipeline import commands
+
+
+@dataclass(slots=True)
+class Job:
+    event_id: int
+    conversation_key: str
+    text: str
+    notice: Awaitable[None] | None = None  # the queued notice's write
+    timer: asyncio.TimerHandle | None = None  # posts the notice if the message is still waiting
+    started: bool = False
+
+
+@dataclass(slots=True)
+class _Lane:
+    queue: deque[Job] = field(default_factory=deque)
+    active: Job | None = None
+    task: asyncio.Task[None] | None = None
+
+
+QUEUED_NOTICE_DELAY = 0.5  # a message that starts sooner gets no "queued" notice (no chat noise)
+
+Process = Callable[[Job], Awaitable[None]]
+Notify = Callable[[Job, int], Awaitable[None]]  # returns the pending write (no task per message)
+
+
+class Dispatcher:
+    def __init__(self, *, process: Process, control: Process, notify_queued: Notify,
+                 intercepts: Callable[[str, str], bool] = lambda _key, _text: False) -> None:
+        self._process = process
+        self._intercepts = intercepts
+        self._control = control
+        self._notify_queued = notify_queued
+        self._lanes: dict[str, _Lane] = {}
+        self._controls: set[asyncio.Task[None]] = set()
+        self._closing = False
+
+    def submit(self, job: Job) -> None:
+        if self._closing:
+            return  # stays `accepted` in the inbox; the next start dispatches it
+        if commands.parse(job.text) is not None or self._intercepts(job.conversation_key, job.text):
+            task = asyncio.create_task(self._guard(self._control(job), job), name=f"control:{job.event_id}")
+            self._controls.add(task)
+            task.add_done_callback(self._controls.discard)
+            return
+        lane = self._lanes.get(job.conversation_key)
+        if lane is None:
+            lane = self._lanes[job.conversation_key] = _Lane()
+        lane.queue.append(job)
+        if lane.active is not None or len(lane.queue) > 1:
+            job.timer = asyncio.get_running_loop().call_later(QUEUED_NOTICE_DELAY, self._notice_due, job)
+        if lane.task is None:
+            lane.task = asyncio.create_task(self._run(job.conversation_key, lane), name=f"lane:{job.conversation_key}")
+
+    def _notice_due(self, job: Job) -> None:
+        """The message still waits: tell its author, with its position now."""
+        job.timer = None
+        lane = self._lanes.get(job.conversation_key)
+        if job.started or lane is None:
+            return
+        position = next((i for i, queued in enumerate(lane.queue, 1) if queued is job), None)
+        if position is not None:
+            job.notice = self._notify_queued(job, position)
+
+    def queued(self, conversation_key: str) -> int:
+        lane = self._lanes.get(conversation_key)
+        return len(lane.queue) if lane else 0
+
+    async def _run(self, key: str, lane: _Lane) -> None:
+        try:
+            while lane.queue and not self._closing:
+                job = lane.queue.popleft()
+                job.started = True
+                if job.timer is not None:
+                    job.timer.cancel()
+                if job.notice is not None:
+                    await self._guard(job.notice, job)
+                lane.active = job
+                try:
+                    await self._guard(self._process(job), job)
+                finally:
+                    lane.active = None
+        finally:
+            lane.task = None
+            if not lane.queue and self._lanes.get(key) is lane:
+                del self._lanes[key]
+
+    @staticmethod
+    async def _guard(work: Awaitable[None], job: Job) -> None:
+        try:
+            await work
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - one failing event must not stop its conversation's queue
+            logger.bind(conversation=job.conversation_key, event=job.event_id).exception("dispatch: job failed")
+
+    async def close(self, timeout: float) -> None:
+        """Start nothing new; let active jobs finish within `timeout`, then cancel them. Waiting
+        messages stay `accepted` in the store and run after the next start."""
+        self._closing = True
+        for lane in self._lanes.values():
+            for job in lane.queue:
+                if job.timer is not None:
+                    job.timer.cancel()
+        tasks = [lane.task for lane in self._lanes.values() if lane.task is not None] + list(self._controls)
+        if not tasks:
+            return
+        done, pending = await asyncio.wait(tasks, timeout=timeout)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)

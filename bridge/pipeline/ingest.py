@@ -1,0 +1,53 @@
+"""The pipeline's face towards the channels: persist-and-dedupe, then dispatch; card actions go
+straight to the human gate."""
+
+from __future__ import annotations
+
+import time
+
+from bridge.approvals.gate import HumanGate
+from bridge.metrics import Metrics
+from bridge.pipeline.dispatcher import Dispatcher, Job
+from bridge.pipeline.retry import Retrier
+from bridge.store import approvals, inbox
+from bridge.store.db import Database
+from channels.base import AcceptResult, ActionResult, InboundAction, InboundMessage
+
+
+class Ingestor:
+    def __init__(self, db: Database, dispatcher: Dispatcher, gate: HumanGate, retrier: Retrier,
+                 metrics: Metrics) -> None:
+        self.db = db
+        self.dispatcher = dispatcher
+        self.gate = gate
+        self.retrier = retrier
+        self.metrics = metrics
+
+    async def accept(self, event: InboundMessage) -> AcceptResult:
+        key = str(event.conversation)
+        item = inbox.NewEvent(
+            channel=event.conversation.channel,
+            kind=event.kind,
+            event_key=event.event_key,
+            message_key=event.message_key,
+            conversation_key=key,
+            sender_id=event.sender.id,
+            payload=event.to_payload(),
+            received_at=time.time(),
+        )
+        event_id = await self.db.write_batched(inbox.insert_many, item, urgent=True)
+        if event_id is None:
+            self.metrics.duplicates.labels(item.channel).inc()
+            return AcceptResult(None, True)
+        self.metrics.inbound.labels(item.channel, item.kind).inc()
+        self.dispatcher.submit(Job(event_id, key, event.text))
+        return AcceptResult(event_id, False)
+
+    async def act(self, action: InboundAction) -> ActionResult:
+        if action.action_id == "retry":
+            approval_id = str(action.value.get("approval_id", ""))
+            approval = await self.db.read(lambda c: approvals.get(c, approval_id)) if approval_id else None
+            if approval is None:
+                return ActionResult("not_found", "This approval no longer exists.")
+            return await self.retrier.retry(approval, action.actor.id, action.conversation)
+        return await self.gate.act(action)

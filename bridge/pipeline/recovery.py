@@ -1,0 +1,66 @@
+"""Start-up recovery: what a previous process left unfinished.
+
+- Turns still `running` died with that process: they become `interrupted`, their pending
+  approvals too (the card says so), and the conversation gets a visible message.
+- Inbound events accepted but never finished are dispatched again, oldest first.
+- Pending outbox operations are left to the delivery worker's sweep.
+"""
+
+from __future__ import annotations
+
+from loguru import logger
+from sqlalchemy import update
+
+from bridge import presenter
+from bridge.approvals.gate import HumanGate
+from bridge.delivery.outbox import Outbox
+from bridge.pipeline.dispatcher import Dispatcher, Job
+from bridge.store import approvals, conversations, inbox, turns
+from bridge.store import outbox as outbox_repo
+from bridge.store.db import Database
+from bridge.store.schema import inbound_events
+from channels.base import ConversationKey
+
+
+async def recover(db: Database, outbox: Outbox, gate: HumanGate, dispatcher: Dispatcher) -> dict[str, int]:
+    stale = await db.read(turns.list_active)
+    for turn in stale:
+        await _interrupt(db, outbox, gate, turn)
+    open_events = await db.read(inbox.list_open)
+
+    async def _reset(conn) -> None:
+        await conn.execute(
+            update(inbound_events).where(inbound_events.c.status == "processing").values(status="accepted")
+        )
+
+    await db.write(_reset)
+    resubmitted = 0
+    for event in open_events:
+        dispatcher.submit(Job(event.id, event.conversation_key, (event.payload or {}).get("text", "")))
+        resubmitted += 1
+    if stale or resubmitted:
+        logger.warning("recovery: {} interrupted turn(s), {} event(s) dispatched again", len(stale), resubmitted)
+    return {"interrupted_turns": len(stale), "redispatched_events": resubmitted}
+
+
+async def _interrupt(db: Database, outbox: Outbox, gate: HumanGate, turn) -> None:
+    async def _write(conn) -> str:
+        key = await conversations.key_of(conn, turn.conversation_id)
+        channel = ConversationKey.parse(key).channel
+        await turns.finish(conn, turn.id, status="interrupted", error="service restarted")
+        for approval in await approvals.pending_for_turns(conn, [turn.id]):
+            await approvals.decide(conn, approval.id, status="interrupted", decided_by=None)
+            await approvals.audit(conn, approval.id, "interrupted", key, detail={"reason": "service restarted"})
+            await gate.queue_card(conn, approval.id)
+        reply = presenter.interrupted_by_restart(turn.input_text)
+        if turn.reply_ref and await outbox_repo.ref_exists(conn, turn.reply_ref):
+            await outbox.update_in(conn, channel, key, reply, ref=turn.reply_ref)
+        else:
+            await outbox.send_in(conn, channel, key, reply, ref=turn.reply_ref or outbox.new_ref())
+        await inbox.finish(conn, turn.inbound_event_id, "done")
+        return key
+
+    key = await db.write(_write)
+    outbox.kick(key)
+    logger.bind(conversation=key, session=turn.session_id, turn=turn.id).warning("recovery: turn interrupted by restart")
+

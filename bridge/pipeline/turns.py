@@ -1,0 +1,231 @@
+"""The turn runner: inbound message -> session -> runtime turn -> exactly one final reply.
+
+The claim, the turn's ledger row and the final write are each coalescible, so a busy writer
+cycle carries them for many conversations at once. The final reply, the turn's terminal status
+and the inbound event's closing are written together in one transaction, so a crash leaves either a running turn (recovery marks it
+interrupted, with a message) or a finished one with its reply queued, never a reply twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable
+from dataclasses import dataclass
+
+from loguru import logger
+
+from bridge import presenter
+from bridge.approvals.gate import HumanGate, TurnScope
+from bridge.delivery.outbox import Outbox
+from bridge.metrics import Metrics
+from bridge.pipeline.answers import answer, claim
+from bridge.pipeline.dispatcher import Job
+from bridge.pipeline.sessions import SessionResolver
+from bridge.runtimes.base import Approval, ApprovalRequest, Runtime, TurnOutcome, TurnRequest
+from bridge.store import conversations, inbox, turns
+from bridge.store.db import Database
+from channels.base import ConversationKey, Reply
+
+FIRST_PROGRESS_DELAY = 0.5  # a turn that finishes sooner shows only its final reply
+PROGRESS_INTERVAL = 1.0  # at most one edit a second per turn
+
+
+@dataclass(slots=True)
+class RunningTurn:
+    turn_id: int
+    session_id: int
+    text: str
+    started: float
+
+
+class _Progress:
+    """Throttled progress for one turn: the latest state, edited into the turn's reply message."""
+
+    def __init__(self, runner: "TurnRunner", scope: TurnScope, ref: str, sent: bool) -> None:
+        self.runner = runner
+        self.scope = scope
+        self.ref = ref
+        self.sent = sent
+        self.latest = presenter.working().text
+        self.last_flush = 0.0
+        self.started = time.monotonic()
+        self.task: asyncio.Task[None] | None = None
+        self.writing = False
+        self.closed = False
+
+    def schedule(self) -> None:
+        if not self.closed and (self.task is None or self.task.done()):
+            self.task = asyncio.create_task(self._flush_later())
+
+    async def _flush_later(self) -> None:
+        due = max(self.started + FIRST_PROGRESS_DELAY, self.last_flush + PROGRESS_INTERVAL)
+        await asyncio.sleep(max(0.0, due - time.monotonic()))
+        if self.closed:
+            return
+        self.writing = True
+        try:
+            self.last_flush = time.monotonic()
+            await self.runner.post(self.scope, self.ref, Reply(text=self.latest), sent=self.sent)
+            self.sent = True
+        finally:
+            self.writing = False
+
+    async def close(self) -> None:
+        """Stop editing. An edit already being written is awaited, so `sent` is exact."""
+        self.closed = True
+        if self.task is None:
+            return
+        if not self.writing:
+            self.task.cancel()
+        try:
+            await self.task
+        except asyncio.CancelledError:
+            pass
+
+
+class _Context:
+    """The TurnContext handed to a runtime for one turn."""
+
+    def __init__(self, runner: "TurnRunner", scope: TurnScope, progress: _Progress) -> None:
+        self.runner = runner
+        self.scope = scope
+        self._progress = progress
+
+    async def progress(self, text: str) -> None:
+        self._progress.latest = text
+        self._progress.schedule()
+
+    async def ask_approval(self, request: ApprovalRequest) -> Approval:
+        ruled = await self.runner.gate.by_rules(self.scope, request)
+        if ruled is not None:
+            return ruled  # the rules decided: no card, no waiting
+        # A turn waiting for a person does not hold one of the runtime slots.
+        self._progress.latest = presenter.waiting_for_approval().text
+        self._progress.schedule()
+        self.runner.slots.release()
+        try:
+            return await self.runner.gate.request(self.scope, request)
+        finally:
+            await self.runner.slots.acquire()
+            self._progress.latest = presenter.working().text
+            self._progress.schedule()
+
+
+class TurnRunner:
+    def __init__(
+        self, db: Database, outbox: Outbox, runtime: Runtime, gate: HumanGate, metrics: Metrics, *,
+        sessions: SessionResolver, workspace: str, max_concurrent: int,
+    ) -> None:
+        self.db = db
+        self.outbox = outbox
+        self.runtime = runtime
+        self.gate = gate
+        self.metrics = metrics
+        self.workspace = workspace
+        self.sessions = sessions
+        self.slots = asyncio.Semaphore(max_concurrent)
+        self.running: dict[str, RunningTurn] = {}
+
+    async def process(self, job: Job) -> None:
+        row = await claim(self.db, job.event_id)
+        if row is None:
+            return
+        payload = row.payload
+        sender = payload.get("sender") or {}
+        text = (payload.get("text") or "").strip()
+        if sender.get("is_bot") or not text:
+            await answer(self.db, self.outbox, row, None, status="skipped")
+            return
+        conv = ConversationKey.parse(row.conversation_key)
+        is_group = bool(payload.get("is_group"))
+        ref = self.outbox.new_ref()
+        try:
+            session = await self.sessions.resolve(row.conversation_key, is_group=is_group)
+            created = self.db.write_batched(turns.create_many, turns.NewTurn(
+                inbound_event_id=row.id, conversation_id=session.conversation_id, session_id=session.session_id,
+                requested_by=row.sender_id, input_text=text, reply_ref=ref, received_at=row.received_at,
+            ))
+            if row.reply_ref:
+                # The queued notice stays where it was posted and says the turn started; the reply is
+                # a new message below, so replies appear in the order the messages were sent.
+                await self.db.execute(self.outbox.update_ops(
+                    conv.channel, row.conversation_key, presenter.started(text), ref=row.reply_ref))
+                self.outbox.kick(row.conversation_key)
+            turn_id = await created
+        except Exception as exc:  # noqa: BLE001 - the person is told; the event is closed as failed
+            logger.bind(conversation=row.conversation_key, event=row.id).exception("turn: could not start")
+            await answer(self.db, self.outbox, row, presenter.runtime_failed(f"could not start: {exc}"), status="failed")
+            return
+        if turn_id is None:
+            return  # the event already has a turn: recovery owns it
+        scope = TurnScope(
+            turn_id=turn_id, conversation_id=session.conversation_id, session_id=session.session_id,
+            conversation_key=row.conversation_key, channel=conv.channel, requested_by=row.sender_id, is_group=is_group,
+            inbound_event_id=row.id, runtime=self.runtime.name, workspace=session.workspace,
+        )
+        log = logger.bind(conversation=row.conversation_key, session=session.session_id, turn=turn_id)
+        request = TurnRequest(
+            turn_id=turn_id, session_id=session.session_id, runtime_thread_id=session.runtime_thread_id,
+            workspace=session.workspace, text=text, sender_id=row.sender_id,
+            sender_name=sender.get("name") or row.sender_id, is_group=is_group,
+        )
+        progress = _Progress(self, scope, ref, sent=False)
+        self.running[row.conversation_key] = RunningTurn(turn_id, session.session_id, text, time.monotonic())
+        self.metrics.turns_running.inc()
+        log.info("turn: started")
+        try:
+            async with self.slots:
+                progress.schedule()
+                outcome = await self.runtime.run_turn(request, _Context(self, scope, progress))
+        except asyncio.CancelledError:
+            await asyncio.shield(self._finish(scope, row.id, progress, self._shutdown_outcome(), row.received_at))
+            raise
+        except Exception as exc:  # noqa: BLE001 - a runtime failure becomes a visible message
+            log.exception("turn: runtime failed")
+            error = f"{type(exc).__name__}: {exc}"
+            outcome = TurnOutcome("failed", presenter.runtime_failed(error).text, error=error)
+        finally:
+            self.running.pop(row.conversation_key, None)
+            self.metrics.turns_running.dec()
+        await self._finish(scope, row.id, progress, outcome, row.received_at)
+        log.info("turn: {}", outcome.status)
+
+    @staticmethod
+    def _shutdown_outcome() -> TurnOutcome:
+        return TurnOutcome("interrupted", presenter.interrupted_by_shutdown().text, error="shutdown")
+
+    async def _finish(self, scope: TurnScope, event_id: int, progress: _Progress, outcome: TurnOutcome,
+                      received_at: float) -> None:
+        await progress.close()
+        reply = Reply(text=outcome.text)
+        await self.db.execute([
+            turns.finish_op(scope.turn_id, status=outcome.status, output=outcome.output, error=outcome.error),
+            *self._post_ops(scope, progress.ref, reply, sent=progress.sent),
+            inbox.finish_op(event_id, "done"),
+            conversations.touch_op(scope.session_id),
+        ])
+        self.outbox.kick(scope.conversation_key)
+        self.metrics.turns.labels(outcome.status).inc()
+        self.metrics.turn_latency.observe(max(0.0, time.time() - received_at))
+
+    async def post(self, scope: TurnScope, ref: str, reply: Reply, *, sent: bool) -> None:
+        await self.db.execute(self._post_ops(scope, ref, reply, sent=sent))
+        self.outbox.kick(scope.conversation_key)
+
+    def _post_ops(self, scope: TurnScope, ref: str, reply: Reply, *, sent: bool):
+        if sent:
+            return self.outbox.update_ops(scope.channel, scope.conversation_key, reply, ref=ref)
+        return self.outbox.send_ops(scope.channel, scope.conversation_key, reply, ref=ref)
+
+    def notify_queued(self, job: Job, position: int) -> Awaitable[None]:
+        """Tell the user their message waits (the turn edits this notice when it starts). Returns
+        the pending write: a plain future, so a long backlog costs no task per message."""
+        ref = self.outbox.new_ref()
+        channel = ConversationKey.parse(job.conversation_key).channel
+        written = self.db.execute([
+            *self.outbox.send_ops(channel, job.conversation_key, presenter.queued(position), ref=ref),
+            inbox.reply_ref_op(job.event_id, ref),
+        ])
+        written.add_done_callback(lambda _f: self.outbox.kick(job.conversation_key))
+        return written

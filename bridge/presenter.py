@@ -1,0 +1,190 @@
+"""Every message the bridge itself says to a user, as neutral Replies and Cards.
+
+Runtimes produce markdown; the gate and the pipeline take their wording from here, so the tone
+stays consistent and each channel renders the same neutral objects.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+from bridge.runtimes.base import Decision
+from channels.base import Button, Card, Reply
+
+
+def clock(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).strftime("%H:%M:%S UTC")
+
+
+def queued(position: int) -> Reply:
+    return Reply(text=f"⏳ Queued (position {position}); it runs when the current turn finishes.")
+
+
+def started(text: str) -> Reply:
+    return Reply(text=f"▶️ Started: `{_short(text, 80)}`")
+
+
+def skipped() -> Reply:
+    return Reply(text="Skipped: there was nothing to run.")
+
+
+def working() -> Reply:
+    return Reply(text="⚙️ Working…")
+
+
+def waiting_for_approval() -> Reply:
+    return Reply(text="⏸ Waiting for approval: see the card above.")
+
+
+def interrupted_by_restart(command: str) -> Reply:
+    return Reply(
+        text=f"⚠️ Interrupted: the service restarted while this turn was running (`{_short(command)}`). "
+        "Send it again to retry."
+    )
+
+
+def interrupted_by_shutdown() -> Reply:
+    return Reply(text="⚠️ Interrupted: the service is shutting down. Send the message again once it is back.")
+
+
+def runtime_failed(error: str) -> Reply:
+    return Reply(text=f"⚠️ The turn failed: {_short(error, 300)}")
+
+
+def nothing_to_stop() -> Reply:
+    return Reply(text="Nothing is running.")
+
+
+def stop_requested() -> Reply:
+    return Reply(text="⏹ Stopping the running turn…")
+
+
+def help_text(runtime: str) -> Reply:
+    lines = [
+        f"**agent-bridge** · runtime `{runtime}`",
+        "",
+        "- Send a message to start a turn; messages sent while one runs are queued.",
+        "- `/stop` stops the running turn (the queue is kept).",
+        "- `/status` shows what is running and what is queued.",
+        "- `/help` shows this.",
+    ]
+    if runtime == "shell":
+        lines.insert(2, "- Each message is a shell command. Read-only commands run at once; others ask for approval.")
+    return Reply(text="\n".join(lines))
+
+
+def status_text(*, runtime: str, workspace: str, running: str | None, elapsed: float | None, queued: int) -> Reply:
+    parts = [f"Runtime `{runtime}` · workspace `{workspace}`"]
+    if running is not None:
+        parts.append(f"Running for {elapsed:.0f}s: `{_short(running)}`")
+    else:
+        parts.append("Idle.")
+    parts.append(f"Queued: {queued}")
+    return Reply(text="\n".join(parts))
+
+
+APPROVAL_STATUS_LABEL = {
+    "pending": "Waiting for approval",
+    "approved": "Approved",
+    "approved_for_session": "Approved for this session",
+    "denied": "Denied",
+    "stopped": "Stopped",
+    "expired": "Expired",
+    "interrupted": "Interrupted",
+}
+
+
+DECISION_TOAST = {
+    Decision.APPROVE: "Approved.",
+    Decision.APPROVE_SESSION: "Approved for this session.",
+    Decision.DENY: "Denied.",
+    Decision.STOP: "Stopping the turn.",
+}
+
+
+def approval_card(approval: dict[str, Any], *, approval_id: str, retried_by: str | None = None) -> Reply:
+    """The approval card for a row of the approvals table (or the same fields in a dict)."""
+    status = approval["status"]
+    detail = approval["detail"] or {}
+    question = approval.get("kind") == "question"
+    lines = []
+    if question:
+        lines.append(detail.get("question") or approval["summary"])
+    if "command" in detail:
+        lines.append(f"```\n{detail['command']}\n```")
+    if detail.get("cwd"):
+        lines.append(f"in `{detail['cwd']}`")
+    if detail.get("paths"):
+        lines.append("Files: " + ", ".join(f"`{p}`" for p in detail["paths"][:20]))
+    if detail.get("diff"):
+        lines.append(_collapsed_diff(detail["diff"]))
+    if detail.get("reason"):
+        lines.append(f"Reason: {detail['reason']}")
+    lines.append(f"Asked by {approval['requested_by']} at {clock(approval['requested_at'])}.")
+    value = {"approval_id": approval_id}
+    actions: tuple[Button, ...] = ()
+    if status == "pending" and question:
+        lines.append(f"Expires at {clock(approval['expires_at'])}. Or reply in the chat to answer in your own words.")
+        options = detail.get("options") or []
+        actions = tuple(Button(f"option:{i}", str(o)[:40], "primary" if i == 0 else "default", value)
+                        for i, o in enumerate(options[:10])) + (Button("stop", "Stop turn", "danger", value),)
+    elif status == "pending":
+        lines.append(f"Expires at {clock(approval['expires_at'])}.")
+        actions = (
+            Button("approve", "Approve", "primary", value),
+            Button("approve_session", "Approve for session", "default", value),
+            Button("deny", "Deny", "danger", value),
+            Button("stop", "Stop turn", "danger", value),
+        )
+    elif status in ("expired", "interrupted"):
+        why = "It expired" if status == "expired" else "The service restarted before a decision"
+        if retried_by:
+            lines.append(f"{why}; nothing was run. Retried by {retried_by} at {clock(time.time())}.")
+        else:
+            lines.append(f"{why}; nothing was run. Retry (or send `/retry`) to ask again.")
+            actions = (Button("retry", "Retry", "primary", value),)
+    else:
+        who = approval.get("decided_by") or "someone"
+        when = clock(approval.get("decided_at") or time.time())
+        if question and approval.get("answer") is not None:
+            lines.append(f"Answered by {who} at {when}: {approval['answer']}")
+        else:
+            lines.append(f"{APPROVAL_STATUS_LABEL[status]} by {who} at {when}.")
+    label = "Question" if question and status == "pending" else APPROVAL_STATUS_LABEL[status]
+    title = f"{label}: {approval['summary']}"
+    return Reply(text="", card=Card("approval", title, "\n\n".join(lines), status, actions))
+
+
+DIFF_LINES_SHOWN = 40
+
+
+def _collapsed_diff(diff: str) -> str:
+    """A diff as a code block; a long one shows its first lines and says how many more there are."""
+    lines = diff.rstrip("\n").splitlines()
+    shown = "\n".join(lines[:DIFF_LINES_SHOWN])
+    more = len(lines) - DIFF_LINES_SHOWN
+    note = f"\n_… {more} more lines of the diff not shown (the full request is kept)._" if more > 0 else ""
+    return f"```diff\n{shown}\n```{note}"
+
+
+def nothing_to_decide() -> Reply:
+    return Reply(text="Nothing is waiting for approval.")
+
+
+def several_pending(count: int) -> Reply:
+    return Reply(text=f"{count} approvals are waiting: use the buttons on each card, or send `approve all`.")
+
+
+def decided_by_shortcut(results: list[str]) -> Reply:
+    return Reply(text="\n".join(results))
+
+
+def nothing_to_retry() -> Reply:
+    return Reply(text="Nothing to retry: no expired or interrupted approval in this conversation.")
+
+
+def _short(text: str, limit: int = 120) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"

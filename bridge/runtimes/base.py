@@ -1,0 +1,84 @@
+"""The runtime contract. A runtime runs one turn of a session and reports through a TurnContext;
+it knows nothing of channels, and the pipeline knows nothing of how a runtime works."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+
+class Decision(enum.Enum):
+    APPROVE = "approved"
+    APPROVE_SESSION = "approved_for_session"
+    DENY = "denied"
+    STOP = "stopped"
+    EXPIRED = "expired"
+    INTERRUPTED = "interrupted"
+
+    @property
+    def allows(self) -> bool:
+        return self in (Decision.APPROVE, Decision.APPROVE_SESSION)
+
+
+@dataclass(frozen=True, slots=True)
+class Approval:
+    """The gate's answer: the decision, and why (a deny rule's message, the rule that allowed)."""
+
+    decision: Decision
+    reason: str = ""
+    answer: str | None = None  # for a question: the chosen option or the free-text reply
+
+    @property
+    def allows(self) -> bool:
+        return self.decision.allows
+
+
+@dataclass(frozen=True, slots=True)
+class TurnRequest:
+    turn_id: int
+    session_id: int
+    runtime_thread_id: str | None
+    workspace: str
+    text: str
+    sender_id: str
+    sender_name: str
+    is_group: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ApprovalRequest:
+    kind: Literal["command", "file_change", "question", "permission"]
+    summary: str
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class TurnOutcome:
+    status: Literal["completed", "failed", "stopped", "interrupted"]
+    text: str  # markdown shown to the user as the final reply
+    output: str | None = None  # the full output, kept in the store
+    error: str | None = None
+
+
+class TurnContext(Protocol):
+    async def progress(self, text: str) -> None:
+        """The turn's current state as markdown (replaces the previous progress)."""
+
+    async def ask_approval(self, request: ApprovalRequest) -> Approval:
+        """Ask the human gate (its rules, or a person); returns when decided, expired or interrupted."""
+
+
+class Runtime(Protocol):
+    name: str
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def health(self) -> dict[str, Any]: ...
+
+    async def run_turn(self, request: TurnRequest, ctx: TurnContext) -> TurnOutcome: ...
+
+    async def interrupt(self, session_id: int) -> bool:
+        """Stop the session's running turn; True if there was one."""

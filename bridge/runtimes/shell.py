@@ -1,0 +1,203 @@
+"""The shell runtime: each message is a bash command run in the session's workspace.
+
+ChatOps and the zero-credential first run. Every command goes to the human gate, whose rules let
+read-only commands run at once (by default), refuse dangerous ones, and ask a person for the rest. Each command runs in its own process group so `/stop`
+and the timeout kill everything it started. Output streams into the reply as a code block; long
+output is cut to its tail in chat and kept whole (up to `KEEP_BYTES`) in the turn ledger.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+import signal
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from loguru import logger
+
+from bridge.runtimes.base import Approval, ApprovalRequest, Decision, TurnContext, TurnOutcome, TurnRequest
+
+KEEP_BYTES = 4 * 1024 * 1024
+SECRET_ENV_PREFIXES = ("BRIDGE_", "FEISHU_", "SLACK_", "OPENAI_", "ANTHROPIC_", "CODEX_")
+KILL_GRACE = 0.5
+
+
+def _clean_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith(SECRET_ENV_PREFIXES)}
+
+
+def fence(text: str) -> str:
+    """A markdown code block that survives backticks inside the text."""
+    ticks = "```"
+    while ticks in text:
+        ticks += "`"
+    return f"{ticks}\n{text}\n{ticks}" if text else f"{ticks}\n{ticks}"
+
+
+class _Run:
+    def __init__(self, process: subprocess.Popen[bytes]) -> None:
+        self.process = process
+        self.stopped = False
+
+
+class ShellRuntime:
+    name = "shell"
+
+    def __init__(self, *, timeout: float, output_limit: int, bash: str = "bash") -> None:
+        self.timeout = timeout
+        self.output_limit = output_limit
+        self.bash = bash
+        self._runs: dict[int, _Run] = {}
+        self._spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shell-spawn")
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        for session_id in list(self._runs):
+            await self.interrupt(session_id)
+        self._spawner.shutdown(wait=False)
+
+    async def health(self) -> dict[str, Any]:
+        from shutil import which
+
+        path = which(self.bash)
+        return {"ok": path is not None, "bash": path, "running": len(self._runs)}
+
+    async def interrupt(self, session_id: int) -> bool:
+        run = self._runs.get(session_id)
+        if run is None:
+            return False
+        run.stopped = True
+        self._kill(run.process)
+        return True
+
+    async def run_turn(self, request: TurnRequest, ctx: TurnContext) -> TurnOutcome:
+        command = request.text.strip()
+        if not command:
+            return TurnOutcome("completed", "Send a shell command, e.g. `ls` or `git status`.")
+        # The gate's rules decide what runs at once (by default: read-only commands), what is
+        # refused, and what asks a person.
+        approval = await ctx.ask_approval(
+            ApprovalRequest(
+                kind="command",
+                summary=f"Run `{command}`" if len(command) < 200 else "Run a shell command",
+                detail={"command": command, "cwd": request.workspace},
+            )
+        )
+        if not approval.allows:
+            return self._not_run(command, approval)
+        return await self._execute(request, command, ctx)
+
+    @staticmethod
+    def _not_run(command: str, approval: Approval) -> TurnOutcome:
+        why = {
+            Decision.DENY: "denied",
+            Decision.STOP: "stopped",
+            Decision.EXPIRED: "the approval expired",
+            Decision.INTERRUPTED: "the approval was interrupted",
+        }.get(approval.decision, approval.decision.value)
+        status = "stopped" if approval.decision is Decision.STOP else "completed"
+        reason = f"\n{approval.reason}" if approval.reason else ""
+        return TurnOutcome(status, f"Not run ({why}): `{command}`{reason}")
+
+    async def _spawn(self, command: str, cwd: str) -> tuple[subprocess.Popen[bytes], asyncio.StreamReader]:
+        """Start bash in its own process group. The fork happens on the spawner thread (it releases
+        the GIL), so a burst of commands never stalls the event loop that acknowledges messages."""
+        loop = asyncio.get_running_loop()
+        process = await loop.run_in_executor(self._spawner, functools.partial(
+            subprocess.Popen, [self.bash, "-c", command], cwd=cwd, stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, env=_clean_env(),
+        ))
+        reader = asyncio.StreamReader(limit=KEEP_BYTES)
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), process.stdout)
+        return process, reader
+
+    @staticmethod
+    async def _exited(process: subprocess.Popen[bytes]) -> int:
+        """Wait for the process without blocking a thread: its pidfd becomes readable on exit."""
+        if process.poll() is not None:
+            return process.returncode
+        loop = asyncio.get_running_loop()
+        fd = os.pidfd_open(process.pid)
+        done = loop.create_future()
+        loop.add_reader(fd, lambda: done.done() or done.set_result(None))
+        try:
+            if process.poll() is None:
+                await done
+        finally:
+            loop.remove_reader(fd)
+            os.close(fd)
+        return process.wait()
+
+    async def _execute(self, request: TurnRequest, command: str, ctx: TurnContext) -> TurnOutcome:
+        os.makedirs(request.workspace, exist_ok=True)
+        process, reader = await self._spawn(command, request.workspace)
+        run = _Run(process)
+        self._runs[request.session_id] = run
+        started = time.monotonic()
+        buffer = bytearray()
+        dropped = 0
+        timed_out = False
+        log = logger.bind(session=request.session_id, turn=request.turn_id)
+        log.debug("shell: started pid {}", process.pid)
+        try:
+            async with asyncio.timeout(self.timeout):
+                while chunk := await reader.read(65536):
+                    buffer += chunk
+                    if len(buffer) > KEEP_BYTES:
+                        cut = len(buffer) - KEEP_BYTES
+                        del buffer[:cut]
+                        dropped += cut
+                    await ctx.progress(self._render(command, buffer, running=True))
+                await self._exited(process)
+        except TimeoutError:
+            timed_out = True
+            self._kill(process)
+            await self._exited(process)
+        finally:
+            self._runs.pop(request.session_id, None)
+            if process.returncode is None:
+                self._kill(process)
+        elapsed = time.monotonic() - started
+        output = buffer.decode("utf-8", errors="replace")
+        if dropped:
+            output = f"[first {dropped} bytes not kept]\n" + output
+        if run.stopped:
+            note = f"Stopped after {elapsed:.1f}s."
+            return TurnOutcome("stopped", self._render(command, buffer, note=note), output=output)
+        if timed_out:
+            note = f"Timed out after {self.timeout:g}s; the process group was killed."
+            return TurnOutcome("failed", self._render(command, buffer, note=note), output=output, error="timeout")
+        code = process.returncode
+        note = f"exit {code} · {elapsed:.1f}s"
+        return TurnOutcome("completed", self._render(command, buffer, note=note), output=output)
+
+    def _render(self, command: str, data: bytes | bytearray, *, running: bool = False, note: str = "") -> str:
+        text = bytes(data).decode("utf-8", errors="replace").rstrip("\n")
+        cut_note = ""
+        if len(text) > self.output_limit:
+            cut = len(text) - self.output_limit
+            text = text[-self.output_limit:]
+            cut_note = f"\n_Output truncated: the first {cut} characters are not shown; the full output is kept._"
+        status = "_running…_" if running else note
+        return f"{fence(text)}{cut_note}\n{status}".strip()
+
+    @staticmethod
+    def _kill(process: subprocess.Popen[bytes]) -> None:
+        try:
+            os.killpg(process.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+
+        def _hard_kill() -> None:
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+        asyncio.get_running_loop().call_later(KILL_GRACE, _hard_kill)

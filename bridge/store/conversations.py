@@ -1,0 +1,84 @@
+"""Conversations and their sessions (a conversation holds sessions; one is active)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from sqlalchemy import bindparam, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from bridge.store.dialect import upsert
+from bridge.store.schema import conversations, sessions
+
+
+@dataclass(frozen=True, slots=True)
+class SessionRef:
+    conversation_id: int
+    session_id: int
+    name: str
+    runtime: str
+    runtime_thread_id: str | None
+    workspace: str
+
+
+async def ensure_conversation(
+    conn: AsyncConnection, key: str, *, channel: str, chat_id: str, thread_id: str | None, is_group: bool
+) -> int:
+    now = time.time()
+    await conn.execute(
+        upsert(conn, conversations)
+        .values(
+            key=key, channel=channel, chat_id=chat_id, thread_id=thread_id, is_group=int(is_group),
+            created_at=now, updated_at=now,
+        )
+        .on_conflict_do_nothing(index_elements=["key"])
+    )
+    return (await conn.execute(select(conversations.c.id).where(conversations.c.key == key))).scalar_one()
+
+
+async def active_session(
+    conn: AsyncConnection, conversation_id: int, *, runtime: str, workspace: str
+) -> SessionRef:
+    """The conversation's active session, created (named "main") when it has none."""
+    row = (
+        await conn.execute(
+            select(sessions)
+            .join(conversations, conversations.c.active_session_id == sessions.c.id)
+            .where(conversations.c.id == conversation_id)
+        )
+    ).first()
+    now = time.time()
+    if row is None:
+        session_id = (
+            await conn.execute(
+                sessions.insert()
+                .values(
+                    conversation_id=conversation_id, name="main", runtime=runtime, workspace=workspace,
+                    status="active", created_at=now, last_active_at=now,
+                )
+                .returning(sessions.c.id)
+            )
+        ).scalar_one()
+        await conn.execute(
+            update(conversations)
+            .where(conversations.c.id == conversation_id)
+            .values(active_session_id=session_id, updated_at=now)
+        )
+        return SessionRef(conversation_id, session_id, "main", runtime, None, workspace)
+    return SessionRef(conversation_id, row.id, row.name, row.runtime, row.runtime_thread_id, row.workspace)
+
+
+async def get_by_key(conn: AsyncConnection, key: str):
+    return (await conn.execute(select(conversations).where(conversations.c.key == key))).first()
+
+
+async def key_of(conn: AsyncConnection, conversation_id: int) -> str:
+    return (await conn.execute(select(conversations.c.key).where(conversations.c.id == conversation_id))).scalar_one()
+
+
+TOUCH_SESSION = update(sessions).where(sessions.c.id == bindparam("b_id")).values(last_active_at=bindparam("b_now"))
+
+
+def touch_op(session_id: int):
+    return TOUCH_SESSION, {"b_id": session_id, "b_now": time.time()}

@@ -1,0 +1,127 @@
+"""Inbound events: persist-and-dedupe (batched), claims, and recovery queries."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import bindparam, func, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from bridge.store.dialect import upsert
+from bridge.store.schema import inbound_events
+
+OPEN_STATUSES = ("accepted", "processing")
+
+
+@dataclass(slots=True)
+class NewEvent:
+    channel: str
+    kind: str
+    event_key: str
+    message_key: str | None
+    conversation_key: str
+    sender_id: str
+    payload: dict[str, Any]
+    received_at: float
+
+
+async def insert_many(conn: AsyncConnection, items: Sequence[NewEvent]) -> list[int | None]:
+    """Insert events, ignoring any whose event or message key is already stored.
+
+    Returns, per item, the new row id, or None when the item was a duplicate (of a stored event
+    or of an earlier item in the same batch).
+    """
+    seen: set[str] = set()
+    rows: list[dict[str, Any]] = []
+    fresh: list[bool] = []
+    for item in items:
+        keys = {item.event_key} | ({item.message_key} if item.message_key else set())
+        if keys & seen:
+            fresh.append(False)
+            continue
+        seen |= keys
+        fresh.append(True)
+        rows.append(
+            {
+                "channel": item.channel,
+                "kind": item.kind,
+                "event_key": item.event_key,
+                "message_key": item.message_key,
+                "conversation_key": item.conversation_key,
+                "sender_id": item.sender_id,
+                "payload": item.payload,
+                "status": "accepted",
+                "received_at": item.received_at,
+            }
+        )
+    inserted: dict[str, int] = {}
+    if rows:
+        stmt = (
+            upsert(conn, inbound_events)
+            .on_conflict_do_nothing()
+            .returning(inbound_events.c.id, inbound_events.c.event_key)
+        )
+        result = await conn.execute(stmt, rows)
+        inserted = {row.event_key: row.id for row in result}
+    return [inserted.get(item.event_key) if ok else None for item, ok in zip(items, fresh)]
+
+
+FINISH = (
+    update(inbound_events)
+    .where(inbound_events.c.id == bindparam("b_id"))
+    .values(status=bindparam("b_status"), processed_at=bindparam("b_now"), error=bindparam("b_error"))
+)
+
+
+def finish_op(event_id: int, status: str, error: str | None = None):
+    return FINISH, {"b_id": event_id, "b_status": status, "b_now": time.time(), "b_error": error}
+
+
+async def claim_many(conn: AsyncConnection, event_ids: Sequence[int]) -> list[Any]:
+    """accepted -> processing for each id; per id its row, or None when someone else took it."""
+    result = await conn.execute(
+        update(inbound_events)
+        .where(inbound_events.c.id.in_(list(event_ids)), inbound_events.c.status == "accepted")
+        .values(status="processing")
+        .returning(*inbound_events.c)
+    )
+    rows = {row.id: row for row in result}
+    # an id asked for twice in one batch is given to the first asker only
+    return [rows.pop(event_id, None) for event_id in event_ids]
+
+
+async def get(conn: AsyncConnection, event_id: int):
+    return (await conn.execute(select(inbound_events).where(inbound_events.c.id == event_id))).first()
+
+
+async def finish(conn: AsyncConnection, event_id: int, status: str, error: str | None = None) -> None:
+    stmt, params = finish_op(event_id, status, error)
+    await conn.execute(stmt, params)
+
+
+SET_REPLY_REF = update(inbound_events).where(inbound_events.c.id == bindparam("b_id")).values(reply_ref=bindparam("b_ref"))
+
+
+def reply_ref_op(event_id: int, ref: str):
+    return SET_REPLY_REF, {"b_id": event_id, "b_ref": ref}
+
+
+async def list_open(conn: AsyncConnection, limit: int = 10_000):
+    """Events accepted but not finished, oldest first (for recovery)."""
+    result = await conn.execute(
+        select(inbound_events)
+        .where(inbound_events.c.status.in_(OPEN_STATUSES))
+        .order_by(inbound_events.c.id)
+        .limit(limit)
+    )
+    return result.all()
+
+
+async def count_by_status(conn: AsyncConnection) -> dict[str, int]:
+    result = await conn.execute(
+        select(inbound_events.c.status, func.count()).group_by(inbound_events.c.status)
+    )
+    return {status: count for status, count in result}

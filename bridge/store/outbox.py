@@ -1,0 +1,140 @@
+"""Durable outbound operations and the logical bot-message references they address.
+
+Writers get lists of (statement, parameters) from `send_ops` / `update_ops`, to queue with
+`Database.execute()` alongside their own statements; the statements are built once per dialect so
+the writer can coalesce them across callers.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+import uuid
+from typing import Any
+
+from sqlalchemy import Executable, bindparam, func, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from bridge.store.schema import bot_messages, outbox
+
+Ops = list[tuple[Executable, dict[str, Any]]]
+
+MARK_DELIVERED = (
+    update(outbox)
+    .where(outbox.c.id == bindparam("b_id"))
+    .values(status="delivered", delivered_at=bindparam("b_now"), attempts=bindparam("b_attempts"), last_error=None)
+)
+SET_PLATFORM_ID = (
+    update(bot_messages).where(bot_messages.c.ref == bindparam("b_ref")).values(platform_message_id=bindparam("b_pid"))
+)
+MARK_RETRY = (
+    update(outbox)
+    .where(outbox.c.id == bindparam("b_id"))
+    .values(attempts=bindparam("b_attempts"), next_attempt_at=bindparam("b_next"), last_error=bindparam("b_error"))
+)
+MARK_DEAD = (
+    update(outbox)
+    .where(outbox.c.id == bindparam("b_id"))
+    .values(status="dead", attempts=bindparam("b_attempts"), last_error=bindparam("b_error"))
+)
+MARK_SUPERSEDED = update(outbox).where(outbox.c.id == bindparam("b_id")).values(status="superseded")
+
+
+def new_ref() -> str:
+    return uuid.uuid4().hex
+
+
+@functools.cache
+def _inserts(dialect: str) -> tuple[Executable, Executable]:
+    insert = sqlite_insert if dialect == "sqlite" else pg_insert
+    return (
+        insert(bot_messages).on_conflict_do_nothing(index_elements=["ref"]),
+        insert(outbox).on_conflict_do_nothing(index_elements=["idempotency_key"]),
+    )
+
+
+def _op(channel: str, conversation_key: str, op: str, ref: str, payload: dict[str, Any], key: str, now: float):
+    return {
+        "idempotency_key": key, "channel": channel, "conversation_key": conversation_key, "op": op,
+        "message_ref": ref, "payload": payload, "status": "pending", "attempts": 0, "next_attempt_at": now,
+        "created_at": now,
+    }
+
+
+def send_ops(dialect: str, *, channel: str, conversation_key: str, payload: dict[str, Any], ref: str,
+             idempotency_key: str | None = None) -> Ops:
+    """Queue a new bot message known by `ref`. Idempotent on the key (default: the ref)."""
+    now = time.time()
+    bot, ops = _inserts(dialect)
+    return [
+        (bot, {"ref": ref, "conversation_key": conversation_key, "created_at": now}),
+        (ops, _op(channel, conversation_key, "send", ref, payload, idempotency_key or f"send:{ref}", now)),
+    ]
+
+
+def update_ops(dialect: str, *, channel: str, conversation_key: str, payload: dict[str, Any], ref: str,
+               idempotency_key: str | None = None) -> Ops:
+    """Queue an edit of message `ref`. When several edits of one message are pending, the
+    delivery worker sends only the latest (the others become `superseded`)."""
+    now = time.time()
+    _bot, ops = _inserts(dialect)
+    key = idempotency_key or f"update:{ref}:{uuid.uuid4().hex}"
+    return [(ops, _op(channel, conversation_key, "update", ref, payload, key, now))]
+
+
+async def run(conn: AsyncConnection, ops: Ops) -> None:
+    """Execute ops inside a unit that already holds the writer's connection."""
+    for stmt, params in ops:
+        await conn.execute(stmt, params)
+
+
+def delivered(op_id: int, attempts: int, ref: str, platform_message_id: str | None) -> Ops:
+    out: Ops = [(MARK_DELIVERED, {"b_id": op_id, "b_now": time.time(), "b_attempts": attempts})]
+    if platform_message_id is not None:
+        out.append((SET_PLATFORM_ID, {"b_ref": ref, "b_pid": platform_message_id}))
+    return out
+
+
+def retry(op_id: int, attempts: int, next_attempt_at: float, error: str) -> Ops:
+    return [(MARK_RETRY, {"b_id": op_id, "b_attempts": attempts, "b_next": next_attempt_at, "b_error": error[:2000]})]
+
+
+def dead(op_id: int, attempts: int, error: str) -> Ops:
+    return [(MARK_DEAD, {"b_id": op_id, "b_attempts": attempts, "b_error": error[:2000]})]
+
+
+def superseded(op_id: int) -> Ops:
+    return [(MARK_SUPERSEDED, {"b_id": op_id})]
+
+
+async def pending(conn: AsyncConnection, limit: int = 1000):
+    """Pending operations of every conversation, oldest first, with the platform id of their message."""
+    result = await conn.execute(
+        select(outbox, bot_messages.c.platform_message_id)
+        .join(bot_messages, bot_messages.c.ref == outbox.c.message_ref, isouter=True)
+        .where(outbox.c.status == "pending")
+        .order_by(outbox.c.id)
+        .limit(limit)
+    )
+    return result.all()
+
+
+async def platform_id(conn: AsyncConnection, ref: str) -> str | None:
+    return (await conn.execute(select(bot_messages.c.platform_message_id).where(bot_messages.c.ref == ref))).scalar()
+
+
+async def ref_exists(conn: AsyncConnection, ref: str) -> bool:
+    return (await conn.execute(select(bot_messages.c.ref).where(bot_messages.c.ref == ref))).first() is not None
+
+
+async def count_by_status(conn: AsyncConnection) -> dict[str, int]:
+    result = await conn.execute(select(outbox.c.status, func.count()).group_by(outbox.c.status))
+    return {status: count for status, count in result}
+
+
+async def list_dead(conn: AsyncConnection, limit: int = 100):
+    return (
+        await conn.execute(select(outbox).where(outbox.c.status == "dead").order_by(outbox.c.id.desc()).limit(limit))
+    ).all()

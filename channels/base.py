@@ -1,0 +1,206 @@
+"""The channel contract: channel-neutral types and the adapter protocol.
+
+A channel adapter verifies and decodes what its platform sends, normalizes it into an
+`InboundMessage` or `InboundAction`, hands it to the pipeline's `Ingest` (which persists it before
+the adapter acknowledges the platform), and renders neutral `Reply` objects back into platform
+payloads. Channels know nothing of runtimes; the pipeline knows nothing of platforms.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, runtime_checkable
+
+
+@dataclass(frozen=True, slots=True)
+class ConversationKey:
+    """Where a conversation lives: channel + chat + optional thread."""
+
+    channel: str
+    chat_id: str
+    thread_id: str | None = None
+
+    def __str__(self) -> str:
+        base = f"{self.channel}:{self.chat_id}"
+        return f"{base}:{self.thread_id}" if self.thread_id else base
+
+    @classmethod
+    def parse(cls, value: str) -> "ConversationKey":
+        channel, _, rest = value.partition(":")
+        chat_id, _, thread = rest.partition(":")
+        if not channel or not chat_id:
+            raise ValueError(f"not a conversation key: {value!r}")
+        return cls(channel, chat_id, thread or None)
+
+
+@dataclass(frozen=True, slots=True)
+class Sender:
+    id: str
+    display_name: str = ""
+    is_bot: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.display_name or self.id
+
+
+@dataclass(frozen=True, slots=True)
+class Attachment:
+    name: str
+    path: str
+    mime_type: str = "application/octet-stream"
+
+
+@dataclass(frozen=True, slots=True)
+class InboundMessage:
+    """A message from a person (or a bot) in a conversation."""
+
+    conversation: ConversationKey
+    sender: Sender
+    text: str
+    event_key: str  # the platform's event id, channel-qualified: dedupes redeliveries
+    message_key: str | None = None  # the platform's message id: dedupes re-sends under new event ids
+    is_group: bool = False
+    mentions_bot: bool = False
+    platform_message_id: str | None = None
+    attachments: tuple[Attachment, ...] = ()
+    sent_at: float | None = None
+
+    kind: Literal["message"] = "message"
+
+    def to_payload(self) -> dict[str, Any]:
+        return {
+            "text": self.text,
+            "sender": {"id": self.sender.id, "name": self.sender.display_name, "is_bot": self.sender.is_bot},
+            "is_group": self.is_group,
+            "mentions_bot": self.mentions_bot,
+            "platform_message_id": self.platform_message_id,
+            "attachments": [a.__dict__ for a in self.attachments] if self.attachments else [],
+            "sent_at": self.sent_at,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class InboundAction:
+    """A click on a card button (or an equivalent reaction)."""
+
+    conversation: ConversationKey
+    actor: Sender
+    action_id: str
+    value: dict[str, Any]
+    platform_message_id: str
+    is_group: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Button:
+    id: str
+    label: str
+    style: Literal["primary", "danger", "default"] = "default"
+    value: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Card:
+    kind: str  # "approval", "status", "help", ...
+    title: str
+    body: str  # markdown
+    status: str = ""
+    actions: tuple[Button, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A neutral outbound message: markdown text and/or a card."""
+
+    text: str = ""
+    card: Card | None = None
+
+    def to_payload(self) -> dict[str, Any]:
+        card = None
+        if self.card is not None:
+            card = {
+                "kind": self.card.kind,
+                "title": self.card.title,
+                "body": self.card.body,
+                "status": self.card.status,
+                "actions": [
+                    {"id": b.id, "label": b.label, "style": b.style, "value": b.value} for b in self.card.actions
+                ],
+            }
+        return {"text": self.text, "card": card}
+
+    @classmethod
+    def from_payload(cls, data: dict[str, Any]) -> "Reply":
+        card_data = data.get("card")
+        card = None
+        if card_data:
+            card = Card(
+                kind=card_data["kind"],
+                title=card_data["title"],
+                body=card_data["body"],
+                status=card_data.get("status", ""),
+                actions=tuple(
+                    Button(b["id"], b["label"], b.get("style", "default"), b.get("value") or {})
+                    for b in card_data.get("actions", ())
+                ),
+            )
+        return cls(text=data.get("text", ""), card=card)
+
+
+@dataclass(frozen=True, slots=True)
+class AcceptResult:
+    event_id: int | None
+    duplicate: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ActionResult:
+    status: Literal["ok", "forbidden", "conflict", "not_found"]
+    toast: str
+
+
+class Ingest(Protocol):
+    """What the pipeline offers a channel adapter."""
+
+    async def accept(self, event: InboundMessage) -> AcceptResult:
+        """Persist (dedupe) the event; returns once it is durable. Ack the platform after this."""
+
+    async def act(self, action: InboundAction) -> ActionResult:
+        """Apply a card action. A store write plus a wake-up; never waits on a running turn."""
+
+
+class DeliveryError(Exception):
+    """Delivery to the platform failed. `transient` failures are retried with backoff."""
+
+    def __init__(self, message: str, *, transient: bool, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.transient = transient
+        self.retry_after = retry_after
+
+
+@runtime_checkable
+class ChannelAdapter(Protocol):
+    name: str
+
+    async def start(self, ingest: Ingest) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def send(self, conversation: ConversationKey, reply: Reply, *, idempotency_key: str) -> str:
+        """Post a new message; return the platform's message id. Raise DeliveryError on failure.
+
+        A retried call with the same idempotency key must not post twice.
+        """
+
+    async def update(self, conversation: ConversationKey, platform_message_id: str, reply: Reply) -> None:
+        """Edit a message in place."""
+
+    async def react(self, conversation: ConversationKey, platform_message_id: str, emoji: str) -> None: ...
+
+    def render(self, reply: Reply) -> Any:
+        """Neutral reply -> platform payload."""
+
+    async def health(self) -> dict[str, Any]:
+        """{"ok": bool, ...detail}"""
+

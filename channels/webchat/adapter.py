@@ -1,0 +1,255 @@
+"""The built-in web chat: a page at /chat, a JSON API (the contract the tests use) and a live
+Server-Sent-Events stream. Conversation ids starting with `g-` are group conversations."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from importlib import resources
+from typing import Any
+
+from aiohttp import web
+from pydantic import BaseModel, Field
+
+from bridge.store.db import Database
+from bridge.web.http import error, read_model
+from channels.base import (
+    ConversationKey,
+    InboundAction,
+    InboundMessage,
+    Ingest,
+    Reply,
+    Sender,
+)
+from channels.webchat import transcript
+
+CHANNEL = "webchat"
+ID_PATTERN = r"^[A-Za-z0-9_.@-]{1,128}$"
+PAGE_LIMIT = 500
+SSE_PING = 15.0
+
+
+class PostMessage(BaseModel):
+    conversation_id: str = Field(pattern=ID_PATTERN)
+    user_id: str = Field(pattern=ID_PATTERN)
+    text: str = Field(max_length=100_000)
+    client_msg_id: str = Field(min_length=1, max_length=128)
+
+
+class PostAction(BaseModel):
+    conversation_id: str = Field(pattern=ID_PATTERN)
+    message_id: str = Field(min_length=1, max_length=64)
+    action_id: str = Field(min_length=1, max_length=64)
+    user_id: str = Field(pattern=ID_PATTERN)
+
+
+def is_group(conversation_id: str) -> bool:
+    return conversation_id.startswith("g-")
+
+
+def public_message(row: dict[str, Any]) -> dict[str, Any]:
+    """A transcript row as the API shows it (button values stay server-side)."""
+    card = row.get("card")
+    if card:
+        card = {
+            "kind": card["kind"], "title": card["title"], "body": card["body"], "status": card.get("status", ""),
+            "actions": [{"id": a["id"], "label": a["label"], "style": a.get("style", "default")} for a in card["actions"]],
+        }
+    return {
+        "seq": row["seq"], "created_seq": row["created_seq"], "id": row["id"], "role": row["role"], "user_id": row["user_id"], "text": row["text"],
+        "card": card, "updated_at": row["updated_at"],
+    }
+
+
+class _Hub:
+    """Live subscribers per conversation (this process only; the API's `after` polling covers the rest)."""
+
+    def __init__(self) -> None:
+        self._subs: dict[str, set[asyncio.Queue[dict[str, Any]]]] = {}
+
+    def subscribe(self, conversation_id: str) -> asyncio.Queue[dict[str, Any]]:
+        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=1000)
+        self._subs.setdefault(conversation_id, set()).add(queue)
+        return queue
+
+    def unsubscribe(self, conversation_id: str, queue: asyncio.Queue[dict[str, Any]]) -> None:
+        subs = self._subs.get(conversation_id)
+        if subs is not None:
+            subs.discard(queue)
+            if not subs:
+                del self._subs[conversation_id]
+
+    def publish(self, row: dict[str, Any]) -> None:
+        for queue in self._subs.get(row["conversation_id"], ()):
+            if queue.full():
+                continue  # a stalled page catches up through `after` on reconnect
+            queue.put_nowait(public_message(row))
+
+    @property
+    def count(self) -> int:
+        return sum(len(s) for s in self._subs.values())
+
+
+class WebChatChannel:
+    name = CHANNEL
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self.hub = _Hub()
+        self.transcript = transcript.Transcript()
+        self._ingest: Ingest | None = None
+        self._page: bytes | None = None
+
+    # -- ChannelAdapter ----------------------------------------------------------------------
+
+    async def start(self, ingest: Ingest) -> None:
+        self._ingest = ingest
+        self._page = resources.files("channels.webchat").joinpath("page.html").read_bytes()
+
+    async def stop(self) -> None:
+        self._ingest = None
+
+    def render(self, reply: Reply) -> dict[str, Any]:
+        payload = reply.to_payload()
+        return {"text": payload["text"], "card": payload["card"]}
+
+    async def send(self, conversation: ConversationKey, reply: Reply, *, idempotency_key: str) -> str:
+        rendered = self.render(reply)
+        item = transcript.NewMessage(
+            conversation_id=conversation.chat_id, role="bot", user_id="bot", text=rendered["text"],
+            card=rendered["card"], dedupe_key=idempotency_key,
+        )
+        row = await self.db.write_batched(self.transcript.insert_many, item)
+        self.hub.publish(row)
+        return row["id"]
+
+    async def update(self, conversation: ConversationKey, platform_message_id: str, reply: Reply) -> None:
+        rendered = self.render(reply)
+        row = await self.db.write_batched(
+            self.transcript.edit_many, transcript.Edit(platform_message_id, rendered["text"], rendered["card"]))
+        if row is not None:
+            self.hub.publish(row)
+
+    async def react(self, conversation: ConversationKey, platform_message_id: str, emoji: str) -> None:
+        return None  # the web chat has no reactions
+
+    async def health(self) -> dict[str, Any]:
+        return {"ok": self._ingest is not None, "live_subscribers": self.hub.count}
+
+    # -- HTTP --------------------------------------------------------------------------------
+
+    def routes(self) -> list[web.RouteDef]:
+        return [
+            web.get("/chat", self.page),
+            web.post("/chat/api/messages", self.post_message),
+            web.get("/chat/api/messages", self.list_messages),
+            web.post("/chat/api/actions", self.post_action),
+            web.get("/chat/api/stream", self.stream),
+        ]
+
+    async def page(self, request: web.Request) -> web.Response:
+        return web.Response(body=self._page, content_type="text/html", charset="utf-8")
+
+    async def post_message(self, request: web.Request) -> web.Response:
+        body = await read_model(request, PostMessage)
+        ingest = self._require_ingest()
+        group = is_group(body.conversation_id)
+        conversation = ConversationKey(CHANNEL, body.conversation_id)
+        key = f"{body.conversation_id}/{body.client_msg_id}"
+        # The web chat keeps the person's message (as a platform would), then hands the event to the
+        # pipeline; both land in the same group commit, and both are idempotent on the client id.
+        stored = self.db.write_batched(
+            self.transcript.insert_many,
+            transcript.NewMessage(body.conversation_id, "user", body.user_id, body.text, None, f"user:{key}"),
+            urgent=True,
+        )
+        event = InboundMessage(
+            conversation=conversation,
+            sender=Sender(body.user_id, body.user_id),
+            text=body.text,
+            event_key=f"{CHANNEL}:{key}",
+            is_group=group,
+            mentions_bot=True,
+            platform_message_id=None,
+        )
+        result = await ingest.accept(event)
+        row = await stored
+        if not result.duplicate:
+            self.hub.publish(row)
+        return web.json_response({"accepted": True, "duplicate": result.duplicate}, status=202)
+
+    async def list_messages(self, request: web.Request) -> web.Response:
+        conversation_id, after = self._query(request)
+        rows = await self.db.read(lambda c: transcript.list_after(c, conversation_id, after, PAGE_LIMIT))
+        return web.json_response({"messages": [public_message(r) for r in rows]})
+
+    async def post_action(self, request: web.Request) -> web.Response:
+        body = await read_model(request, PostAction)
+        ingest = self._require_ingest()
+        row = await self.db.read(lambda c: transcript.get(c, body.message_id))
+        if row is None or row["conversation_id"] != body.conversation_id:
+            return error(404, "no such message in this conversation")
+        card = row.get("card") or {}
+        button = next((a for a in card.get("actions", ()) if a["id"] == body.action_id), None)
+        if button is None:
+            return error(409, "this card is no longer actionable", card_status=card.get("status"))
+        action = InboundAction(
+            conversation=ConversationKey(CHANNEL, body.conversation_id),
+            actor=Sender(body.user_id, body.user_id),
+            action_id=body.action_id,
+            value=button.get("value") or {},
+            platform_message_id=body.message_id,
+            is_group=is_group(body.conversation_id),
+        )
+        result = await ingest.act(action)
+        if result.status == "ok":
+            return web.json_response({"ok": True, "toast": result.toast})
+        status = {"forbidden": 403, "conflict": 409, "not_found": 409}[result.status]
+        return web.json_response({"ok": False, "reason": result.toast, "toast": result.toast}, status=status)
+
+    async def stream(self, request: web.Request) -> web.StreamResponse:
+        conversation_id, after = self._query(request)
+        queue = self.hub.subscribe(conversation_id)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await response.prepare(request)
+        try:
+            backlog = await self.db.read(lambda c: transcript.list_after(c, conversation_id, after, PAGE_LIMIT))
+            for row in backlog:
+                await response.write(_sse(public_message(row)))
+            while True:
+                try:
+                    message = await asyncio.wait_for(queue.get(), timeout=SSE_PING)
+                except TimeoutError:
+                    await response.write(b": ping\n\n")
+                    continue
+                await response.write(_sse(message))
+        except (ConnectionResetError, asyncio.CancelledError):
+            pass
+        finally:
+            self.hub.unsubscribe(conversation_id, queue)
+        return response
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _require_ingest(self) -> Ingest:
+        if self._ingest is None:
+            raise web.HTTPServiceUnavailable(text='{"error": "web chat is not started"}', content_type="application/json")
+        return self._ingest
+
+    @staticmethod
+    def _query(request: web.Request) -> tuple[str, int]:
+        conversation_id = request.query.get("conversation_id", "")
+        try:
+            after = int(request.query.get("after", "0"))
+        except ValueError:
+            raise web.HTTPBadRequest(text='{"error": "after must be an integer"}', content_type="application/json")
+        if not re.match(ID_PATTERN, conversation_id):
+            raise web.HTTPBadRequest(text='{"error": "conversation_id is missing or invalid"}',
+                                     content_type="application/json")
+        return conversation_id, after
+
+
+def _sse(message: dict[str, Any]) -> bytes:
+    return f"id: {message['seq']}\nevent: message\ndata: {json.dumps(message)}\n\n".encode()
+

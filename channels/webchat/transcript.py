@@ -1,0 +1,127 @@
+"""The web chat's own message store: it plays the platform's side, the way Feishu or Slack keep
+their messages. Every insert or edit takes the next `seq`, so `?after=<seq>` polling sees edits.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import JSON, Column, Float, Index, Integer, String, Table, Text, bindparam, func, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from bridge.store.dialect import upsert
+from bridge.store.schema import metadata
+
+webchat_messages = Table(
+    "webchat_messages",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("seq", Integer, nullable=False, unique=True),
+    # the seq it was first posted with: the order a chat shows messages in, kept across edits
+    Column("created_seq", Integer, nullable=False),
+    Column("conversation_id", String(255), nullable=False),
+    Column("role", String(8), nullable=False),
+    Column("user_id", String(255), nullable=False),
+    Column("text", Text, nullable=False),
+    Column("card", JSON, nullable=True),
+    # user messages: "<conversation>/<client_msg_id>"; bot messages: the outbox idempotency key
+    Column("dedupe_key", String(255), nullable=False, unique=True),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Index("ix_webchat_messages_conversation_seq", "conversation_id", "seq"),
+    Index("ix_webchat_messages_conversation_created_seq", "conversation_id", "created_seq"),
+)
+
+
+@dataclass(slots=True)
+class NewMessage:
+    conversation_id: str
+    role: str
+    user_id: str
+    text: str
+    card: dict[str, Any] | None
+    dedupe_key: str
+
+
+@dataclass(slots=True)
+class Edit:
+    message_id: str
+    text: str
+    card: dict[str, Any] | None
+
+
+class Transcript:
+    """Writes to the transcript. It hands out `seq`: on SQLite there is one writer connection, so
+    the counter lives in memory (read once from the table); on PostgreSQL, where replicas share the
+    table, it is read in each transaction (a collision on the unique seq fails that batch, which
+    the writer then retries)."""
+
+    def __init__(self) -> None:
+        self._last: int | None = None
+
+    async def _take(self, conn: AsyncConnection, count: int) -> int:
+        if conn.dialect.name != "sqlite" or self._last is None:
+            self._last = (await conn.execute(select(func.max(webchat_messages.c.seq)))).scalar() or 0
+        first = self._last + 1
+        self._last += count
+        return first
+
+    async def insert_many(self, conn: AsyncConnection, items: Sequence[NewMessage]) -> list[dict[str, Any]]:
+        """Insert messages (idempotent on dedupe_key); returns each one's row (existing or new)."""
+        now = time.time()
+        seq = await self._take(conn, len(items))
+        rows = []
+        for item in items:
+            rows.append({
+                "id": uuid.uuid4().hex, "seq": seq, "created_seq": seq, "conversation_id": item.conversation_id,
+                "role": item.role, "user_id": item.user_id, "text": item.text, "card": item.card,
+                "dedupe_key": item.dedupe_key, "created_at": now, "updated_at": now,
+            })
+            seq += 1
+        stmt = upsert(conn, webchat_messages).on_conflict_do_nothing(index_elements=["dedupe_key"]).returning(
+            *webchat_messages.c
+        )
+        by_key = {row.dedupe_key: dict(row._mapping) for row in await conn.execute(stmt, rows)}
+        missing = [r["dedupe_key"] for r in rows if r["dedupe_key"] not in by_key]
+        if missing:  # duplicates: return the rows already stored
+            found = await conn.execute(select(webchat_messages).where(webchat_messages.c.dedupe_key.in_(missing)))
+            by_key.update({row.dedupe_key: dict(row._mapping) for row in found})
+        return [by_key[item.dedupe_key] for item in items]
+
+    async def edit_many(self, conn: AsyncConnection, items: Sequence[Edit]) -> list[dict[str, Any] | None]:
+        """Edit messages in place; each edit takes a new seq. Returns each edited row (None if unknown)."""
+        seq = await self._take(conn, len(items))
+        now = time.time()
+        params = [{"b_id": e.message_id, "b_text": e.text, "b_card": e.card, "b_seq": seq + i, "b_now": now}
+                  for i, e in enumerate(items)]
+        await conn.execute(EDIT, params)
+        ids = list({e.message_id for e in items})
+        found = await conn.execute(select(webchat_messages).where(webchat_messages.c.id.in_(ids)))
+        rows = {row.id: dict(row._mapping) for row in found}
+        return [rows.get(e.message_id) for e in items]
+
+
+EDIT = (
+    update(webchat_messages)
+    .where(webchat_messages.c.id == bindparam("b_id"))
+    .values(text=bindparam("b_text"), card=bindparam("b_card"), seq=bindparam("b_seq"), updated_at=bindparam("b_now"))
+)
+
+
+async def list_after(conn: AsyncConnection, conversation_id: str, after: int, limit: int) -> list[dict[str, Any]]:
+    result = await conn.execute(
+        select(webchat_messages)
+        .where(webchat_messages.c.conversation_id == conversation_id, webchat_messages.c.seq > after)
+        .order_by(webchat_messages.c.seq)
+        .limit(limit)
+    )
+    return [dict(row._mapping) for row in result]
+
+
+async def get(conn: AsyncConnection, message_id: str) -> dict[str, Any] | None:
+    row = (await conn.execute(select(webchat_messages).where(webchat_messages.c.id == message_id))).first()
+    return dict(row._mapping) if row else None

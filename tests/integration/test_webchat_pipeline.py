@@ -1,0 +1,351 @@
+"""The core pipeline through the web chat API, against the real service process."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+import uuid
+
+import pytest
+
+from tests.support.chat import final_texts, finals
+
+
+def db_counts(proc) -> dict[str, int]:
+    with sqlite3.connect(proc.data_dir / "bridge.db") as conn:
+        return {
+            table: conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+            for table in ("inbound_events", "webchat_messages", "turns", "outbox")
+        }
+
+
+async def test_echo_replies_once(bridge, chat):
+    proc = bridge()
+    c = chat(proc)
+    status, body = await c.post("c-echo", "alice", "echo hello")
+    assert (status, body) == (202, {"accepted": True, "duplicate": False})
+    texts = await c.wait_for("c-echo", lambda msgs: final_texts(msgs))
+    assert len(texts) == 1 and "hello" in texts[0] and "exit 0" in texts[0]
+    await asyncio.sleep(0.5)
+    assert len(final_texts(await c.bot_messages("c-echo"))) == 1
+
+
+async def test_same_client_msg_id_three_times_concurrently_is_one_turn(bridge, chat):
+    proc = bridge()
+    c = chat(proc)
+    results = await asyncio.gather(*(c.post("c-dup", "alice", "echo once", client_msg_id="same") for _ in range(3)))
+    assert all(status == 202 for status, _ in results)
+    assert sorted(body["duplicate"] for _, body in results) == [False, True, True]
+    await c.wait_for("c-dup", final_texts)
+    await asyncio.sleep(0.5)
+    assert len(final_texts(await c.bot_messages("c-dup"))) == 1
+    users = [m for m in await c.messages("c-dup") if m["role"] == "user"]
+    assert len(users) == 1
+    assert db_counts(proc)["turns"] == 1
+
+
+async def test_malformed_and_oversized_bodies_store_nothing(bridge, http):
+    proc = bridge()
+    url = proc.url + "/chat/api/messages"
+    async with http.post(url, data=b'{"conversation_id": "c-1", "user_id":', headers={"Content-Type": "application/json"}) as r:
+        assert r.status == 400
+        assert "malformed JSON" in (await r.json())["error"]
+    async with http.post(url, json={"conversation_id": "c-1", "user_id": "a", "text": "x"}) as r:
+        assert r.status == 400
+        assert "client_msg_id" in (await r.json())["error"]
+    async with http.post(url, json={"conversation_id": "bad:id", "user_id": "a", "text": "x", "client_msg_id": "1"}) as r:
+        assert r.status == 400
+    big = b'{"conversation_id": "c-1", "user_id": "a", "client_msg_id": "1", "text": "' + b"x" * (2 * 1024 * 1024) + b'"}'
+    async with http.post(url, data=big, headers={"Content-Type": "application/json"}) as r:
+        assert r.status == 413
+    assert db_counts(proc) == {"inbound_events": 0, "webchat_messages": 0, "turns": 0, "outbox": 0}
+
+
+async def test_approve_runs_the_command_and_updates_the_card(bridge, chat):
+    proc = bridge()
+    c = chat(proc)
+    await c.post("c-appr", "alice", "touch approved.txt")
+    card = await c.wait_card("c-appr", "pending")
+    assert [a["id"] for a in card["card"]["actions"]] == ["approve", "approve_session", "deny", "stop"]
+    assert "touch approved.txt" in card["card"]["body"]
+    assert not (proc.data_dir / "workspace" / "approved.txt").exists()
+    status, body = await c.act("c-appr", card["id"], "approve", "alice")
+    assert status == 200 and body["ok"] is True and body["toast"]
+    decided = await c.wait_card("c-appr", "approved")
+    assert decided["card"]["actions"] == []
+    assert "by alice" in decided["card"]["body"]
+    await c.wait_for("c-appr", lambda msgs: [t for t in final_texts(msgs) if "exit 0" in t])
+    assert (proc.data_dir / "workspace" / "approved.txt").exists()
+    # the card is no longer actionable
+    status, _ = await c.act("c-appr", card["id"], "approve", "alice")
+    assert status == 409
+
+
+async def test_deny_does_not_run_and_says_so(bridge, chat):
+    proc = bridge()
+    c = chat(proc)
+    await c.post("c-deny", "alice", "touch denied.txt")
+    card = await c.wait_card("c-deny", "pending")
+    status, body = await c.act("c-deny", card["id"], "deny", "alice")
+    assert status == 200 and body["ok"] is True
+    texts = await c.wait_for("c-deny", lambda msgs: [t for t in final_texts(msgs) if "Not run" in t])
+    assert "denied" in texts[0]
+    await c.wait_card("c-deny", "denied")
+    assert not (proc.data_dir / "workspace" / "denied.txt").exists()
+
+
+async def test_group_only_requester_or_admin_may_decide(bridge, chat):
+    proc = bridge(BRIDGE_ADMINS="webchat:root")
+    c = chat(proc)
+    await c.post("g-team", "alice", "touch by-admin.txt")
+    card = await c.wait_card("g-team", "pending")
+    status, body = await c.act("g-team", card["id"], "approve", "bob")
+    assert status == 403 and "alice" in body["reason"]
+    assert (await c.wait_card("g-team", "pending"))["id"] == card["id"]
+    status, _ = await c.act("g-team", card["id"], "approve", "root")
+    assert status == 200
+    assert "by root" in (await c.wait_card("g-team", "approved"))["card"]["body"]
+    await c.wait_for("g-team", lambda msgs: [t for t in final_texts(msgs) if "exit 0" in t])
+    assert (proc.data_dir / "workspace" / "by-admin.txt").exists()
+
+
+async def test_messages_sent_while_busy_are_queued_visibly_and_run_in_order(bridge, chat):
+    proc = bridge()
+    c = chat(proc)
+    await c.post("c-q", "alice", "sleep 1; echo first")  # needs approval: holds the conversation
+    card = await c.wait_card("c-q", "pending")
+    for word in ("second", "third"):
+        await c.post("c-q", "alice", f"echo {word}")
+    queued = await c.wait_for("c-q", lambda msgs: [m for m in msgs if m["text"].startswith("⏳")] if
+                              len([m for m in msgs if m["text"].startswith("⏳")]) == 2 else None)
+    assert "position 1" in queued[0]["text"] and "position 2" in queued[1]["text"]
+    await c.act("c-q", card["id"], "approve", "alice")
+    texts = await c.wait_for("c-q", finals(3))
+    words = [next(w for w in ("first", "second", "third") if w in t) for t in texts]
+    assert words == ["first", "second", "third"]
+    # as a chat shows them (by first post): each reply is a new message after the earlier ones,
+    # and the queued notices now say their turn started
+    shown = sorted(await c.bot_messages("c-q"), key=lambda m: m["created_seq"])
+    replies = [m for m in shown if m["text"] in texts]
+    assert [r["text"] for r in replies] == texts
+    notices = [m for m in shown if m["id"] in {q["id"] for q in queued}]
+    assert [n["text"] for n in notices] == ["▶️ Started: `echo second`", "▶️ Started: `echo third`"]
+
+
+async def test_stop_kills_a_long_command_within_a_second(bridge, chat):
+    proc = bridge()
+    c = chat(proc)
+    await c.post("c-stop", "alice", "sleep 30")
+    card = await c.wait_card("c-stop", "pending")
+    await c.act("c-stop", card["id"], "approve", "alice")
+    await c.wait_for("c-stop", lambda msgs: [m for m in msgs if m["text"].startswith("⚙️")])
+    started = time.monotonic()
+    await c.post("c-stop", "alice", "/stop")
+    await c.wait_for("c-stop", lambda msgs: [t for t in final_texts(msgs) if "Stopped after" in t])
+    assert time.monotonic() - started < 1.5
+    await c.post("c-stop", "alice", "echo after-stop")
+    await c.wait_for("c-stop", lambda msgs: [t for t in final_texts(msgs) if "after-stop" in t])
+
+
+async def test_hundred_conversations_times_ten_messages_keep_order(bridge, chat):
+    proc = bridge()
+    c = chat(proc)
+
+    async def conversation(n: int) -> None:
+        for i in range(10):
+            status, body = await c.post(f"c-load-{n}", f"user{n}", f"echo {n}-{i}")
+            assert status == 202 and not body["duplicate"]
+
+    await asyncio.gather(*(conversation(n) for n in range(100)))
+
+    for n in range(100):
+        texts = await c.wait_for(f"c-load-{n}", finals(10), timeout=120)
+        assert [t.split("\n")[1] for t in texts] == [f"{n}-{i}" for i in range(10)], texts
+    await asyncio.sleep(0.5)
+    counts = db_counts(proc)
+    assert counts["turns"] == 1000 and counts["inbound_events"] == 1000
+    for n in (0, 57, 99):
+        assert len(final_texts(await c.bot_messages(f"c-load-{n}"))) == 10
+
+
+async def test_kill_minus_nine_after_accept_then_restart_gives_exactly_one_outcome(bridge, chat):
+    proc = bridge()
+    c = chat(proc)
+    await c.post("c-crash", "alice", "echo survived")
+    proc.kill()
+    proc.start()
+    texts = await c.wait_for("c-crash", final_texts)
+    await asyncio.sleep(1.0)
+    texts = final_texts(await c.bot_messages("c-crash"))
+    assert len(texts) == 1, texts
+    assert "survived" in texts[0] or "Interrupted" in texts[0]
+
+
+async def test_accepted_but_unprocessed_event_is_run_after_restart(bridge, chat):
+    """A message persisted by a process that died before dispatching it runs on the next start."""
+    proc = bridge()
+    c = chat(proc)
+    await c.post("c-warm", "alice", "echo warm")
+    await c.wait_for("c-warm", final_texts)
+    proc.stop()
+    with sqlite3.connect(proc.data_dir / "bridge.db") as conn:
+        conn.execute(
+            "INSERT INTO inbound_events (channel, kind, event_key, conversation_key, sender_id, payload, status,"
+            " received_at) VALUES ('webchat', 'message', 'webchat:c-left/1', 'webchat:c-left', 'alice', ?, 'accepted', ?)",
+            ('{"text": "echo left-behind", "sender": {"id": "alice", "name": "alice", "is_bot": false}}', time.time()),
+        )
+    proc.start()
+    texts = await c.wait_for("c-left", final_texts)
+    assert "left-behind" in texts[0]
+    await asyncio.sleep(0.5)
+    assert len(final_texts(await c.bot_messages("c-left"))) == 1
+
+
+async def test_restart_with_pending_approval_marks_it_interrupted(bridge, chat):
+    proc = bridge()
+    c = chat(proc)
+    await c.post("c-int", "alice", "touch never.txt")
+    card = await c.wait_card("c-int", "pending")
+    proc.kill()
+    proc.start()
+    interrupted = await c.wait_card("c-int", "interrupted")
+    assert interrupted["id"] == card["id"] and [a["id"] for a in interrupted["card"]["actions"]] == ["retry"]
+    texts = await c.wait_for("c-int", lambda msgs: [t for t in final_texts(msgs) if "Interrupted" in t])
+    assert len(texts) == 1
+    status, _ = await c.act("c-int", card["id"], "approve", "alice")
+    assert status == 409
+    assert not (proc.data_dir / "workspace" / "never.txt").exists()
+
+
+async def test_long_output_is_truncated_in_chat_and_kept_whole(bridge, chat):
+    proc = bridge(BRIDGE_SHELL_OUTPUT_LIMIT="500")
+    c = chat(proc)
+    # `cat` of a generated file: allowlisted, so it runs at once
+    (proc.data_dir / "workspace").mkdir(parents=True, exist_ok=True)
+    (proc.data_dir / "workspace" / "big.txt").write_text("".join(f"line {i}\n" for i in range(2000)))
+    await c.post("c-long", "alice", "cat big.txt")
+    texts = await c.wait_for("c-long", final_texts)
+    assert "line 1999" in texts[0] and "line 0\n" not in texts[0]
+    assert "truncated" in texts[0]
+    with sqlite3.connect(proc.data_dir / "bridge.db") as conn:
+        output = conn.execute("SELECT output FROM turns").fetchone()[0]
+    assert output.startswith("line 0\n") and "line 1999" in output
+
+
+async def test_health_readiness_and_metrics(bridge, chat, http):
+    proc = bridge()
+    c = chat(proc)
+    async with http.get(proc.url + "/healthz") as r:
+        assert r.status == 200
+    async with http.get(proc.url + "/readyz") as r:
+        body = await r.json()
+        assert r.status == 200 and body["ok"] is True
+        assert set(body["checks"]) == {"store", "runtime", "channel:webchat"}
+    await c.post("c-m", "alice", "echo metric")
+    await c.post("c-m", "alice", "echo metric", client_msg_id="dup")
+    await c.post("c-m", "alice", "echo metric", client_msg_id="dup")
+    await c.wait_for("c-m", finals(2))
+    async with http.get(proc.url + "/metrics") as r:
+        text = await r.text()
+    assert 'bridge_inbound_events_total{channel="webchat",kind="message"} 2.0' in text
+    assert 'bridge_inbound_duplicates_total{channel="webchat"} 1.0' in text
+    assert 'bridge_turns_total{status="completed"} 2.0' in text
+    assert "bridge_turn_duration_seconds_bucket" in text
+    assert "bridge_outbox_depth" in text and "bridge_approvals_pending 0.0" in text
+    assert "bridge_delivery_attempts_total" in text
+
+
+async def test_sigterm_lets_a_running_turn_finish(bridge, chat):
+    proc = bridge()
+    c = chat(proc)
+    await c.post("c-term", "alice", "sleep 1; echo graceful")
+    card = await c.wait_card("c-term", "pending")
+    await c.act("c-term", card["id"], "approve", "alice")
+    await c.wait_for("c-term", lambda msgs: [m for m in msgs if m["text"].startswith("⚙️")])
+    assert proc.stop() == 0
+    with sqlite3.connect(proc.data_dir / "bridge.db") as conn:
+        rows = conn.execute("SELECT text FROM webchat_messages WHERE role = 'bot' AND text LIKE '%graceful%'").fetchall()
+        statuses = conn.execute("SELECT status FROM turns").fetchall()
+    assert len(rows) == 1 and statuses == [("completed",)]
+
+
+@pytest.mark.parametrize("command", ["ls -la", "git status", "cat /dev/null | wc -l"])
+async def test_read_only_commands_run_without_a_card(bridge, chat, command):
+    proc = bridge()
+    c = chat(proc)
+    conv = f"c-ro-{uuid.uuid4().hex[:6]}"
+    await c.post(conv, "alice", command)
+    texts = await c.wait_for(conv, final_texts)
+    assert "exit" in texts[0]
+    assert not [m for m in await c.bot_messages(conv) if m["card"]]
+
+
+async def test_stop_while_waiting_for_approval_stops_the_turn(bridge, chat):
+    proc = bridge()
+    c = chat(proc)
+    await c.post("c-stopw", "alice", "touch stopped.txt")
+    await c.wait_card("c-stopw", "pending")
+    await c.post("c-stopw", "alice", "/stop")
+    stopped = await c.wait_card("c-stopw", "stopped")
+    assert stopped["card"]["actions"] == [] and "by alice" in stopped["card"]["body"]
+    texts = await c.wait_for("c-stopw", lambda msgs: [t for t in final_texts(msgs) if "Not run (stopped)" in t])
+    assert len(texts) == 1
+    assert not (proc.data_dir / "workspace" / "stopped.txt").exists()
+    await c.post("c-stopw", "alice", "/stop")
+    await c.wait_for("c-stopw", lambda msgs: [t for t in final_texts(msgs) if "Nothing is running" in t])
+
+
+async def test_command_timeout_kills_the_process_group(bridge, chat):
+    proc = bridge(BRIDGE_SHELL_TIMEOUT="1")
+    c = chat(proc)
+    await c.post("c-to", "alice", "sleep 20 & sleep 20; echo never")
+    card = await c.wait_card("c-to", "pending")
+    await c.act("c-to", card["id"], "approve", "alice")
+    texts = await c.wait_for("c-to", lambda msgs: [t for t in final_texts(msgs) if "Timed out" in t])
+    assert "never" not in texts[0]
+    await asyncio.sleep(1.0)  # the SIGKILL grace period
+    ps = await asyncio.create_subprocess_exec("pgrep", "-f", "sleep 20", stdout=asyncio.subprocess.PIPE)
+    out, _ = await ps.communicate()
+    assert out.strip() == b"", "a child of the timed-out command survived"
+
+
+async def test_approval_expires_and_the_turn_goes_on(bridge, chat):
+    proc = bridge(BRIDGE_APPROVAL_TIMEOUT="2")
+    c = chat(proc)
+    await c.post("c-exp", "alice", "touch expired.txt")
+    card = await c.wait_card("c-exp", "pending")
+    expired = await c.wait_card("c-exp", "expired", timeout=10)
+    assert expired["id"] == card["id"] and [a["id"] for a in expired["card"]["actions"]] == ["retry"]
+    await c.wait_for("c-exp", lambda msgs: [t for t in final_texts(msgs) if "expired" in t])
+    status, _ = await c.act("c-exp", card["id"], "approve", "alice")
+    assert status == 409
+    await c.post("c-exp", "alice", "echo next")
+    await c.wait_for("c-exp", lambda msgs: [t for t in final_texts(msgs) if "next" in t])
+    assert not (proc.data_dir / "workspace" / "expired.txt").exists()
+
+
+async def test_sigterm_interrupts_turns_that_outlive_the_deadline(bridge, chat):
+    proc = bridge(BRIDGE_SHUTDOWN_TIMEOUT="1")
+    c = chat(proc)
+    await c.post("c-dl", "alice", "sleep 30")
+    card = await c.wait_card("c-dl", "pending")
+    await c.act("c-dl", card["id"], "approve", "alice")
+    await c.wait_for("c-dl", lambda msgs: [m for m in msgs if m["text"].startswith("⚙️")])
+    started = time.monotonic()
+    assert proc.stop() == 0
+    assert time.monotonic() - started < 8
+    with sqlite3.connect(proc.data_dir / "bridge.db") as conn:
+        statuses = conn.execute("SELECT status FROM turns").fetchall()
+        texts = [r[0] for r in conn.execute("SELECT text FROM webchat_messages WHERE role = 'bot'")]
+    assert statuses == [("interrupted",)]
+    assert any("shutting down" in t for t in texts)
+
+
+async def test_a_message_that_waits_only_briefly_gets_no_queued_notice(bridge, chat):
+    proc = bridge()
+    c = chat(proc)
+    await asyncio.gather(c.post("c-quick", "alice", "echo one"), c.post("c-quick", "alice", "echo two"))
+    await c.wait_for("c-quick", finals(2))
+    await asyncio.sleep(0.8)  # past the notice delay
+    assert not [m for m in await c.bot_messages("c-quick") if m["text"].startswith(("⏳", "▶️"))]

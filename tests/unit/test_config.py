@@ -1,0 +1,50 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bridge.config import ConfigError, load_settings
+
+
+def test_defaults(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    s = load_settings()
+    assert (s.host, s.port, s.runtime) == ("127.0.0.1", 8788, "shell")
+    assert s.database_url == f"sqlite+aiosqlite:///{(tmp_path / 'data' / 'bridge.db').resolve()}"
+    assert s.workspace == (tmp_path / "data" / "workspace").resolve()
+
+
+def test_admins_are_split_and_qualified(monkeypatch):
+    monkeypatch.setenv("BRIDGE_ADMINS", "webchat:alice, feishu:ou_1")
+    s = load_settings()
+    assert s.admins == ["webchat:alice", "feishu:ou_1"]
+    assert s.is_admin("webchat", "alice") and not s.is_admin("webchat", "bob")
+    monkeypatch.setenv("BRIDGE_ADMINS", "alice")
+    with pytest.raises(ConfigError, match="BRIDGE_ADMINS"):
+        load_settings()
+
+
+@pytest.mark.parametrize("name,value", [
+    ("BRIDGE_PORT", "eighty"), ("BRIDGE_PORT", "70000"), ("BRIDGE_RUNTIME", "gpt"),
+    ("BRIDGE_DATABASE_URL", "mysql://x"), ("BRIDGE_LOG_LEVEL", "loud"),
+])
+def test_invalid_setting_names_the_setting(monkeypatch, name, value):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match=name):
+        load_settings()
+
+
+def test_cli_exits_2_with_one_line(tmp_path):
+    env = {"PATH": "/usr/bin:/bin", "BRIDGE_PORT": "nope", "BRIDGE_DATA_DIR": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-m", "bridge", "serve"], env=env, capture_output=True, text=True,
+                            cwd=tmp_path, timeout=30)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "BRIDGE_PORT" in lines[0]
+
+
+def test_env_file_is_read(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path(".env").write_text("BRIDGE_PORT=9123\n")
+    assert load_settings().port == 9123

@@ -1,0 +1,268 @@
+"""The store on both backends: migrations, the group-commit writer, and the repositories."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import select, text
+
+from bridge.store import approvals, conversations, inbox, migrate, outbox, turns
+from bridge.store.db import Database
+from bridge.store.schema import metadata
+from channels.webchat import transcript
+from tests.support.databases import database_url
+
+BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+
+
+@pytest.fixture(params=BACKENDS)
+async def db(request, tmp_path):
+    async with database_url(request.param, tmp_path) as url:
+        database = Database(url)
+        await migrate.upgrade(database.writer_engine)
+        await database.start()
+        try:
+            yield database
+        finally:
+            await database.close()
+
+
+def event(key: str, message_key: str | None = None, conv: str = "webchat:c1") -> inbox.NewEvent:
+    return inbox.NewEvent("webchat", "message", key, message_key, conv, "alice", {"text": key}, time.time())
+
+
+async def test_migrations_match_the_schema(db):
+    def diff(sync_conn):
+        return compare_metadata(MigrationContext.configure(sync_conn), metadata)
+
+    async with db.reader.connect() as conn:
+        assert await conn.run_sync(diff) == []
+        assert await migrate.current_revision(db.reader) == migrate.HEAD
+
+
+def test_head_constant_matches_the_migrations():
+    from alembic.script import ScriptDirectory
+
+    script = ScriptDirectory.from_config(migrate.alembic_config("sqlite+aiosqlite://"))
+    assert script.get_current_head() == migrate.HEAD
+
+
+async def test_ensure_schema_upgrades_in_a_child_process_only_when_behind(tmp_path):
+    database = Database(f"sqlite+aiosqlite:///{tmp_path / 'e.db'}")
+    try:
+        assert await migrate.current_revision(database.reader) is None
+        await migrate.ensure_schema(database.writer_engine)
+        assert await migrate.current_revision(database.reader) == migrate.HEAD
+        await migrate.ensure_schema(database.writer_engine)  # at head: nothing to do
+    finally:
+        await database.close()
+
+
+async def test_sqlite_pragmas(tmp_path):
+    database = Database(f"sqlite+aiosqlite:///{tmp_path / 'p.db'}")
+    async with database.reader.connect() as conn:
+        assert (await conn.execute(text("PRAGMA journal_mode"))).scalar() == "wal"
+        assert (await conn.execute(text("PRAGMA foreign_keys"))).scalar() == 1
+        assert (await conn.execute(text("PRAGMA busy_timeout"))).scalar() == 5000
+    await database.close()
+
+
+async def test_inbox_dedupes_within_a_batch_and_across_batches(db):
+    first = await asyncio.gather(*(db.write_batched(inbox.insert_many, e) for e in [
+        event("e1", "m1"), event("e1", "m1"), event("e2", "m2"), event("e3", "m2"),
+    ]))
+    assert first[0] is not None and first[2] is not None
+    assert first[1] is None and first[3] is None  # same event id; same message under a new event id
+    again = await asyncio.gather(db.write_batched(inbox.insert_many, event("e1")),
+                                 db.write_batched(inbox.insert_many, event("e9", "m2")),
+                                 db.write_batched(inbox.insert_many, event("e4", "m4")))
+    assert again[0] is None and again[1] is None and again[2] is not None
+    assert await db.read(inbox.count_by_status) == {"accepted": 3}
+
+
+async def test_group_commit_coalesces_and_isolates_a_failing_unit(db):
+    before = db.stats.commits
+
+    async def boom(conn):
+        await conn.execute(text("INSERT INTO no_such_table VALUES (1)"))
+
+    futures = [db.write_batched(inbox.insert_many, event(f"g{i}")) for i in range(50)]
+    bad = db.write(boom)
+    futures += [db.write_batched(inbox.insert_many, event(f"h{i}")) for i in range(50)]
+    results = await asyncio.gather(*futures)
+    assert all(r is not None for r in results)
+    with pytest.raises(Exception):
+        await bad
+    assert db.stats.failed_batches >= 1
+    counts = await db.read(inbox.count_by_status)
+    assert counts == {"accepted": 100}
+    assert db.stats.commits - before < 100  # batched, not one commit per unit
+
+
+async def test_claim_is_exclusive(db):
+    event_id = await db.write_batched(inbox.insert_many, event("c1"))
+    other = await db.write_batched(inbox.insert_many, event("c2"))
+    results = await asyncio.gather(*(db.write_batched(inbox.claim_many, i) for i in (event_id, event_id, other)))
+    assert [r.id if r else None for r in results] == [event_id, None, other]
+    again = await asyncio.gather(db.write_batched(inbox.claim_many, event_id))
+    assert again == [None]
+
+
+async def _conversation_and_turn(db):
+    event_id = await db.write_batched(inbox.insert_many, event("t1"))
+
+    async def begin(conn):
+        cid = await conversations.ensure_conversation(conn, "webchat:c1", channel="webchat", chat_id="c1",
+                                                      thread_id=None, is_group=False)
+        session = await conversations.active_session(conn, cid, runtime="shell", workspace="/tmp")
+        again = await conversations.active_session(conn, cid, runtime="shell", workspace="/tmp")
+        assert again.session_id == session.session_id
+        item = turns.NewTurn(inbound_event_id=event_id, conversation_id=cid, session_id=session.session_id,
+                             requested_by="alice", input_text="x", reply_ref="r1", received_at=time.time())
+        turn_id, duplicate = await turns.create_many(conn, [item, item])
+        return cid, session, turn_id, duplicate
+
+    return await db.write(begin)
+
+
+async def test_one_turn_per_event_and_finish_once(db):
+    _cid, _session, turn_id, duplicate = await _conversation_and_turn(db)
+    assert turn_id is not None and duplicate is None
+    assert await db.write(lambda c: turns.finish(c, turn_id, status="completed", output="ok")) is True
+    assert await db.write(lambda c: turns.finish(c, turn_id, status="failed")) is False
+    assert (await db.read(lambda c: turns.get(c, turn_id))).status == "completed"
+
+
+async def test_approval_decides_once(db):
+    cid, session, turn_id, _ = await _conversation_and_turn(db)
+    await db.write(lambda c: approvals.create(
+        c, approval_id="a1", conversation_id=cid, session_id=session.session_id, turn_id=turn_id, kind="command",
+        summary="Run x", detail={"command": "x"}, requested_by="alice", expires_at=time.time() + 60, card_ref="r2"))
+    results = await asyncio.gather(
+        db.write(lambda c: approvals.decide(c, "a1", status="approved", decided_by="alice")),
+        db.write(lambda c: approvals.decide(c, "a1", status="denied", decided_by="root")),
+    )
+    assert results == [True, False]
+    row = await db.read(lambda c: approvals.get(c, "a1"))
+    assert (row.status, row.decided_by) == ("approved", "alice")
+    assert await db.read(approvals.count_pending) == 0
+
+
+async def test_outbox_ops_are_idempotent_and_coalesce(db):
+    send = outbox.send_ops(db.dialect, channel="webchat", conversation_key="webchat:c1", payload={"text": "a"}, ref="r1")
+    updates = [outbox.update_ops(db.dialect, channel="webchat", conversation_key="webchat:c1",
+                                 payload={"text": f"u{i}"}, ref="r1") for i in range(3)]
+    before = db.stats.commits
+    await asyncio.gather(db.execute(send), db.execute(send), *(db.execute(u) for u in updates))
+    assert db.stats.commits - before == 1
+    pending = await db.read(outbox.pending)
+    assert [(p.op, p.payload["text"]) for p in pending] == [("send", "a"), ("update", "u0"), ("update", "u1"),
+                                                            ("update", "u2")]
+    await db.execute(outbox.delivered(pending[0].id, 1, "r1", "P1") + outbox.superseded(pending[1].id))
+    assert await db.read(lambda c: outbox.platform_id(c, "r1")) == "P1"
+    assert await db.read(outbox.count_by_status) == {"delivered": 1, "pending": 2, "superseded": 1}
+
+
+async def test_transcript_edit_bumps_seq_and_inserts_are_idempotent(db):
+    writer = transcript.Transcript()
+    msg = transcript.NewMessage("c1", "bot", "bot", "hello", None, "k1")
+    first = await db.write_batched(writer.insert_many, msg)
+    again, third = await asyncio.gather(
+        db.write_batched(writer.insert_many, msg),
+        db.write_batched(writer.insert_many, transcript.NewMessage("c1", "bot", "bot", "x", None, "k3")))
+    assert first["id"] == again["id"] and third["seq"] > first["seq"]
+    other = await db.write_batched(writer.insert_many, transcript.NewMessage("c1", "user", "a", "hi", None, "k2"))
+    edited, _unknown = await asyncio.gather(
+        db.write_batched(writer.edit_many, transcript.Edit(first["id"], "hello, edited", None)),
+        db.write_batched(writer.edit_many, transcript.Edit("nope", "x", None)))
+    assert _unknown is None
+    assert edited["created_seq"] == first["seq"]
+    assert edited["seq"] > other["seq"] > first["seq"]
+    rows = await db.read(lambda c: transcript.list_after(c, "c1", other["seq"], 100))
+    assert [r["text"] for r in rows] == ["hello, edited"]
+    # a second writer (another process after a restart) continues after what is stored
+    later = await db.write_batched(transcript.Transcript().insert_many,
+                                   transcript.NewMessage("c1", "bot", "bot", "later", None, "k4"))
+    assert later["seq"] > edited["seq"]
+
+
+async def test_writer_serves_many_concurrent_writers(db):
+    results = await asyncio.gather(*(db.write_batched(inbox.insert_many, event(f"w{i}")) for i in range(2000)))
+    assert len(set(results)) == 2000
+    async with db.reader.connect() as conn:
+        from bridge.store.schema import inbound_events
+
+        rows = (await conn.execute(select(inbound_events.c.id))).all()
+    assert len(rows) == 2000
+
+
+@pytest.mark.postgres
+async def test_writer_survives_a_lost_connection(tmp_path):
+    async with database_url("postgres", tmp_path) as url:
+        database = Database(url)
+        await migrate.upgrade(database.writer_engine)
+        await database.start()
+        try:
+            assert await database.write_batched(inbox.insert_many, event("before")) is not None
+            name = url.rsplit("/", 1)[1]
+            import asyncpg
+
+            from tests.support.databases import PG_DSN
+
+            admin = await asyncpg.connect(PG_DSN)
+            await admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
+                name,
+            )
+            await admin.close()
+            with pytest.raises(Exception):
+                await database.write_batched(inbox.insert_many, event("lost"))
+            assert await database.write_batched(inbox.insert_many, event("after")) is not None
+        finally:
+            await database.close()
+
+
+async def test_hot_path_statements_coalesce_without_falling_back(db):
+    """Every statement the pipeline queues through execute() must run as one executemany (a
+    statement SQLAlchemy cannot executemany would silently degrade to one commit per unit)."""
+    cid, session, turn_id, _ = await _conversation_and_turn(db)
+    ids = [await db.write_batched(inbox.insert_many, event(f"hp{i}")) for i in range(3)]
+    claimed = await asyncio.gather(*(db.write_batched(inbox.claim_many, i) for i in ids))
+    new_turns = await asyncio.gather(*(db.write_batched(turns.create_many, turns.NewTurn(
+        inbound_event_id=i, conversation_id=cid, session_id=session.session_id, requested_by="a", input_text="x",
+        reply_ref=f"ref{i}", received_at=time.time())) for i in ids))
+    assert all(claimed) and all(new_turns)
+    failed_before, commits_before = db.stats.failed_batches, db.stats.commits
+    units = []
+    for i, t in zip(ids, new_turns):
+        units.append([
+            turns.finish_op(t, status="completed", output="ok"),
+            *outbox.send_ops(db.dialect, channel="webchat", conversation_key="webchat:c1", payload={}, ref=f"s{i}"),
+            *outbox.update_ops(db.dialect, channel="webchat", conversation_key="webchat:c1", payload={}, ref=f"s{i}"),
+            inbox.finish_op(i, "done"),
+            inbox.reply_ref_op(i, f"q{i}"),
+            conversations.touch_op(session.session_id),
+            *outbox.delivered(1, 1, f"s{i}", "P"), *outbox.retry(2, 1, time.time(), "e"), *outbox.dead(3, 1, "e"),
+            *outbox.superseded(4),
+        ])
+    await asyncio.gather(*(db.execute(u) for u in units))
+    assert db.stats.failed_batches == failed_before
+    assert db.stats.commits - commits_before == 1
+    assert (await db.read(lambda c: turns.get(c, new_turns[0]))).status == "completed"
+
+
+async def test_urgent_writes_overtake_background_work_which_still_progresses(db):
+    done: list[str] = []
+    background = [db.write_batched(inbox.insert_many, event(f"bg{i}")) for i in range(600)]
+    for i, fut in enumerate(background):
+        fut.add_done_callback(lambda _f, i=i: done.append(f"bg{i}"))
+    urgent = db.write_batched(inbox.insert_many, event("urgent"), urgent=True)
+    urgent.add_done_callback(lambda _f: done.append("urgent"))
+    await asyncio.gather(urgent, *background)
+    # the urgent unit commits after at most one bounded background cycle, not after all 600
+    assert done.index("urgent") <= 256
+    assert len(done) == 601

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
 import signal
 import time
 from typing import Any
@@ -28,6 +29,8 @@ from bridge.pipeline.retry import Retrier
 from bridge.pipeline.sessions import SessionResolver
 from bridge.pipeline.turns import TurnRunner
 from bridge.runtimes.base import Runtime
+from bridge.runtimes.codex.appserver import AppServerConfig
+from bridge.runtimes.codex.runtime import CodexOptions, CodexRuntime
 from bridge.runtimes.shell import ShellRuntime
 from bridge.store import approvals as approvals_repo
 from bridge.store import migrate
@@ -38,9 +41,21 @@ from channels.base import ChannelAdapter
 from channels.webchat.adapter import WebChatChannel
 
 
+# Chat-platform credentials are the bridge's, not the agent's: they never reach a runtime.
+PLATFORM_SECRET_PREFIXES = ("BRIDGE_", "FEISHU_", "LARK_", "SLACK_")
+
+
 def build_runtime(settings: Settings) -> Runtime:
     if settings.runtime == "shell":
         return ShellRuntime(timeout=settings.shell_timeout, output_limit=settings.shell_output_limit)
+    if settings.runtime == "codex":
+        env = {k: v for k, v in os.environ.items() if not k.startswith(PLATFORM_SECRET_PREFIXES)}
+        server = AppServerConfig(binary=settings.codex_bin, overrides=tuple(settings.codex_config),
+                                 cwd=str(settings.workspace), env=env)
+        return CodexRuntime(server, CodexOptions(
+            approval_policy=settings.codex_approval_policy, sandbox=settings.codex_sandbox,
+            request_timeout=settings.codex_request_timeout,
+        ))
     raise NotImplementedError(f"BRIDGE_RUNTIME={settings.runtime} is not available yet; use shell")
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -40,6 +40,13 @@ class Settings(BaseSettings):
     shell_timeout: float = Field(600.0, gt=0)
     shell_output_limit: int = Field(3500, ge=200)
 
+    # Codex runtime (`codex app-server`).
+    codex_bin: str = Field("codex", validation_alias=AliasChoices("CODEX_BIN", "BRIDGE_CODEX_BIN"))
+    codex_config: Annotated[list[str], NoDecode] = Field(default_factory=list)  # `key=value` per line -> `-c`
+    codex_approval_policy: Literal["on-request", "never"] = "on-request"
+    codex_sandbox: Literal["read-only", "workspace-write", "danger-full-access"] = "workspace-write"
+    codex_request_timeout: float = Field(60.0, gt=0)
+
     # Pipeline.
     max_concurrent_turns: int = Field(32, ge=1)
     shutdown_timeout: float = Field(20.0, ge=0)
@@ -66,6 +73,23 @@ class Settings(BaseSettings):
             channel, sep, user = item.partition(":")
             if not sep or not channel or not user:
                 raise ValueError(f"{item!r} is not channel-qualified (expected e.g. webchat:alice)")
+        return value
+
+    @field_validator("codex_config", mode="before")
+    @classmethod
+    def _split_codex_config(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [line.strip() for line in value.replace("\\n", "\n").splitlines()
+                    if line.strip() and not line.strip().startswith("#")]
+        return value
+
+    @field_validator("codex_config")
+    @classmethod
+    def _key_value_lines(cls, value: list[str]) -> list[str]:
+        for line in value:
+            key, sep, _ = line.partition("=")
+            if not sep or not key.strip():
+                raise ValueError(f"{line!r} is not key=value (one Codex config override per line)")
         return value
 
     @field_validator("log_level", mode="before")

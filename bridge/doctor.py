@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
+import subprocess
 
 from bridge.config import Settings
 from bridge.store import migrate
@@ -38,7 +40,25 @@ def _runtime(settings: Settings) -> list[Row]:
     if settings.runtime == "shell":
         bash = shutil.which("bash")
         return [("runtime", bash is not None, f"shell via {bash}" if bash else "bash not found on PATH")]
+    if settings.runtime == "codex":
+        return [_codex(settings)]
     return [("runtime", False, f"{settings.runtime} is not available yet")]
+
+
+def _codex(settings: Settings) -> Row:
+    argv = shlex.split(settings.codex_bin)
+    if not argv or shutil.which(argv[0]) is None:
+        return ("runtime", False, f"codex: {settings.codex_bin!r} not found (set CODEX_BIN or install @openai/codex)")
+    try:
+        out = subprocess.run([*argv, "--version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return ("runtime", False, f"codex: {settings.codex_bin} --version failed: {exc}")
+    if out.returncode != 0:
+        return ("runtime", False, f"codex: {settings.codex_bin} --version exited {out.returncode}: "
+                                  f"{(out.stderr or out.stdout).strip()[:200]}")
+    home = os.environ.get("CODEX_HOME") or "~/.codex"
+    return ("runtime", True, f"{out.stdout.strip()} ({argv[0]}), CODEX_HOME {home}, sandbox "
+                             f"{settings.codex_sandbox}, approvals {settings.codex_approval_policy}")
 
 
 def _workspace(settings: Settings) -> list[Row]:

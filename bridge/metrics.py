@@ -16,6 +16,12 @@ class Metrics:
             "bridge_turn_duration_seconds", "From message accepted to final reply queued",
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800), registry=r,
         )
+        self.runtime_overhead = Histogram(
+            "bridge_runtime_overhead_seconds",
+            "The bridge's own time around a runtime turn: start = message accepted -> turn sent to the "
+            "runtime (less time spent waiting on the runtime); finish = runtime done -> reply queued",
+            ["phase"], buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1), registry=r,
+        )
         self.turns_running = Gauge("bridge_turns_running", "Turns running now", registry=r)
         self.outbox_depth = Gauge("bridge_outbox_depth", "Outbox operations by status", ["status"], registry=r)
         self.delivery_attempts = Counter("bridge_delivery_attempts", "Delivery attempts", ["channel"], registry=r)

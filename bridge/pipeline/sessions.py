@@ -7,6 +7,7 @@ store round-trip to find its session.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import OrderedDict
 
 from bridge.store import conversations
@@ -48,3 +49,16 @@ class SessionResolver:
     def forget(self, key: str) -> None:
         """Drop a cached binding (the conversation's active session changed)."""
         self._cache.pop(key, None)
+
+    async def bind_thread(self, key: str, session_id: int, *, thread_id: str, lost: str | None,
+                          reason: str | None) -> None:
+        """Persist a new runtime thread for the session and keep the cached binding in step."""
+
+        async def _bind(conn) -> None:
+            await conversations.bind_thread(conn, session_id, runtime=self.runtime, thread_id=thread_id,
+                                            lost=lost, reason=reason)
+
+        await self.db.write(_bind)
+        cached = self._cache.get(key)
+        if cached is not None and cached.session_id == session_id:
+            self._cache[key] = dataclasses.replace(cached, runtime_thread_id=thread_id)

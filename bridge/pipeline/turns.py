@@ -111,6 +111,19 @@ class _Context:
             self._progress.latest = presenter.working().text
             self._progress.schedule()
 
+    async def bind_thread(self, thread_id: str, *, lost: str | None = None, reason: str | None = None) -> None:
+        await self.runner.sessions.bind_thread(self.scope.conversation_key, self.scope.session_id,
+                                               thread_id=thread_id, lost=lost, reason=reason)
+        log = logger.bind(conversation=self.scope.conversation_key, session=self.scope.session_id,
+                          turn=self.scope.turn_id)
+        if lost:
+            log.warning("session: runtime thread {} lost ({}); bound to {}", lost, reason or "?", thread_id)
+        else:
+            log.info("session: bound to runtime thread {}", thread_id)
+
+    async def notice(self, text: str) -> None:
+        await self.runner.post(self.scope, self.runner.outbox.new_ref(), Reply(text=text), sent=False)
+
 
 class TurnRunner:
     def __init__(
@@ -188,15 +201,16 @@ class TurnRunner:
         finally:
             self.running.pop(row.conversation_key, None)
             self.metrics.turns_running.dec()
-        await self._finish(scope, row.id, progress, outcome, row.received_at)
-        log.info("turn: {}", outcome.status)
+        overhead = await self._finish(scope, row.id, progress, outcome, row.received_at)
+        log.bind(**overhead).info("turn: {}", outcome.status)
 
     @staticmethod
     def _shutdown_outcome() -> TurnOutcome:
         return TurnOutcome("interrupted", presenter.interrupted_by_shutdown().text, error="shutdown")
 
     async def _finish(self, scope: TurnScope, event_id: int, progress: _Progress, outcome: TurnOutcome,
-                      received_at: float) -> None:
+                      received_at: float) -> dict[str, float]:
+        """Write the outcome; returns the bridge's own overhead around the runtime, when measurable."""
         await progress.close()
         reply = Reply(text=outcome.text)
         await self.db.execute([
@@ -208,6 +222,14 @@ class TurnRunner:
         self.outbox.kick(scope.conversation_key)
         self.metrics.turns.labels(outcome.status).inc()
         self.metrics.turn_latency.observe(max(0.0, time.time() - received_at))
+        if outcome.timing and "sent_at" in outcome.timing and "done_at" in outcome.timing:
+            t = outcome.timing
+            start = t["sent_at"] - received_at - t.get("waited", 0.0)
+            finish = time.time() - t["done_at"]
+            self.metrics.runtime_overhead.labels("start").observe(max(0.0, start))
+            self.metrics.runtime_overhead.labels("finish").observe(max(0.0, finish))
+            return {"overhead_start_ms": round(start * 1000, 3), "overhead_finish_ms": round(finish * 1000, 3)}
+        return {}
 
     async def post(self, scope: TurnScope, ref: str, reply: Reply, *, sent: bool) -> None:
         await self.db.execute(self._post_ops(scope, ref, reply, sent=sent))

@@ -59,6 +59,10 @@ class TurnOutcome:
     text: str  # markdown shown to the user as the final reply
     output: str | None = None  # the full output, kept in the store
     error: str | None = None
+    # wall-clock marks a runtime may report: `sent_at` (the turn handed to the runtime's process),
+    # `waited` (seconds spent before that waiting on the runtime itself, e.g. starting a thread),
+    # `done_at` (the runtime reported the turn finished); the runner turns them into overhead metrics
+    timing: dict[str, float] | None = None
 
 
 class TurnContext(Protocol):
@@ -67,6 +71,12 @@ class TurnContext(Protocol):
 
     async def ask_approval(self, request: ApprovalRequest) -> Approval:
         """Ask the human gate (its rules, or a person); returns when decided, expired or interrupted."""
+
+    async def bind_thread(self, thread_id: str, *, lost: str | None = None, reason: str | None = None) -> None:
+        """Persist the session's runtime thread (`lost`: the thread it replaces, which could not be resumed)."""
+
+    async def notice(self, text: str) -> None:
+        """Post a message to the conversation now, apart from the turn's reply."""
 
 
 class Runtime(Protocol):

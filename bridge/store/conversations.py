@@ -9,7 +9,7 @@ from sqlalchemy import bindparam, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bridge.store.dialect import upsert
-from bridge.store.schema import conversations, sessions
+from bridge.store.schema import conversations, runtime_threads, sessions
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,3 +82,29 @@ TOUCH_SESSION = update(sessions).where(sessions.c.id == bindparam("b_id")).value
 
 def touch_op(session_id: int):
     return TOUCH_SESSION, {"b_id": session_id, "b_now": time.time()}
+
+
+async def bind_thread(
+    conn: AsyncConnection, session_id: int, *, runtime: str, thread_id: str, lost: str | None, reason: str | None
+) -> None:
+    """Bind the session to a new runtime thread; the one it replaces is recorded as lost."""
+    now = time.time()
+    if lost:
+        ended = await conn.execute(
+            update(runtime_threads)
+            .where(runtime_threads.c.session_id == session_id, runtime_threads.c.thread_id == lost)
+            .values(status="lost", reason=reason, ended_at=now)
+        )
+        if not ended.rowcount:
+            await conn.execute(runtime_threads.insert().values(
+                session_id=session_id, runtime=runtime, thread_id=lost, status="lost", reason=reason,
+                created_at=now, ended_at=now))
+    await conn.execute(runtime_threads.insert().values(
+        session_id=session_id, runtime=runtime, thread_id=thread_id, status="active", created_at=now))
+    await conn.execute(update(sessions).where(sessions.c.id == session_id).values(runtime_thread_id=thread_id))
+
+
+async def threads_of(conn: AsyncConnection, session_id: int) -> list:
+    return list((await conn.execute(
+        select(runtime_threads).where(runtime_threads.c.session_id == session_id).order_by(runtime_threads.c.id)
+    )).all())

@@ -78,6 +78,21 @@ sessions = Table(
     Column("last_active_at", Float, nullable=False),
 )
 
+# Every runtime thread a session was bound to (Codex threads): active, or lost (could not be
+# resumed) with the reason; `sessions.runtime_thread_id` is the current one.
+runtime_threads = Table(
+    "runtime_threads",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("session_id", Integer, ForeignKey("sessions.id"), nullable=False, index=True),
+    Column("runtime", String(32), nullable=False),
+    Column("thread_id", String(255), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("reason", Text, nullable=True),
+    Column("created_at", Float, nullable=False),
+    Column("ended_at", Float, nullable=True),
+)
+
 # The turn ledger: one inbound message -> at most one turn -> one final reply.
 # Status: running -> completed | failed | interrupted | stopped.
 turns = Table(

@@ -1,0 +1,280 @@
+"""The Codex runtime end to end: web chat -> the service -> the real `codex app-server` -> the
+mock model on 127.0.0.1, and back. One service (one app-server) serves the module's scenarios,
+each in its own conversation; scenarios that kill or restart processes get their own."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sqlite3
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.support.chat import final_texts
+from tests.support.codex import codex_binary, codex_env, codex_home
+from tests.support.mock_model import MockModel
+from tests.support.service import BridgeProcess
+
+pytestmark = pytest.mark.codex
+
+
+def has_final(*words):
+    return lambda msgs: [t for t in final_texts(msgs) if all(w in t for w in words)]
+
+
+@pytest.fixture(scope="module")
+def model():
+    mock = MockModel().start()
+    yield mock
+    mock.stop()
+
+
+@pytest.fixture(scope="module")
+def codex_setup(tmp_path_factory, model):
+    home, overrides = codex_home(tmp_path_factory.mktemp("codex"), model.base_url)
+    env = {k: v for k, v in codex_env(home).items() if k in ("CODEX_HOME", "HOME")}
+    env |= {"CODEX_BIN": codex_binary(), "BRIDGE_RUNTIME": "codex", "BRIDGE_CODEX_CONFIG": "\n".join(overrides)}
+    return env
+
+
+def start_bridge(data_dir: Path, codex_env_: dict[str, str], **extra: str) -> BridgeProcess:
+    return BridgeProcess(data_dir, env={**codex_env_, **extra}).start()
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory, codex_setup):
+    proc = start_bridge(tmp_path_factory.mktemp("svc"), codex_setup)
+    yield proc
+    proc.kill()
+
+
+def card_text(message: dict) -> str:
+    return json.dumps(message["card"], ensure_ascii=False)
+
+
+def conv() -> str:
+    return f"cx-{uuid.uuid4().hex[:8]}"
+
+
+def readyz(proc: BridgeProcess) -> dict:
+    try:
+        with urllib.request.urlopen(f"{proc.url}/readyz", timeout=5) as resp:
+            return json.load(resp)
+    except urllib.error.HTTPError as exc:
+        return json.load(exc)
+
+
+async def wait_codex_ready(proc: BridgeProcess, timeout: float = 30.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        runtime = readyz(proc)["checks"]["runtime"]
+        if runtime.get("ok"):
+            return runtime
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"codex never became ready: {readyz(proc)}")
+
+
+async def test_a_message_gets_the_models_reply(service, chat, model):
+    c, cid = chat(service), conv()
+    status, _ = await c.post(cid, "alice", "hello codex")
+    assert status == 202
+    replies = await c.wait_for(cid, has_final("Mock reply: hello codex"), timeout=30)
+    assert replies == ["Mock reply: hello codex"]
+    assert "hello codex" in model.user_texts()
+    health = readyz(service)["checks"]["runtime"]
+    assert health["ok"] and health["version"] == "0.169.0"
+
+
+async def test_progress_streams_before_the_final_reply(service, chat):
+    c, cid = chat(service), conv()
+    await c.post(cid, "alice", "SLOW 0.4: one two three four five six")
+    seen = await c.wait_for(cid, lambda msgs: [m["text"] for m in msgs if "Codex is working" in m["text"]
+                                               and "Mock reply" in m["text"]], timeout=30)
+    assert "six" not in seen[0]  # a partial text, shown while the model was still writing
+    await c.wait_for(cid, has_final("Mock reply: one two three four five six"), timeout=30)
+    texts = [m["text"] for m in await c.bot_messages(cid)]
+    assert texts == ["Mock reply: one two three four five six"]  # the progress message became the reply
+
+
+async def test_escalated_command_asks_and_approve_runs_it(service, chat):
+    c, cid = chat(service), conv()
+    workspace = service.data_dir / "workspace"
+    await c.post(cid, "alice", "ESCALATE: echo approved-run > approved.txt && cat approved.txt")
+    card = await c.wait_card(cid, "pending", timeout=30)
+    assert "echo approved-run > approved.txt && cat approved.txt" in card_text(card)
+    assert "outside the sandbox" in card_text(card)  # the model's justification
+    status, _ = await c.act(cid, card["id"], "approve", "alice")
+    assert status == 200
+    replies = await c.wait_for(cid, has_final("Command done", "approved-run"), timeout=30)
+    assert "Ran 1 command" in replies[0]
+    assert (workspace / "approved.txt").read_text().strip() == "approved-run"
+
+
+async def test_deny_declines_and_the_command_does_not_run(service, chat):
+    c, cid = chat(service), conv()
+    workspace = service.data_dir / "workspace"
+    await c.post(cid, "alice", "ESCALATE: echo nope > denied.txt")
+    card = await c.wait_card(cid, "pending", timeout=30)
+    await c.act(cid, card["id"], "deny", "alice")
+    replies = await c.wait_for(cid, has_final("Command done"), timeout=30)
+    assert "rejected" in replies[0]
+    assert not (workspace / "denied.txt").exists()
+    assert (await c.wait_card(cid, "denied"))["card"]["actions"] == []
+
+
+async def test_approve_for_session_is_not_asked_again(service, chat):
+    c, cid = chat(service), conv()
+    command = "ESCALATE: echo again >> session.txt"
+    await c.post(cid, "alice", command)
+    card = await c.wait_card(cid, "pending", timeout=30)
+    await c.act(cid, card["id"], "approve_session", "alice")
+    await c.wait_for(cid, has_final("Command done"), timeout=30)
+    await c.post(cid, "alice", command)
+    await c.wait_for(cid, lambda msgs: len(has_final("Command done")(msgs)) == 2, timeout=30)
+    cards = [m for m in await c.bot_messages(cid) if m["card"]]
+    assert len(cards) == 1
+    assert (service.data_dir / "workspace" / "session.txt").read_text().split() == ["again", "again"]
+
+
+async def test_stop_on_the_card_cancels_the_turn(service, chat):
+    c, cid = chat(service), conv()
+    await c.post(cid, "alice", "ESCALATE: echo never > cancelled.txt")
+    card = await c.wait_card(cid, "pending", timeout=30)
+    await c.act(cid, card["id"], "stop", "alice")
+    replies = await c.wait_for(cid, has_final("Stopped"), timeout=30)
+    assert len(replies) == 1
+    assert not (service.data_dir / "workspace" / "cancelled.txt").exists()
+
+
+async def test_file_change_outside_the_workspace_shows_the_diff(service, chat, tmp_path):
+    outside = Path("/var/tmp") / f"bridge-test-{uuid.uuid4().hex[:8]}"
+    outside.mkdir()
+    target = outside / "demo.txt"
+    try:
+        c, cid = chat(service), conv()
+        await c.post(cid, "alice", f"PATCH: {target} hello-patch")
+        card = await c.wait_card(cid, "pending", timeout=30)
+        assert str(target) in card_text(card) and "hello-patch" in card_text(card)
+        await c.act(cid, card["id"], "approve", "alice")
+        replies = await c.wait_for(cid, has_final("Command done"), timeout=30)
+        assert "Changed 1 file" in replies[0]
+        assert target.read_text().strip() == "hello-patch"
+    finally:
+        for child in outside.iterdir():
+            child.unlink()
+        outside.rmdir()
+
+
+async def test_stop_interrupts_a_running_command(service, chat):
+    c, cid = chat(service), conv()
+    await c.post(cid, "alice", "RUN: sleep 30")
+    await c.wait_for(cid, lambda msgs: [m for m in msgs if "sleep 30" in m["text"]], timeout=30)
+    started = time.monotonic()
+    await c.post(cid, "alice", "/stop")
+    replies = await c.wait_for(cid, has_final("Stopped"), timeout=15)
+    assert time.monotonic() - started < 10
+    assert len(replies) == 1
+
+
+async def test_a_model_error_is_a_visible_failure(service, chat):
+    c, cid = chat(service), conv()
+    await c.post(cid, "alice", "FAIL")
+    replies = await c.wait_for(cid, has_final("could not finish"), timeout=30)
+    assert "mock failure" in replies[0]
+    await c.post(cid, "alice", "after the failure")  # the session goes on
+    await c.wait_for(cid, has_final("Mock reply: after the failure"), timeout=30)
+
+
+async def test_twenty_sessions_run_concurrently_on_one_app_server(service, chat):
+    c = chat(service)
+    runtime = await wait_codex_ready(service)
+    ids = [conv() for _ in range(20)]
+    await asyncio.gather(*(c.post(cid, f"user{n}", f"SLOW 0.2: parallel {n} a b") for n, cid in enumerate(ids)))
+    started = time.monotonic()
+    for n, cid in enumerate(ids):
+        assert await c.wait_for(cid, has_final(f"Mock reply: parallel {n} a b"), timeout=60)
+    elapsed = time.monotonic() - started
+    assert elapsed < 20  # serialized they would take 20 x (0.6 s of streaming + the turn's own time)
+    assert readyz(service)["checks"]["runtime"]["pid"] == runtime["pid"]  # one app-server for all
+
+
+async def test_a_thread_is_resumed_by_a_new_process(tmp_path, chat, codex_setup, model):
+    proc = start_bridge(tmp_path / "data", codex_setup)
+    try:
+        c, cid = chat(proc), conv()
+        await c.post(cid, "alice", "remember the word pelican")
+        await c.wait_for(cid, has_final("Mock reply: remember the word pelican"), timeout=30)
+        proc.stop()
+        proc.start()
+        before = len(model.requests)
+        await c.post(cid, "alice", "what was the word")
+        await c.wait_for(cid, has_final("Mock reply: what was the word"), timeout=30)
+        seen = json.dumps(model.requests[before:])
+        assert "remember the word pelican" in seen  # the resumed thread carried the history
+        with sqlite3.connect(proc.data_dir / "bridge.db") as db:
+            rows = db.execute("SELECT status FROM runtime_threads").fetchall()
+        assert rows == [("active",)]
+    finally:
+        proc.kill()
+
+
+async def test_a_thread_that_cannot_be_resumed_is_replaced_and_the_user_told(tmp_path, chat, codex_setup):
+    proc = start_bridge(tmp_path / "data", codex_setup)
+    try:
+        c, cid = chat(proc), conv()
+        await c.post(cid, "alice", "first")
+        await c.wait_for(cid, has_final("Mock reply: first"), timeout=30)
+        proc.stop()
+        with sqlite3.connect(proc.data_dir / "bridge.db") as db:
+            db.execute("UPDATE sessions SET runtime_thread_id = '00000000-0000-0000-0000-000000000000'")
+            db.execute("UPDATE runtime_threads SET thread_id = '00000000-0000-0000-0000-000000000000'")
+        proc.start()
+        await c.post(cid, "alice", "second")
+        await c.wait_for(cid, has_final("Mock reply: second"), timeout=30)
+        texts = final_texts(await c.bot_messages(cid))
+        assert any("could not be resumed" in t for t in texts)
+        with sqlite3.connect(proc.data_dir / "bridge.db") as db:
+            rows = db.execute("SELECT thread_id, status FROM runtime_threads ORDER BY id").fetchall()
+        assert [s for _, s in rows] == ["lost", "active"]
+    finally:
+        proc.kill()
+
+
+async def test_app_server_killed_mid_turn_gives_exactly_one_outcome(tmp_path, chat, codex_setup):
+    proc = start_bridge(tmp_path / "data", codex_setup)
+    try:
+        c, cid = chat(proc), conv()
+        first = await wait_codex_ready(proc)
+        await c.post(cid, "alice", "RUN: sleep 20")
+        await c.wait_for(cid, lambda msgs: [m for m in msgs if "sleep 20" in m["text"]], timeout=30)
+        # kill -9 the native app-server (the npm wrapper's child), as a crash would end it
+        children = Path(f"/proc/{first['pid']}/task/{first['pid']}/children").read_text().split()
+        os.kill(int(children[0]) if children else first["pid"], signal.SIGKILL)
+        replies = await c.wait_for(cid, has_final("restarted"), timeout=30)
+        second = await wait_codex_ready(proc)
+        assert second["pid"] != first["pid"] and second["restarts"] >= 1
+        await asyncio.sleep(1.0)  # nothing else arrives for that turn
+        assert len(final_texts(await c.bot_messages(cid))) == 1 == len(replies)
+        # the conversation goes on, on the restarted app-server
+        await c.post(cid, "alice", "still there?")
+        await c.wait_for(cid, has_final("Mock reply: still there?"), timeout=30)
+    finally:
+        proc.kill()
+
+
+async def test_missing_codex_is_a_clear_message_not_a_hang(tmp_path, chat, codex_setup):
+    proc = start_bridge(tmp_path / "data", codex_setup, CODEX_BIN=str(tmp_path / "no-such-codex"))
+    try:
+        c, cid = chat(proc), conv()
+        assert readyz(proc)["ok"] is False
+        await c.post(cid, "alice", "hello")
+        replies = await c.wait_for(cid, has_final("not available"), timeout=30)
+        assert "no-such-codex" in replies[0]
+    finally:
+        proc.kill()

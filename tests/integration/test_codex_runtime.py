@@ -1,0 +1,195 @@
+"""The Codex runtime and its JSON-RPC client, driven directly: steering, capability checks, and the
+client's framing and error handling against a scripted peer."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from bridge.runtimes.base import Approval, ApprovalRequest, Decision, TurnRequest
+from bridge.runtimes.codex.appserver import AppServerConfig, version_of
+from bridge.runtimes.codex.rpc import ConnectionClosed, RpcConnection, RpcError, RpcTimeout
+from bridge.runtimes.codex.runtime import CodexOptions, CodexRuntime
+from tests.support.codex import codex_binary, codex_env, codex_home
+from tests.support.mock_model import MockModel
+
+pytestmark = pytest.mark.codex
+
+
+class Recorder:
+    """The pipeline's side of a turn, reduced to what these tests look at: progress and a fixed
+    answer to every approval."""
+
+    def __init__(self, decision: Decision = Decision.APPROVE) -> None:
+        self.progress_texts: list[str] = []
+        self.asked: list[ApprovalRequest] = []
+        self.decision = decision
+        self.thread: str | None = None
+        self.notices: list[str] = []
+
+    async def progress(self, text: str) -> None:
+        self.progress_texts.append(text)
+
+    async def ask_approval(self, request: ApprovalRequest) -> Approval:
+        self.asked.append(request)
+        return Approval(self.decision)
+
+    async def bind_thread(self, thread_id: str, *, lost: str | None = None, reason: str | None = None) -> None:
+        self.thread = thread_id
+
+    async def notice(self, text: str) -> None:
+        self.notices.append(text)
+
+
+@pytest.fixture
+async def runtime(tmp_path):
+    model = MockModel().start()
+    home, overrides = codex_home(tmp_path, model.base_url)
+    workspace = tmp_path / "ws"
+    workspace.mkdir()
+    rt = CodexRuntime(AppServerConfig(binary=codex_binary(), overrides=overrides, cwd=str(workspace),
+                                      env=codex_env(home)), CodexOptions())
+    await rt.start()
+    rt.model = model  # type: ignore[attr-defined]
+    rt.workspace = str(workspace)  # type: ignore[attr-defined]
+    yield rt
+    await rt.stop()
+    model.stop()
+
+
+def request(rt, text: str, session: int = 1, thread: str | None = None) -> TurnRequest:
+    return TurnRequest(turn_id=1, session_id=session, runtime_thread_id=thread, workspace=rt.workspace, text=text,
+                       sender_id="alice", sender_name="Alice", is_group=False)
+
+
+async def test_steer_adds_input_to_the_running_turn(runtime):
+    ctx = Recorder()
+    turn = asyncio.create_task(runtime.run_turn(request(runtime, "RUN: sleep 2"), ctx))
+    for _ in range(200):
+        if any("sleep 2" in t for t in ctx.progress_texts):
+            break
+        await asyncio.sleep(0.05)
+    assert await runtime.steer(1, "and then say steered")
+    outcome = await asyncio.wait_for(turn, 60)
+    assert outcome.status == "completed"
+    assert "and then say steered" in json.dumps(runtime.model.requests[-1]["input"])
+    assert not await runtime.steer(1, "no turn runs now")
+
+
+async def test_unsupported_methods_degrade_with_a_warning(runtime):
+    await runtime.server.wait_ready(30)
+    assert await runtime._call("thread/noSuchMethod", {}, optional=True) is None
+    assert "thread/noSuchMethod" in runtime.unsupported
+    with pytest.raises(RpcError) as info:
+        await runtime._call("thread/noSuchMethod", {})
+    assert info.value.unsupported
+    assert (await runtime.health())["unsupported"] == ["thread/noSuchMethod"]
+    assert runtime.server.info.version == "0.169.0"
+
+
+async def test_declined_approval_reaches_codex_as_decline(runtime):
+    ctx = Recorder(Decision.DENY)
+    outcome = await runtime.run_turn(request(runtime, "ESCALATE: echo x > declined.txt"), ctx)
+    assert [r.kind for r in ctx.asked] == ["command"]
+    assert ctx.asked[0].detail["command"] == "echo x > declined.txt"
+    assert outcome.status == "completed" and "rejected" in outcome.text
+    assert ctx.thread is not None
+
+
+def test_version_is_read_from_the_user_agent():
+    assert version_of("agent_bridge/0.169.0 (Debian 12.0.0; x86_64) xterm") == "0.169.0"
+    assert version_of("") == ""
+
+
+# -- the JSON-RPC client against a scripted peer on a pipe pair
+
+
+class Peer:
+    """The far side of the stdio pipes: reads what the client writes, writes what the test says."""
+
+    def __init__(self, to_client: asyncio.StreamWriter, from_client: asyncio.StreamReader) -> None:
+        self.to_client = to_client
+        self.from_client = from_client
+
+    async def read(self) -> dict:
+        return json.loads(await asyncio.wait_for(self.from_client.readline(), 5))
+
+    def write(self, message: dict | bytes) -> None:
+        data = message if isinstance(message, bytes) else json.dumps(message).encode() + b"\n"
+        self.to_client.write(data)
+
+
+async def _pipe() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    import os
+
+    loop = asyncio.get_running_loop()
+    read_fd, write_fd = os.pipe()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(read_fd, "rb"))
+    transport, protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin, os.fdopen(write_fd, "wb"))
+    writer = asyncio.StreamWriter(transport, protocol, None, loop)
+    return reader, writer
+
+
+@pytest.fixture
+async def wired():
+    client_in, peer_out = await _pipe()
+    peer_in, client_out = await _pipe()
+    notes: list[tuple[str, dict]] = []
+    gate = asyncio.Event()
+
+    async def on_request(method, params, request_id):
+        await gate.wait()  # a human deciding
+        return {"decision": "accept", "for": request_id}
+
+    conn = RpcConnection(client_in, client_out, on_notification=lambda m, p: notes.append((m, p)),
+                         on_request=on_request, name="test")
+    conn.start()
+    yield conn, Peer(peer_out, peer_in), notes, gate
+    await conn.close()
+    peer_out.close()
+
+
+async def test_rpc_correlates_answers_and_survives_garbage(wired):
+    conn, peer, notes, _ = wired
+    first = asyncio.create_task(conn.request("a", {"n": 1}))
+    second = asyncio.create_task(conn.request("b", {"n": 2}))
+    req_a, req_b = await peer.read(), await peer.read()
+    assert "jsonrpc" not in req_a and req_a["method"] == "a"
+    peer.write(b"this is not json\n")
+    peer.write({"method": "note/one", "params": {"x": 1}})
+    peer.write({"id": req_b["id"], "result": {"b": True}})
+    peer.write({"id": req_a["id"], "error": {"code": -32600, "message": "Invalid request: unknown variant `a`"}})
+    assert await second == {"b": True}
+    with pytest.raises(RpcError) as info:
+        await first
+    assert info.value.unsupported and info.value.code == -32600
+    assert notes == [("note/one", {"x": 1})]
+
+
+async def test_a_server_request_waiting_on_a_human_does_not_block_the_reader(wired):
+    conn, peer, notes, gate = wired
+    peer.write({"id": 0, "method": "item/commandExecution/requestApproval", "params": {"threadId": "t"}})
+    call = asyncio.create_task(conn.request("ping", {}))
+    ping = await peer.read()
+    peer.write({"id": ping["id"], "result": "pong"})
+    assert await asyncio.wait_for(call, 5) == "pong"  # answered while the approval still waits
+    gate.set()
+    answer = await peer.read()
+    assert answer == {"id": 0, "result": {"decision": "accept", "for": 0}}
+
+
+async def test_requests_time_out_and_fail_when_the_peer_goes_away(wired):
+    conn, peer, _, _ = wired
+    with pytest.raises(RpcTimeout):
+        await conn.request("slow", {}, timeout=0.2)
+    pending = asyncio.create_task(conn.request("never", {}))
+    await peer.read()
+    await peer.read()
+    peer.to_client.close()
+    with pytest.raises(ConnectionClosed):
+        await asyncio.wait_for(pending, 5)
+    with pytest.raises(ConnectionClosed):
+        await conn.request("after", {})

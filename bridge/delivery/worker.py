@@ -57,24 +57,29 @@ class DeliveryWorker:
     async def flush(self, deadline: float) -> bool:
         """Deliver until nothing is pending (retries included) or the deadline passes. True if drained."""
         while time.monotonic() < deadline:
-            if not self._inflight and not (await self.db.read(repo.count_by_status)).get("pending", 0):
+            try:
+                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                    counts = await self.db.read(repo.count_by_status)
+            except TimeoutError:
+                return False
+            if not self._inflight and not counts.get("pending", 0):
                 return True
             self._wake.set()
             await asyncio.sleep(0.02)
         return False
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
         tasks = list(self._inflight.values()) + ([self._task] if self._task else [])
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        self._task = None
 
     async def _loop(self) -> None:
         while True:
             try:
-                await asyncio.wait_for(self._wake.wait(), SWEEP_INTERVAL)
+                async with asyncio.timeout(SWEEP_INTERVAL):
+                    await self._wake.wait()
             except TimeoutError:
                 pass
             self._wake.clear()

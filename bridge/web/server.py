@@ -42,7 +42,8 @@ def build_app(metrics: Metrics, checks: dict[str, HealthCheck], routes: list[web
 
         async def run(name: str, check: HealthCheck) -> None:
             try:
-                detail[name] = await asyncio.wait_for(check(), CHECK_TIMEOUT)
+                async with asyncio.timeout(CHECK_TIMEOUT):
+                    detail[name] = await check()
             except Exception as exc:  # noqa: BLE001 - a failing check is reported, not raised
                 detail[name] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
 

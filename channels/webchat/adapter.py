@@ -219,7 +219,8 @@ class WebChatChannel:
                 await response.write(_sse(public_message(row)))
             while True:
                 try:
-                    message = await asyncio.wait_for(queue.get(), timeout=SSE_PING)
+                    async with asyncio.timeout(SSE_PING):
+                        message = await queue.get()
                 except TimeoutError:
                     await response.write(b": ping\n\n")
                     continue

@@ -41,12 +41,19 @@ class ScriptedChannel:
         self.log.append(("update", platform_message_id, reply.text))
 
 
+_workers: list[DeliveryWorker] = []
+
+
 @pytest.fixture
 async def db(tmp_path):
     database = Database(f"sqlite+aiosqlite:///{tmp_path / 'd.db'}")
     await migrate.upgrade(database.writer_engine)
     await database.start()
     yield database
+    # Every worker stops before its store closes and its loop ends: a task left pending there
+    # would be torn down later, in another test's loop.
+    while _workers:
+        await _workers.pop().stop()
     await database.close()
 
 
@@ -54,6 +61,7 @@ async def make_worker(db, channel, **kw):
     worker = DeliveryWorker(db, {"fake": channel}, Metrics(), max_attempts=kw.get("max_attempts", 5),
                             base_delay=0.01, max_delay=0.05)
     await worker.start()
+    _workers.append(worker)
     return worker
 
 

@@ -92,7 +92,8 @@ class AppServer:
     async def wait_ready(self, timeout: float) -> RpcConnection:
         """The live connection, waiting for a (re)start up to `timeout` seconds."""
         try:
-            await asyncio.wait_for(self._ready.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await self._ready.wait()
         except TimeoutError:
             raise ConnectionClosed(f"codex app-server is not running ({self.last_error or 'starting'})") from None
         assert self.connection is not None
@@ -196,7 +197,8 @@ class AppServer:
         if process.stdin is not None and not process.stdin.is_closing():
             process.stdin.close()  # closing stdin is codex's clean shutdown
         try:
-            await asyncio.wait_for(process.wait(), STOP_GRACE)
+            async with asyncio.timeout(STOP_GRACE):
+                await process.wait()
             return
         except TimeoutError:
             pass

@@ -74,7 +74,8 @@ class RpcConnection:
         self._pending[request_id] = (method, future)
         try:
             await self._send({"id": request_id, "method": method, "params": params or {}})
-            return await asyncio.wait_for(future, timeout)
+            async with asyncio.timeout(timeout):
+                return await future
         except TimeoutError:
             raise RpcTimeout(f"{method}: no answer within {timeout:.0f}s") from None
         finally:

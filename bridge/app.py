@@ -26,6 +26,7 @@ from bridge.pipeline.dispatcher import Dispatcher
 from bridge.pipeline.ingest import Ingestor
 from bridge.pipeline.recovery import recover
 from bridge.pipeline.retry import Retrier
+from bridge.pipeline.session_commands import SessionCommands
 from bridge.pipeline.sessions import SessionResolver
 from bridge.pipeline.turns import TurnRunner
 from bridge.runtimes.base import Runtime
@@ -59,6 +60,39 @@ def build_runtime(settings: Settings) -> Runtime:
     raise NotImplementedError(f"BRIDGE_RUNTIME={settings.runtime} is not available yet; use shell")
 
 
+def build_feishu(settings: Settings) -> ChannelAdapter:
+    # Imported only when enabled: lark-oapi costs ~2 s and ~170 MB to import.
+    from channels.feishu.adapter import FeishuChannel, FeishuConfig
+    from channels.feishu.api import FeishuApi
+    from channels.feishu.normalize import ChatPolicy
+
+    default = ChatPolicy(trigger=settings.feishu_group_trigger, scope=settings.feishu_conversation_scope)
+    config = FeishuConfig(
+        app_id=settings.feishu_app_id,
+        app_secret=settings.feishu_app_secret.get_secret_value(),
+        verification_token=settings.feishu_verification_token.get_secret_value(),
+        encrypt_key=settings.feishu_encrypt_key.get_secret_value(),
+        domain=settings.feishu_domain,
+        connection=settings.feishu_connection,
+        stale_after=settings.feishu_stale_after,
+        default_policy=default,
+        chat_policies={chat: ChatPolicy(trigger=p.get("trigger", default.trigger),  # type: ignore[arg-type]
+                                        scope=p.get("scope", default.scope))  # type: ignore[arg-type]
+                       for chat, p in settings.feishu_chat_policies.items()},
+        allowed_users=frozenset(settings.feishu_allowed_users),
+        allowed_chats=frozenset(settings.feishu_allowed_chats),
+        attachments_dir=str(settings.data_dir / "attachments" / "feishu"),
+        reactions=settings.feishu_reactions,
+    )
+    api = FeishuApi(app_id=config.app_id, app_secret=config.app_secret, domain=config.domain)
+    channel = FeishuChannel(config, api)
+    if config.connection == "websocket":
+        from channels.feishu.longconn import LongConnection
+
+        channel.transport = LongConnection(config)
+    return channel
+
+
 class Service:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -67,6 +101,9 @@ class Service:
         self.runtime = build_runtime(settings)
         self.webchat = WebChatChannel(self.db)
         self.channels: dict[str, ChannelAdapter] = {self.webchat.name: self.webchat}
+        if settings.feishu_enabled:
+            feishu = build_feishu(settings)
+            self.channels[feishu.name] = feishu
         self.outbox = Outbox(self.db.dialect)
         self.delivery = DeliveryWorker(
             self.db, self.channels, self.metrics,
@@ -88,11 +125,17 @@ class Service:
             intercepts=self.gate.intercepts,
         )
         self.retrier = Retrier(self.db, self.gate, self.dispatcher)
-        self.control = ControlCommands(self.db, self.outbox, self.runner, self.gate, self.retrier, self.dispatcher.queued)
+        session_commands = SessionCommands(self.db, self.sessions, is_admin=settings.is_admin,
+                                           allowed_roots=settings.allowed_roots, busy=self.dispatcher.busy)
+        self.control = ControlCommands(self.db, self.outbox, self.runner, self.gate, self.retrier, self.dispatcher,
+                                       session_commands, busy_policy=settings.busy_policy)
+        if settings.busy_policy != "queue":
+            self.dispatcher.on_busy = self.control.on_busy
         self.ingest = Ingestor(self.db, self.dispatcher, self.gate, self.retrier, self.metrics)
         checks = {"store": self._store_health, "runtime": self.runtime.health}
         checks.update({f"channel:{name}": ch.health for name, ch in self.channels.items()})
-        self.app = build_app(self.metrics, checks, self.webchat.routes(), self._refresh_metrics)
+        routes = [route for ch in self.channels.values() for route in ch.routes()]
+        self.app = build_app(self.metrics, checks, routes, self._refresh_metrics)
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
         self.port: int | None = None

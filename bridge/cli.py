@@ -1,4 +1,4 @@
-"""Command line: `agent-bridge serve | db upgrade | doctor | version`."""
+"""Command line: `agent-bridge serve | db upgrade | doctor | version | approvals | sessions | handoff`."""
 
 from __future__ import annotations
 
@@ -137,6 +137,110 @@ def cmd_approvals_audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _write(settings, fn):
+    from bridge.store import migrate
+    from bridge.store.db import Database
+
+    async def run():
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        db = Database(settings.database_url, read_pool=1)
+        await migrate.ensure_schema(db.writer_engine)
+        await db.start()
+        try:
+            return await db.write(fn)
+        finally:
+            await db.close()
+
+    return asyncio.run(run())
+
+
+def cmd_sessions_list(args: argparse.Namespace) -> int:
+    from bridge.presenter import clock
+    from bridge.store import conversations
+
+    rows = _read(_settings(), lambda c: conversations.all_sessions(c, include_archived=args.all))
+    if not rows:
+        print("no sessions")
+        return 0
+    print(f"{'id':>5}  {'conversation':<32} {'name':<12} {'runtime':<8} {'status':<9} {'last active':<12} thread")
+    for r in rows:
+        mark = "*" if r.active_session_id == r.id else " "
+        print(f"{r.id:>5}{mark} {r.key[:32]:<32} {r.name[:12]:<12} {r.runtime:<8} {r.status:<9} "
+              f"{clock(r.last_active_at):<12} {r.runtime_thread_id or '-'}")
+    print("(* the conversation's active session)")
+    return 0
+
+
+def cmd_sessions_show(args: argparse.Namespace) -> int:
+    from bridge.presenter import clock
+    from bridge.store import conversations
+
+    async def fetch(conn):
+        session = await conversations.get_session(conn, args.id)
+        threads = await conversations.threads_of(conn, args.id) if session else []
+        return session, threads
+
+    session, threads = _read(_settings(), fetch)
+    if session is None:
+        print(f"no session {args.id}", file=sys.stderr)
+        return 1
+    print(f"session {session.session_id} `{session.name}` · runtime {session.runtime} · workspace {session.workspace}")
+    print(f"thread: {session.runtime_thread_id or '-'} · settings: {session.settings or '{}'}")
+    for t in threads:
+        print(f"  {t.thread_id}  {t.status:<7} since {clock(t.created_at)}" + (f"  ({t.reason})" if t.reason else ""))
+    return 0
+
+
+def cmd_sessions_archive(args: argparse.Namespace) -> int:
+    from bridge.store import conversations
+
+    try:
+        done = _write(_settings(), lambda c: conversations.archive_session(c, args.id))
+    except ValueError as exc:
+        print(f"agent-bridge: {exc}", file=sys.stderr)
+        return 1
+    print(f"session {args.id} archived" if done else f"no session {args.id}")
+    return 0 if done else 1
+
+
+def cmd_handoff(args: argparse.Namespace) -> int:
+    """The terminal side of the handoff: bind a runtime thread (a Codex session started here) to a
+    chat conversation as its new active session, and tell the chat."""
+    from channels.base import ConversationKey, Reply
+
+    from bridge.delivery.outbox import Outbox
+    from bridge.store import conversations
+
+    settings = _settings()
+    try:
+        key = ConversationKey.parse(args.to)
+    except ValueError as exc:
+        print(f"agent-bridge: {exc} (expected channel:chat, e.g. webchat:c-team or feishu:oc_123)", file=sys.stderr)
+        return 2
+    outbox = Outbox("sqlite" if settings.is_sqlite else "postgresql")
+
+    async def bind(conn):
+        conversation_id = await conversations.ensure_conversation(
+            conn, str(key), channel=key.channel, chat_id=key.chat_id, thread_id=key.thread_id,
+            is_group=key.chat_id.startswith(("g-", "oc_", "C")))
+        current = await conversations.active_session(conn, conversation_id, runtime=settings.runtime,
+                                                     workspace=str(settings.workspace))
+        session = await conversations.new_session(conn, conversation_id, name=args.name, runtime=settings.runtime,
+                                                  workspace=current.workspace, runtime_thread_id=args.thread_id)
+        note = Reply(text=f"🔗 Handed off from the terminal: session `{session.name}` continues thread "
+                          f"`{args.thread_id}`. Your next message goes to it.")
+        await outbox.send_in(conn, key.channel, str(key), note, ref=outbox.new_ref())
+        return session
+
+    try:
+        session = _write(settings, bind)
+    except ValueError as exc:
+        print(f"agent-bridge: {exc}", file=sys.stderr)
+        return 1
+    print(f"{key}: session {session.session_id} `{session.name}` now continues thread {args.thread_id}")
+    return 0
+
+
 def cmd_version(_args: argparse.Namespace) -> int:
     print(f"agent-bridge {__version__}")
     return 0
@@ -161,6 +265,22 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--since", type=_since, default=_since("24h"), help="30m, 2h, 7d or an ISO time (default 24h)")
     audit.add_argument("--limit", type=int, default=1000)
     audit.set_defaults(fn=cmd_approvals_audit)
+    sess = sub.add_parser("sessions", help="the conversations' sessions")
+    sess_sub = sess.add_subparsers(dest="sessions_command", required=True)
+    listing = sess_sub.add_parser("list", help="every session, by conversation")
+    listing.add_argument("--all", action="store_true", help="archived ones too")
+    listing.set_defaults(fn=cmd_sessions_list)
+    show = sess_sub.add_parser("show", help="one session and its runtime threads")
+    show.add_argument("id", type=int)
+    show.set_defaults(fn=cmd_sessions_show)
+    archive = sess_sub.add_parser("archive", help="archive a session (not a conversation's active one)")
+    archive.add_argument("id", type=int)
+    archive.set_defaults(fn=cmd_sessions_archive)
+    handoff = sub.add_parser("handoff", help="continue a runtime thread (e.g. a terminal Codex session) in a chat")
+    handoff.add_argument("thread_id", help="the runtime's thread id (Codex: the session id `codex resume` shows)")
+    handoff.add_argument("--to", required=True, help="the conversation: channel:chat, e.g. webchat:c-team")
+    handoff.add_argument("--name", default=None, help="the new session's name (default: s<n>)")
+    handoff.set_defaults(fn=cmd_handoff)
     return parser
 
 

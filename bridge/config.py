@@ -6,10 +6,11 @@ into one readable line naming the setting (the CLI exits with code 2 on it).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -47,7 +48,28 @@ class Settings(BaseSettings):
     codex_sandbox: Literal["read-only", "workspace-write", "danger-full-access"] = "workspace-write"
     codex_request_timeout: float = Field(60.0, gt=0)
 
+    # Feishu / Lark channel (enabled when the app id and secret are set).
+    feishu_app_id: str = Field("", validation_alias="FEISHU_APP_ID")
+    feishu_app_secret: SecretStr = Field(SecretStr(""), validation_alias="FEISHU_APP_SECRET")
+    feishu_verification_token: SecretStr = Field(SecretStr(""), validation_alias="FEISHU_VERIFICATION_TOKEN")
+    feishu_encrypt_key: SecretStr = Field(SecretStr(""), validation_alias="FEISHU_ENCRYPT_KEY")
+    feishu_domain: str = Field("https://open.feishu.cn", validation_alias="FEISHU_DOMAIN")
+    feishu_connection: Literal["webhook", "websocket"] = Field("webhook", validation_alias="FEISHU_CONNECTION")
+    feishu_stale_after: float = Field(600.0, gt=0, validation_alias="FEISHU_STALE_AFTER")
+    feishu_group_trigger: Literal["mention", "all"] = Field("mention", validation_alias="FEISHU_GROUP_TRIGGER")
+    feishu_conversation_scope: Literal["chat", "thread", "user"] = Field(
+        "chat", validation_alias="FEISHU_CONVERSATION_SCOPE")
+    feishu_chat_policies: Annotated[dict[str, dict[str, str]], NoDecode] = Field(
+        default_factory=dict, validation_alias="FEISHU_CHAT_POLICIES")
+    feishu_allowed_users: Annotated[list[str], NoDecode] = Field(default_factory=list,
+                                                                 validation_alias="FEISHU_ALLOWED_USERS")
+    feishu_allowed_chats: Annotated[list[str], NoDecode] = Field(default_factory=list,
+                                                                 validation_alias="FEISHU_ALLOWED_CHATS")
+    feishu_reactions: bool = Field(True, validation_alias="FEISHU_REACTIONS")
+
     # Pipeline.
+    busy_policy: Literal["queue", "steer", "interrupt"] = "queue"
+    allowed_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)  # `:`-separated; /cwd binds inside
     max_concurrent_turns: int = Field(32, ge=1)
     shutdown_timeout: float = Field(20.0, ge=0)
     approval_timeout: float = Field(1800.0, gt=0)
@@ -73,6 +95,48 @@ class Settings(BaseSettings):
             channel, sep, user = item.partition(":")
             if not sep or not channel or not user:
                 raise ValueError(f"{item!r} is not channel-qualified (expected e.g. webchat:alice)")
+        return value
+
+    @field_validator("allowed_roots", mode="before")
+    @classmethod
+    def _split_roots(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [item for item in value.split(":") if item.strip()]
+        return value
+
+    @field_validator("feishu_allowed_users", "feishu_allowed_chats", mode="before")
+    @classmethod
+    def _split_ids(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("feishu_chat_policies", mode="before")
+    @classmethod
+    def _parse_policies(cls, value: object) -> object:
+        if isinstance(value, str):
+            if not value.strip():
+                return {}
+            try:
+                value = json.loads(value)
+            except ValueError as exc:
+                raise ValueError(f"not JSON: {exc}") from None
+        if isinstance(value, dict):
+            for chat, policy in value.items():
+                if not isinstance(policy, dict) or set(policy) - {"trigger", "scope"}:
+                    raise ValueError(f"{chat}: expected {{\"trigger\": \"mention|all\", \"scope\": \"chat|thread|user\"}}")
+                if policy.get("trigger", "mention") not in ("mention", "all"):
+                    raise ValueError(f"{chat}: trigger must be mention or all")
+                if policy.get("scope", "chat") not in ("chat", "thread", "user"):
+                    raise ValueError(f"{chat}: scope must be chat, thread or user")
+        return value
+
+    @field_validator("feishu_domain")
+    @classmethod
+    def _domain(cls, value: str) -> str:
+        value = value.rstrip("/")
+        if not value.startswith(("https://", "http://127.0.0.1", "http://localhost", "http://[::1]")):
+            raise ValueError("must be https:// (plain http only for 127.0.0.1 / localhost)")
         return value
 
     @field_validator("codex_config", mode="before")
@@ -111,6 +175,17 @@ class Settings(BaseSettings):
         if self.workspace is None:
             self.workspace = self.data_dir / "workspace"
         self.workspace = self.workspace.resolve()
+        self.allowed_roots = [Path(p).expanduser().resolve() for p in self.allowed_roots] or [self.workspace]
+        return self
+
+    @property
+    def feishu_enabled(self) -> bool:
+        return bool(self.feishu_app_id and self.feishu_app_secret.get_secret_value())
+
+    @model_validator(mode="after")
+    def _feishu_pair(self) -> "Settings":
+        if bool(self.feishu_app_id) != bool(self.feishu_app_secret.get_secret_value()):
+            raise ValueError("FEISHU_APP_ID and FEISHU_APP_SECRET must be set together")
         return self
 
     @property
@@ -122,7 +197,14 @@ class Settings(BaseSettings):
 
 
 def _env_name(loc: tuple[object, ...]) -> str:
-    field = str(loc[0]) if loc else "?"
+    if not loc:
+        return "(settings)"
+    field = str(loc[0])
+    if field.isupper():
+        return field  # a fixed name (FEISHU_APP_ID, CODEX_BIN)
+    alias = Settings.model_fields.get(field)
+    if alias is not None and isinstance(alias.validation_alias, str):
+        return alias.validation_alias
     return f"BRIDGE_{field.upper()}"
 
 

@@ -90,4 +90,43 @@ async def run_checks(settings: Settings) -> list[Row]:
     rows += _workspace(settings)
     rows += _rules(settings)
     rows.append(("channel:webchat", True, f"http://{settings.host}:{settings.port}/chat"))
+    if settings.feishu_enabled:
+        rows += await _feishu(settings)
     return rows
+
+
+async def _feishu(settings: Settings) -> list[Row]:
+    """The credentials work (a tenant token, the bot's identity); for the long connection, the
+    endpoint hands out a connection URL."""
+    from channels.base import DeliveryError
+    from channels.feishu.api import FeishuApi
+
+    api = FeishuApi(app_id=settings.feishu_app_id, app_secret=settings.feishu_app_secret.get_secret_value(),
+                    domain=settings.feishu_domain)
+    try:
+        bot = await api.bot_open_id()
+    except DeliveryError as exc:
+        return [("channel:feishu", False, f"{settings.feishu_domain}: {exc}")]
+    detail = f"{settings.feishu_domain}, bot {bot}, {settings.feishu_connection}"
+    if settings.feishu_connection == "webhook":
+        detail += f" at http(s)://<host>:{settings.port}/feishu/events"
+        if not settings.feishu_encrypt_key.get_secret_value():
+            detail += " (no FEISHU_ENCRYPT_KEY: requests are not signed)"
+        return [("channel:feishu", True, detail)]
+    import asyncio
+
+    import requests
+
+    def endpoint() -> dict:
+        resp = requests.post(f"{settings.feishu_domain}/callback/ws/endpoint", timeout=10, headers={"locale": "en"},
+                             json={"AppID": settings.feishu_app_id,
+                                   "AppSecret": settings.feishu_app_secret.get_secret_value()})
+        return resp.json()
+
+    try:
+        answer = await asyncio.get_running_loop().run_in_executor(None, endpoint)
+    except Exception as exc:  # noqa: BLE001 - reported as a failed row
+        return [("channel:feishu", False, f"long connection endpoint: {type(exc).__name__}: {exc}")]
+    if answer.get("code") != 0:
+        return [("channel:feishu", False, f"long connection endpoint: code {answer.get('code')} {answer.get('msg', '')}")]
+    return [("channel:feishu", True, detail + " (endpoint ok)")]

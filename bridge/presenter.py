@@ -26,6 +26,12 @@ def started(text: str) -> Reply:
     return Reply(text=f"▶️ Started: `{_short(text, 80)}`")
 
 
+def stale(age: float) -> Reply:
+    minutes = max(1, round(age / 60))
+    return Reply(text=f"⌛ This message reached me {minutes} min after it was sent, so I did not run it. "
+                      "Send it again if it is still wanted.")
+
+
 def skipped() -> Reply:
     return Reply(text="Skipped: there was nothing to run.")
 
@@ -65,24 +71,81 @@ def help_text(runtime: str) -> Reply:
     lines = [
         f"**agent-bridge** · runtime `{runtime}`",
         "",
-        "- Send a message to start a turn; messages sent while one runs are queued.",
-        "- `/stop` stops the running turn (the queue is kept).",
-        "- `/status` shows what is running and what is queued.",
-        "- `/help` shows this.",
+        "- Send a message to start a turn; messages sent while one runs are queued (or join it, per the busy policy).",
+        "- `/stop` stops the running turn (the queue is kept; `/stop all` also drops the queue).",
+        "- `/status` what runs, waits and is queued · `/queue` the queued messages · `/steer <text>` add to the running turn.",
+        "- `/new [name]` a fresh session (the old one is kept) · `/sessions` · `/switch <name|n>`.",
+        "- `/resume <thread id>` continue a runtime thread started elsewhere (admins).",
+        "- `/cwd [path]` the workspace (admins, inside the allowed roots) · `/model [name]` · `/mode strict|default|trusted`.",
+        "- `/retry` asks an expired or interrupted approval again · `/help` shows this.",
     ]
     if runtime == "shell":
         lines.insert(2, "- Each message is a shell command. Read-only commands run at once; others ask for approval.")
     return Reply(text="\n".join(lines))
 
 
-def status_text(*, runtime: str, workspace: str, running: str | None, elapsed: float | None, queued: int) -> Reply:
-    parts = [f"Runtime `{runtime}` · workspace `{workspace}`"]
+def status_text(*, runtime: str, session: str, workspace: str, running: str | None, elapsed: float | None,
+                doing: str | None, queued: int, pending: list[str], settings: dict) -> Reply:
+    extras = "".join(f" · {k} `{v}`" for k, v in sorted(settings.items()))
+    parts = [f"Session `{session}` · runtime `{runtime}` · workspace `{workspace}`{extras}"]
     if running is not None:
-        parts.append(f"Running for {elapsed:.0f}s: `{_short(running)}`")
+        parts.append(f"⚙️ Working for {elapsed:.0f}s on `{_short(running)}`")
+        if doing:
+            parts.append(f"Now: {_short(doing, 200)}")
     else:
-        parts.append("Idle.")
+        parts.append("💤 Idle.")
+    if pending:
+        parts.append("⏸ Waiting for approval (see the card above): " + "; ".join(_short(p, 80) for p in pending))
     parts.append(f"Queued: {queued}")
     return Reply(text="\n".join(parts))
+
+
+def queue_text(texts: list[str]) -> Reply:
+    if not texts:
+        return Reply(text="Nothing is queued.")
+    lines = [f"{n}. `{_short(t, 80)}`" for n, t in enumerate(texts, 1)]
+    return Reply(text="Queued:\n" + "\n".join(lines))
+
+
+def session_list(rows, *, active_id: int) -> Reply:
+    lines = ["Sessions:"]
+    for n, row in enumerate(rows, 1):
+        mark = "▶️" if row.id == active_id else "  "
+        thread = f" · thread `{row.runtime_thread_id}`" if row.runtime_thread_id else ""
+        lines.append(f"{mark} {n}. `{row.name}` · {row.runtime} · last active {clock(row.last_active_at)}{thread}")
+    return Reply(text="\n".join(lines))
+
+
+def busy_for(command: str) -> Reply:
+    return Reply(text=f"A turn is running; `/stop` it (or wait) before `/{command}`.")
+
+
+def admins_only(command: str) -> Reply:
+    return Reply(text=f"Sorry, `{command}` is for admins.")
+
+
+def cancelled_by_stop_all() -> Reply:
+    return Reply(text="⏹ Dropped by `/stop all`; not run.")
+
+
+def stopped_all(dropped: int) -> Reply:
+    return Reply(text=f"⏹ Stopping the running turn; {dropped} queued message(s) dropped.")
+
+
+def steered() -> Reply:
+    return Reply(text="↪️ Added to the running turn.")
+
+
+def nothing_to_steer() -> Reply:
+    return Reply(text="Nothing is running; send it as a normal message.")
+
+
+def interrupted_for_new_input() -> Reply:
+    return Reply(text="⏹ Stopped for your new message.")
+
+
+def unknown_command(name: str) -> Reply:
+    return Reply(text=f"Unknown command `/{name}`. Send `/help` for the list.")
 
 
 APPROVAL_STATUS_LABEL = {

@@ -8,7 +8,7 @@ payloads. Channels know nothing of runtimes; the pipeline knows nothing of platf
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
 
@@ -65,6 +65,7 @@ class InboundMessage:
     platform_message_id: str | None = None
     attachments: tuple[Attachment, ...] = ()
     sent_at: float | None = None
+    stale: bool = False  # arrived long after it was sent (a redelivery, a backfill): answered, not run
 
     kind: Literal["message"] = "message"
 
@@ -75,8 +76,9 @@ class InboundMessage:
             "is_group": self.is_group,
             "mentions_bot": self.mentions_bot,
             "platform_message_id": self.platform_message_id,
-            "attachments": [a.__dict__ for a in self.attachments] if self.attachments else [],
+            "attachments": [asdict(a) for a in self.attachments],
             "sent_at": self.sent_at,
+            **({"stale": True} if self.stale else {}),
         }
 
 
@@ -115,6 +117,7 @@ class Reply:
 
     text: str = ""
     card: Card | None = None
+    reply_to: str | None = None  # the platform message this answers (platforms that thread replies)
 
     def to_payload(self) -> dict[str, Any]:
         card = None
@@ -128,7 +131,10 @@ class Reply:
                     {"id": b.id, "label": b.label, "style": b.style, "value": b.value} for b in self.card.actions
                 ],
             }
-        return {"text": self.text, "card": card}
+        payload: dict[str, Any] = {"text": self.text, "card": card}
+        if self.reply_to:
+            payload["reply_to"] = self.reply_to
+        return payload
 
     @classmethod
     def from_payload(cls, data: dict[str, Any]) -> "Reply":
@@ -145,7 +151,7 @@ class Reply:
                     for b in card_data.get("actions", ())
                 ),
             )
-        return cls(text=data.get("text", ""), card=card)
+        return cls(text=data.get("text", ""), card=card, reply_to=data.get("reply_to"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +164,7 @@ class AcceptResult:
 class ActionResult:
     status: Literal["ok", "forbidden", "conflict", "not_found"]
     toast: str
+    card: "Reply | None" = None  # the card in its new state, for platforms that take it in the answer
 
 
 class Ingest(Protocol):
@@ -200,6 +207,9 @@ class ChannelAdapter(Protocol):
 
     def render(self, reply: Reply) -> Any:
         """Neutral reply -> platform payload."""
+
+    def routes(self) -> list[Any]:
+        """The HTTP routes the channel serves (aiohttp route definitions: webhooks, pages)."""
 
     async def health(self) -> dict[str, Any]:
         """{"ok": bool, ...detail}"""

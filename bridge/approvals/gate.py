@@ -9,6 +9,7 @@ request, decision, expiry, interruption and refused click is written to the audi
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import time
@@ -26,7 +27,7 @@ from bridge.runtimes.base import Approval, ApprovalRequest, Decision
 from bridge.store import approvals as approvals_repo
 from bridge.store import conversations
 from bridge.store.db import Database
-from channels.base import ActionResult, ConversationKey, InboundAction
+from channels.base import ActionResult, ConversationKey, InboundAction, Reply
 
 POLL_INTERVAL = 2.0  # a decision taken by another replica is noticed within this
 
@@ -52,6 +53,8 @@ class TurnScope:
     inbound_event_id: int | None = None
     runtime: str = ""
     workspace: str = ""
+    reply_to: str | None = None  # the platform message that started the turn
+    mode: str | None = None  # the session's approval mode (`/mode`): the preset when no rule matches
 
 
 def match_key(req: ApprovalRequest) -> str:
@@ -84,6 +87,7 @@ class HumanGate:
         verdict = self.rules.decide(RequestFacts(
             kind=req.kind, command=detail.get("command"), paths=tuple(paths), runtime=scope.runtime,
             workspace=scope.workspace or detail.get("cwd", ""), conversation=scope.conversation_key,
+            mode=scope.mode,
         ))
         if verdict.action == "ask":
             return None
@@ -117,6 +121,8 @@ class HumanGate:
             "requested_at": now, "expires_at": now + self.timeout,
         }
         card = presenter.approval_card(row, approval_id=approval_id)
+        if scope.reply_to:
+            card = dataclasses.replace(card, reply_to=scope.reply_to)
         ref = self.outbox.new_ref()
         waiter: asyncio.Future[Approval] = asyncio.get_running_loop().create_future()
         self._waiters[approval_id] = waiter
@@ -176,7 +182,8 @@ class HumanGate:
                 if await self._finish_without_decision(approval_id, "expired", scope):
                     return Approval(Decision.EXPIRED)
             try:
-                return await asyncio.wait_for(asyncio.shield(waiter), timeout=max(0.0, min(POLL_INTERVAL, remaining)))
+                async with asyncio.timeout(max(0.0, min(POLL_INTERVAL, remaining))):
+                    return await asyncio.shield(waiter)
             except TimeoutError:
                 row = await self.db.read(lambda c: approvals_repo.get(c, approval_id))
                 if row is not None and row.status != "pending":
@@ -200,19 +207,23 @@ class HumanGate:
 
     async def queue_card(self, conn, approval_id: str, *, retried_by: str | None = None) -> str:
         """Queue the card's current state; returns the conversation key."""
+        conversation_key, _ = await self._queue_card(conn, approval_id, retried_by=retried_by)
+        return conversation_key
+
+    async def _queue_card(self, conn, approval_id: str, *, retried_by: str | None = None) -> tuple[str, Reply]:
         row = await approvals_repo.get(conn, approval_id)
         card = presenter.approval_card(dict(row._mapping), approval_id=approval_id, retried_by=retried_by)
         conversation_key = await conversations.key_of(conn, row.conversation_id)
         channel = ConversationKey.parse(conversation_key).channel
         await self.outbox.update_in(conn, channel, conversation_key, card, ref=row.card_ref)
-        return conversation_key
+        return conversation_key, card
 
     async def stop_turn(self, turn_id: int, user_id: str) -> int:
         """Decide the turn's pending approvals as `stopped` (the `/stop` command); how many."""
         pending = await self.db.read(lambda c: approvals_repo.pending_for_turns(c, [turn_id]))
         stopped = 0
         for approval in pending:
-            if await self._decide(approval, Decision.STOP, user_id):
+            if await self._decide(approval, Decision.STOP, user_id) is not None:
                 stopped += 1
         return stopped
 
@@ -257,31 +268,36 @@ class HumanGate:
             logger.bind(conversation=str(conversation), turn=approval.turn_id).warning(
                 "gate: {} may not decide approval {}", user_id, approval.id)
             return ActionResult("forbidden", f"Only {approval.requested_by} (who asked) or an admin can decide this.")
-        if not await self._decide(approval, decision, user_id, answer=answer):
+        card = await self._decide(approval, decision, user_id, answer=answer)
+        if card is None:
             current = await self.db.read(lambda c: approvals_repo.get(c, approval.id))
             label = presenter.APPROVAL_STATUS_LABEL.get(current.status, current.status)
             return ActionResult("conflict", f"Already decided: {label.lower()}.")
         if answer is not None:
-            return ActionResult("ok", f"Answered: {answer[:80]}")
-        return ActionResult("ok", presenter.DECISION_TOAST[decision])
+            return ActionResult("ok", f"Answered: {answer[:80]}", card=card)
+        return ActionResult("ok", presenter.DECISION_TOAST[decision], card=card)
 
-    async def _decide(self, approval: Any, decision: Decision, user_id: str, *, answer: str | None = None) -> bool:
-        async def _write(conn) -> str | None:
+    async def _decide(self, approval: Any, decision: Decision, user_id: str, *,
+                      answer: str | None = None) -> Reply | None:
+        """Apply the decision; the card in its new state, or None when it was already decided."""
+
+        async def _write(conn) -> tuple[str, Reply] | None:
             if not await approvals_repo.decide(conn, approval.id, status=decision.value, decided_by=user_id,
                                                answer=answer):
                 return None
-            key = await self.queue_card(conn, approval.id)
+            key, card = await self._queue_card(conn, approval.id)
             detail = {"decision": decision.value} | ({"answer": answer} if answer is not None else {})
             await approvals_repo.audit(conn, approval.id, "decided", key, actor=user_id, detail=detail)
-            return key
+            return key, card
 
-        key = await self.db.write(_write, urgent=True)
-        if key is None:
-            return False
+        written = await self.db.write(_write, urgent=True)
+        if written is None:
+            return None
+        key, card = written
         self.outbox.kick(key)
         waiter = self._waiters.get(approval.id)
         if waiter is not None and not waiter.done():
             waiter.set_result(Approval(decision, answer=answer))
         logger.bind(conversation=key, turn=approval.turn_id).info(
             "gate: {} {} approval {}", user_id, decision.value, approval.id)
-        return True
+        return card

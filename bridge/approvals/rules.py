@@ -95,6 +95,8 @@ class RequestFacts:
     runtime: str
     workspace: str
     conversation: str
+    mode: str | None = None  # the session's `/mode`: overrides the files' presets
+
 
 
 def split_commands(line: str) -> list[list[str]] | None:
@@ -160,7 +162,7 @@ class Rules:
             for rule in scope.rules:
                 if self._matches(rule, facts, commands):
                     return Verdict(rule.action, rule.name or rule.action, rule.message)
-        preset = next((s.preset for s in scopes if s.preset), "default")
+        preset = facts.mode or next((s.preset for s in scopes if s.preset), "default")
         return Verdict(self._preset(preset, facts), f"preset:{preset}")
 
     def _matches(self, rule: Rule, facts: RequestFacts, commands: list[list[str]] | None) -> bool:

@@ -1,10 +1,11 @@
-"""Control commands (`/stop`, `/status`, `/help`, `/retry`), approval shortcuts ("y", "n",
-"approve all") and free-text answers to a waiting question: answered at once, never queued."""
+"""Control commands (`/stop`, `/status`, `/help`, `/retry`, `/queue`, `/steer` and the session
+commands), approval shortcuts ("y", "n", "approve all") and free-text answers to a waiting
+question: answered at once, never queued. Also the busy policy: what a message does while its
+conversation's turn runs (`queue`, `steer` into the turn, or `interrupt` it)."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 
 from loguru import logger
 
@@ -13,8 +14,9 @@ from bridge.approvals.gate import HumanGate
 from bridge.delivery.outbox import Outbox
 from bridge.pipeline import commands
 from bridge.pipeline.answers import answer, claim
-from bridge.pipeline.dispatcher import Job
+from bridge.pipeline.dispatcher import Dispatcher, Job
 from bridge.pipeline.retry import Retrier
+from bridge.pipeline.session_commands import SessionCommands
 from bridge.pipeline.turns import TurnRunner
 from bridge.runtimes.base import Decision
 from bridge.store import approvals, conversations
@@ -22,15 +24,21 @@ from bridge.store.db import Database
 from channels.base import ConversationKey, Reply
 
 
+REFUSAL_INTERVAL = 60.0  # one "admins only" answer per person and conversation a minute
+
+
 class ControlCommands:
     def __init__(self, db: Database, outbox: Outbox, runner: TurnRunner, gate: HumanGate, retrier: Retrier,
-                 queued: Callable[[str], int]) -> None:
+                 dispatcher: Dispatcher, sessions: SessionCommands, *, busy_policy: str = "queue") -> None:
         self.db = db
         self.outbox = outbox
         self.runner = runner
         self.gate = gate
         self.retrier = retrier
-        self.queued = queued
+        self.dispatcher = dispatcher
+        self.sessions = sessions
+        self.busy_policy = busy_policy
+        self._refused: dict[tuple[str, str], float] = {}
 
     async def handle(self, job: Job) -> None:
         row = await claim(self.db, job.event_id)
@@ -43,22 +51,60 @@ class ControlCommands:
         answering = command is None and self.gate.has_question(key)
         name = "answer" if answering else shortcut or (command.name if command else "?")
         logger.bind(conversation=key, event=row.id).info("command: {}", name)
+        is_group = bool((row.payload or {}).get("is_group"))
         if answering:
             result = await self.gate.answer_text(ConversationKey.parse(key), user, job.text.strip())
             reply = Reply(text=result.toast)
         elif shortcut is not None:
             reply = await self._shortcut(key, user, shortcut)
         elif command.name == "stop":
-            reply = await self._stop(key, user)
+            reply = await self._stop(key, user, drop_queue=command.args.strip().lower() == "all")
         elif command.name == "status":
-            reply = self._status(key)
+            reply = await self._status(key, is_group)
         elif command.name == "help":
             reply = presenter.help_text(self.runner.runtime.name)
         elif command.name == "retry":
             reply = await self._retry(key, user)
+        elif command.name == "queue":
+            reply = presenter.queue_text(self.dispatcher.queued_texts(key))
+        elif command.name == "steer":
+            reply = await self._steer(key, command.args)
+        elif command.known:
+            reply = await self.sessions.handle(command.name, command.args, key, user, is_group=is_group)
         else:
-            reply = Reply(text=f"Unknown command `/{command.name}`. Send `/help` for the list.")
-        await answer(self.db, self.outbox, row, reply)
+            reply = presenter.unknown_command(command.name)
+        if reply.text.startswith("Sorry, ") and self._recently_refused(key, user):
+            reply = None  # asked again within the minute: answered once already
+        await answer(self.db, self.outbox, row, reply, status="done" if reply is not None else "skipped")
+
+    def _recently_refused(self, key: str, user: str) -> bool:
+        now = time.monotonic()
+        last = self._refused.get((key, user))
+        self._refused[(key, user)] = now if last is None or now - last >= REFUSAL_INTERVAL else last
+        if len(self._refused) > 10_000:
+            self._refused.clear()
+        return last is not None and now - last < REFUSAL_INTERVAL
+
+    async def on_busy(self, job: Job) -> None:
+        """A message for a conversation whose turn is running, under the `steer` or `interrupt`
+        policy. What this does not take is queued as usual."""
+        running = self.runner.running.get(job.conversation_key)
+        if running is None or self.busy_policy == "queue":
+            self.dispatcher.enqueue(job)
+            return
+        if self.busy_policy == "steer":
+            steer = getattr(self.runner.runtime, "steer", None)
+            if steer is not None and await steer(running.session_id, job.text):
+                row = await claim(self.db, job.event_id)
+                if row is not None:
+                    await answer(self.db, self.outbox, row, presenter.steered())
+                return
+            self.dispatcher.enqueue(job)
+            return
+        # interrupt: stop the running turn; the new message runs next
+        await self.gate.stop_turn(running.turn_id, "busy-policy")
+        await self.runner.runtime.interrupt(running.session_id)
+        self.dispatcher.enqueue(job, front=True)
 
     async def _conversation_id(self, key: str) -> int | None:
         conv = await self.db.read(lambda c: conversations.get_by_key(c, key))
@@ -88,23 +134,50 @@ class ControlCommands:
             result = await self.retrier.retry_latest(conversation_id, user, ConversationKey.parse(key))
         return presenter.nothing_to_retry() if result is None else Reply(text=result.toast)
 
-    async def _stop(self, key: str, user_id: str) -> Reply:
+    async def _stop(self, key: str, user_id: str, *, drop_queue: bool = False) -> Reply:
+        dropped = self.dispatcher.drop_queued(key) if drop_queue else []
+        for job in dropped:
+            row = await claim(self.db, job.event_id)
+            if row is not None:
+                await answer(self.db, self.outbox, row, presenter.cancelled_by_stop_all(), status="skipped")
         running = self.runner.running.get(key)
-        if running is None:
-            return presenter.nothing_to_stop()
-        # A turn waiting for approval is stopped through its card; a running command is interrupted.
-        stopped_approvals = await self.gate.stop_turn(running.turn_id, user_id)
-        interrupted = await self.runner.runtime.interrupt(running.session_id)
-        if not (stopped_approvals or interrupted):
-            return presenter.nothing_to_stop()
-        return presenter.stop_requested()
+        stopped = False
+        if running is not None:
+            # A turn waiting for approval is stopped through its card; a running one is interrupted.
+            stopped_approvals = await self.gate.stop_turn(running.turn_id, user_id)
+            interrupted = await self.runner.runtime.interrupt(running.session_id)
+            stopped = bool(stopped_approvals or interrupted)
+        if drop_queue:
+            return presenter.stopped_all(len(dropped))
+        return presenter.stop_requested() if stopped else presenter.nothing_to_stop()
 
-    def _status(self, key: str) -> Reply:
+    async def _steer(self, key: str, text: str) -> Reply:
         running = self.runner.running.get(key)
+        steer = getattr(self.runner.runtime, "steer", None)
+        if not text.strip():
+            return Reply(text="Usage: `/steer <text>`")
+        if running is None:
+            return presenter.nothing_to_steer()
+        if steer is None:
+            return Reply(text=f"The {self.runner.runtime.name} runtime cannot take input during a turn; "
+                              "send it as a message and it runs next.")
+        if await steer(running.session_id, text.strip()):
+            return presenter.steered()
+        return Reply(text="The turn could not take it now; send it as a message and it runs next.")
+
+    async def _status(self, key: str, is_group: bool) -> Reply:
+        running = self.runner.running.get(key)
+        session = await self.runner.sessions.resolve(key, is_group=is_group)
+        conversation_id = session.conversation_id
+        pending = await self.db.read(lambda c: approvals.pending_in(c, conversation_id))
         return presenter.status_text(
             runtime=self.runner.runtime.name,
-            workspace=self.runner.workspace,
+            session=session.name,
+            workspace=session.workspace,
             running=running.text if running else None,
             elapsed=(time.monotonic() - running.started) if running else None,
-            queued=self.queued(key),
+            doing=running.doing() if running else None,
+            queued=self.dispatcher.queued(key),
+            pending=[a.summary for a in pending],
+            settings=session.settings,
         )

@@ -40,11 +40,13 @@ Notify = Callable[[Job, int], Awaitable[None]]  # returns the pending write (no 
 
 class Dispatcher:
     def __init__(self, *, process: Process, control: Process, notify_queued: Notify,
-                 intercepts: Callable[[str, str], bool] = lambda _key, _text: False) -> None:
+                 intercepts: Callable[[str, str], bool] = lambda _key, _text: False,
+                 on_busy: Process | None = None) -> None:
         self._process = process
         self._intercepts = intercepts
         self._control = control
         self._notify_queued = notify_queued
+        self.on_busy = on_busy  # the busy policy (steer, interrupt): it enqueues what it does not take
         self._lanes: dict[str, _Lane] = {}
         self._controls: set[asyncio.Task[None]] = set()
         self._closing = False
@@ -53,18 +55,55 @@ class Dispatcher:
         if self._closing:
             return  # stays `accepted` in the inbox; the next start dispatches it
         if commands.parse(job.text) is not None or self._intercepts(job.conversation_key, job.text):
-            task = asyncio.create_task(self._guard(self._control(job), job), name=f"control:{job.event_id}")
-            self._controls.add(task)
-            task.add_done_callback(self._controls.discard)
+            self._side_task(self._control(job), job, "control")
+            return
+        lane = self._lanes.get(job.conversation_key)
+        if self.on_busy is not None and lane is not None and lane.active is not None:
+            self._side_task(self.on_busy(job), job, "busy")
+            return
+        self.enqueue(job)
+
+    def _side_task(self, work: Awaitable[None], job: Job, kind: str) -> None:
+        task = asyncio.create_task(self._guard(work, job), name=f"{kind}:{job.event_id}")
+        self._controls.add(task)
+        task.add_done_callback(self._controls.discard)
+
+    def enqueue(self, job: Job, *, front: bool = False) -> None:
+        """Into the conversation's queue (at its head: the next to run)."""
+        if self._closing:
             return
         lane = self._lanes.get(job.conversation_key)
         if lane is None:
             lane = self._lanes[job.conversation_key] = _Lane()
-        lane.queue.append(job)
+        if front:
+            lane.queue.appendleft(job)
+        else:
+            lane.queue.append(job)
         if lane.active is not None or len(lane.queue) > 1:
             job.timer = asyncio.get_running_loop().call_later(QUEUED_NOTICE_DELAY, self._notice_due, job)
         if lane.task is None:
             lane.task = asyncio.create_task(self._run(job.conversation_key, lane), name=f"lane:{job.conversation_key}")
+
+    def busy(self, conversation_key: str) -> bool:
+        lane = self._lanes.get(conversation_key)
+        return lane is not None and lane.active is not None
+
+    def queued_texts(self, conversation_key: str) -> list[str]:
+        lane = self._lanes.get(conversation_key)
+        return [job.text for job in lane.queue] if lane else []
+
+    def drop_queued(self, conversation_key: str) -> list[Job]:
+        """Take every waiting message out of the queue (`/stop all`); the caller closes them."""
+        lane = self._lanes.get(conversation_key)
+        if lane is None:
+            return []
+        dropped = list(lane.queue)
+        lane.queue.clear()
+        for job in dropped:
+            job.started = True  # no queued notice any more
+            if job.timer is not None:
+                job.timer.cancel()
+        return dropped
 
     def _notice_due(self, job: Job) -> None:
         """The message still waits: tell its author, with its position now."""

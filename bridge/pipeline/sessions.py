@@ -1,13 +1,13 @@
 """The session resolver: conversation key -> conversation row -> active session.
 
-A conversation's lane is the only writer of its session binding, so the resolution is cached in
-memory (bounded, least recently used first out) and a turn on a known conversation costs no
-store round-trip to find its session.
+The resolution is cached in memory (bounded, least recently used first out, a few seconds each),
+so a turn on a known conversation costs no store round-trip to find its session.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections import OrderedDict
 
 from bridge.store import conversations
@@ -16,6 +16,9 @@ from bridge.store.db import Database
 from channels.base import ConversationKey
 
 CACHE_SIZE = 10_000
+# Within the service only the conversation's lane and its commands change a binding (and they
+# forget it); the TTL bounds how long a change made from outside (`agent-bridge handoff`) waits.
+CACHE_TTL = 5.0
 
 
 class SessionResolver:
@@ -23,13 +26,13 @@ class SessionResolver:
         self.db = db
         self.runtime = runtime
         self.workspace = workspace
-        self._cache: OrderedDict[str, SessionRef] = OrderedDict()
+        self._cache: OrderedDict[str, tuple[SessionRef, float]] = OrderedDict()
 
     async def resolve(self, key: str, *, is_group: bool) -> SessionRef:
-        session = self._cache.get(key)
-        if session is not None:
+        cached = self._cache.get(key)
+        if cached is not None and cached[1] > time.monotonic():
             self._cache.move_to_end(key)
-            return session
+            return cached[0]
         conv = ConversationKey.parse(key)
 
         async def _resolve(conn) -> SessionRef:
@@ -41,10 +44,14 @@ class SessionResolver:
             )
 
         session = await self.db.write(_resolve)
-        self._cache[key] = session
+        self._remember(key, session)
+        return session
+
+    def _remember(self, key: str, session: SessionRef) -> None:
+        self._cache[key] = (session, time.monotonic() + CACHE_TTL)
+        self._cache.move_to_end(key)
         if len(self._cache) > CACHE_SIZE:
             self._cache.popitem(last=False)
-        return session
 
     def forget(self, key: str) -> None:
         """Drop a cached binding (the conversation's active session changed)."""
@@ -60,5 +67,5 @@ class SessionResolver:
 
         await self.db.write(_bind)
         cached = self._cache.get(key)
-        if cached is not None and cached.session_id == session_id:
-            self._cache[key] = dataclasses.replace(cached, runtime_thread_id=thread_id)
+        if cached is not None and cached[0].session_id == session_id:
+            self._remember(key, dataclasses.replace(cached[0], runtime_thread_id=thread_id))

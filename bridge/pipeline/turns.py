@@ -9,6 +9,7 @@ interrupted, with a message) or a finished one with its reply queued, never a re
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
@@ -37,6 +38,13 @@ class RunningTurn:
     session_id: int
     text: str
     started: float
+    progress: "_Progress | None" = None
+
+    def doing(self) -> str | None:
+        """What the turn shows now (its latest progress), for `/status`."""
+        if self.progress is None:
+            return None
+        return self.progress.latest
 
 
 class _Progress:
@@ -150,6 +158,11 @@ class TurnRunner:
         if sender.get("is_bot") or not text:
             await answer(self.db, self.outbox, row, None, status="skipped")
             return
+        if payload.get("stale"):
+            age = row.received_at - (payload.get("sent_at") or row.received_at)
+            reply = dataclasses.replace(presenter.stale(age), reply_to=payload.get("platform_message_id"))
+            await answer(self.db, self.outbox, row, reply, status="skipped")
+            return
         conv = ConversationKey.parse(row.conversation_key)
         is_group = bool(payload.get("is_group"))
         ref = self.outbox.new_ref()
@@ -176,15 +189,17 @@ class TurnRunner:
             turn_id=turn_id, conversation_id=session.conversation_id, session_id=session.session_id,
             conversation_key=row.conversation_key, channel=conv.channel, requested_by=row.sender_id, is_group=is_group,
             inbound_event_id=row.id, runtime=self.runtime.name, workspace=session.workspace,
+            reply_to=payload.get("platform_message_id"), mode=session.settings.get("mode"),
         )
         log = logger.bind(conversation=row.conversation_key, session=session.session_id, turn=turn_id)
         request = TurnRequest(
             turn_id=turn_id, session_id=session.session_id, runtime_thread_id=session.runtime_thread_id,
             workspace=session.workspace, text=text, sender_id=row.sender_id,
-            sender_name=sender.get("name") or row.sender_id, is_group=is_group,
+            sender_name=sender.get("name") or row.sender_id, is_group=is_group, settings=session.settings,
         )
         progress = _Progress(self, scope, ref, sent=False)
-        self.running[row.conversation_key] = RunningTurn(turn_id, session.session_id, text, time.monotonic())
+        self.running[row.conversation_key] = RunningTurn(turn_id, session.session_id, text, time.monotonic(),
+                                                         progress)
         self.metrics.turns_running.inc()
         log.info("turn: started")
         try:
@@ -238,6 +253,8 @@ class TurnRunner:
     def _post_ops(self, scope: TurnScope, ref: str, reply: Reply, *, sent: bool):
         if sent:
             return self.outbox.update_ops(scope.channel, scope.conversation_key, reply, ref=ref)
+        if scope.reply_to and reply.reply_to is None:
+            reply = dataclasses.replace(reply, reply_to=scope.reply_to)
         return self.outbox.send_ops(scope.channel, scope.conversation_key, reply, ref=ref)
 
     def notify_queued(self, job: Job, position: int) -> Awaitable[None]:

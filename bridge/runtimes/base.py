@@ -44,6 +44,7 @@ class TurnRequest:
     sender_id: str
     sender_name: str
     is_group: bool
+    settings: dict[str, Any] = field(default_factory=dict)  # the session's: "model", "mode"
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sqlalchemy import bindparam, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -20,6 +21,13 @@ class SessionRef:
     runtime: str
     runtime_thread_id: str | None
     workspace: str
+    settings: dict = field(default_factory=dict)  # "model", "mode"
+
+
+def _ref(row) -> SessionRef:
+    settings = json.loads(row.settings) if row.settings else {}
+    return SessionRef(row.conversation_id, row.id, row.name, row.runtime, row.runtime_thread_id, row.workspace,
+                      settings)
 
 
 async def ensure_conversation(
@@ -65,8 +73,84 @@ async def active_session(
             .where(conversations.c.id == conversation_id)
             .values(active_session_id=session_id, updated_at=now)
         )
-        return SessionRef(conversation_id, session_id, "main", runtime, None, workspace)
-    return SessionRef(conversation_id, row.id, row.name, row.runtime, row.runtime_thread_id, row.workspace)
+        return SessionRef(conversation_id, session_id, "main", runtime, None, workspace, {})
+    return _ref(row)
+
+
+async def new_session(conn: AsyncConnection, conversation_id: int, *, name: str | None, runtime: str,
+                      workspace: str, runtime_thread_id: str | None = None) -> SessionRef:
+    """A fresh session, made the conversation's active one (the others are kept, resumable)."""
+    existing = {r.name for r in await list_sessions(conn, conversation_id)}
+    if name is None:
+        n = len(existing) + 1
+        while f"s{n}" in existing:
+            n += 1
+        name = f"s{n}"
+    elif name in existing:
+        raise ValueError(f"a session named {name!r} exists already")
+    now = time.time()
+    session_id = (await conn.execute(
+        sessions.insert().values(conversation_id=conversation_id, name=name, runtime=runtime, workspace=workspace,
+                                 runtime_thread_id=runtime_thread_id, status="active", created_at=now,
+                                 last_active_at=now).returning(sessions.c.id)
+    )).scalar_one()
+    await activate(conn, conversation_id, session_id)
+    if runtime_thread_id:
+        await conn.execute(runtime_threads.insert().values(
+            session_id=session_id, runtime=runtime, thread_id=runtime_thread_id, status="active", created_at=now,
+            reason="bound by /resume"))
+    return SessionRef(conversation_id, session_id, name, runtime, runtime_thread_id, workspace, {})
+
+
+async def list_sessions(conn: AsyncConnection, conversation_id: int) -> list:
+    """The conversation's sessions, oldest first (their 1-based position is what `/switch n` takes)."""
+    return list((await conn.execute(
+        select(sessions).where(sessions.c.conversation_id == conversation_id, sessions.c.status != "archived")
+        .order_by(sessions.c.id)
+    )).all())
+
+
+async def activate(conn: AsyncConnection, conversation_id: int, session_id: int) -> None:
+    await conn.execute(update(conversations).where(conversations.c.id == conversation_id)
+                       .values(active_session_id=session_id, updated_at=time.time()))
+
+
+async def get_session(conn: AsyncConnection, session_id: int) -> SessionRef | None:
+    row = (await conn.execute(select(sessions).where(sessions.c.id == session_id))).first()
+    return _ref(row) if row else None
+
+
+async def update_session(conn: AsyncConnection, session_id: int, *, workspace: str | None = None,
+                         settings: dict | None = None) -> None:
+    values: dict = {}
+    if workspace is not None:
+        values["workspace"] = workspace
+    if settings is not None:
+        values["settings"] = json.dumps(settings, sort_keys=True)
+    if values:
+        await conn.execute(update(sessions).where(sessions.c.id == session_id).values(**values))
+
+
+async def archive_session(conn: AsyncConnection, session_id: int) -> bool:
+    """Archive a session; the conversation's active one cannot be (switch away first)."""
+    row = (await conn.execute(select(sessions).where(sessions.c.id == session_id))).first()
+    if row is None:
+        return False
+    active = (await conn.execute(select(conversations.c.active_session_id)
+                                 .where(conversations.c.id == row.conversation_id))).scalar_one_or_none()
+    if active == session_id:
+        raise ValueError("the conversation's active session cannot be archived; switch to another first")
+    result = await conn.execute(update(sessions).where(sessions.c.id == session_id).values(status="archived"))
+    return bool(result.rowcount)
+
+
+async def all_sessions(conn: AsyncConnection, *, include_archived: bool = False) -> list:
+    query = (select(sessions, conversations.c.key, conversations.c.active_session_id)
+             .join(conversations, conversations.c.id == sessions.c.conversation_id)
+             .order_by(conversations.c.key, sessions.c.id))
+    if not include_archived:
+        query = query.where(sessions.c.status != "archived")
+    return list((await conn.execute(query)).all())
 
 
 async def get_by_key(conn: AsyncConnection, key: str):

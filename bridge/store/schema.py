@@ -76,6 +76,7 @@ sessions = Table(
     Column("status", String(16), nullable=False, default="active"),
     Column("created_at", Float, nullable=False),
     Column("last_active_at", Float, nullable=False),
+    Column("settings", Text, nullable=True),  # JSON: the session's model and approval mode
 )
 
 # Every runtime thread a session was bound to (Codex threads): active, or lost (could not be

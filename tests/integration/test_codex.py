@@ -278,3 +278,44 @@ async def test_missing_codex_is_a_clear_message_not_a_hang(tmp_path, chat, codex
         assert "no-such-codex" in replies[0]
     finally:
         proc.kill()
+
+
+async def test_switching_back_to_a_session_keeps_its_codex_context(service, chat, model):
+    c, cid = chat(service), conv()
+    await c.post(cid, "alice", "remember the word walrus")
+    await c.wait_for(cid, has_final("Mock reply: remember the word walrus"), timeout=30)
+    await c.post(cid, "alice", "/new")
+    await c.wait_for(cid, has_final("New session"))
+    await c.post(cid, "alice", "a fresh start")
+    await c.wait_for(cid, has_final("Mock reply: a fresh start"), timeout=30)
+    assert "walrus" not in json.dumps(model.requests[-1]["input"])  # a new thread
+    await c.post(cid, "alice", "/switch 1")
+    await c.wait_for(cid, has_final("Switched to session `main`"))
+    await c.post(cid, "alice", "which word?")
+    await c.wait_for(cid, has_final("Mock reply: which word?"), timeout=30)
+    assert "walrus" in json.dumps(model.requests[-1]["input"])  # the first thread again
+
+
+async def test_in_a_group_codex_sees_who_said_it(service, chat, model):
+    c, cid = chat(service), f"g-{uuid.uuid4().hex[:8]}"
+    await c.post(cid, "alice", "hello from the group")
+    await c.wait_for(cid, has_final("[alice] hello from the group"), timeout=30)
+    assert "[alice] hello from the group" in model.user_texts()
+
+
+async def test_with_the_steer_policy_messages_join_the_running_turn(tmp_path, chat, codex_setup, model):
+    proc = start_bridge(tmp_path / "data", codex_setup, BRIDGE_BUSY_POLICY="steer")
+    try:
+        c, cid = chat(proc), conv()
+        await c.post(cid, "alice", "RUN: sleep 3")
+        await c.wait_for(cid, lambda msgs: [m for m in msgs if "sleep 3" in m["text"]], timeout=30)
+        for n in range(3):
+            await c.post(cid, "alice", f"also consider point {n}")
+        await c.wait_for(cid, lambda msgs: len(has_final("Added to the running turn")(msgs)) == 3, timeout=15)
+        await c.wait_for(cid, has_final("Ran 1 command"), timeout=30)
+        seen = json.dumps(model.requests[-1]["input"])
+        assert all(f"also consider point {n}" in seen for n in range(3))
+        turns = [t for t in final_texts(await c.bot_messages(cid)) if "Ran 1 command" in t]
+        assert len(turns) == 1  # one turn took all of it
+    finally:
+        proc.kill()

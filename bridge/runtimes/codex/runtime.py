@@ -184,9 +184,11 @@ class CodexRuntime:
         try:
             try:
                 turn.timing["sent_at"] = time.time()
-                result = await self._call("turn/start", {
-                    "threadId": thread_id, "input": [{"type": "text", "text": request.text, "text_elements": []}],
-                })
+                params: dict[str, Any] = {"threadId": thread_id, "input": [
+                    {"type": "text", "text": _said(request), "text_elements": []}]}
+                if request.settings.get("model"):
+                    params["model"] = request.settings["model"]
+                result = await self._call("turn/start", params)
                 turn.turn_id = result["turn"]["id"]
                 turn.generation = self.server.generation
             except ConnectionClosed:
@@ -236,7 +238,7 @@ class CodexRuntime:
                                            timeout=self.options.request_timeout)
         for past in (history or {}).get("data", []):
             if turn.turn_id is None or past.get("id") == turn.turn_id:
-                if turn.turn_id is None and not _has_input(past, turn.request.text):
+                if turn.turn_id is None and not _has_input(past, _said(turn.request)):
                     continue
                 state = dict(past, recovered=True)
                 if state.get("status") == "inProgress":
@@ -397,6 +399,11 @@ class CodexRuntime:
             return {"permissions": granted, "scope": scope}
         logger.warning("codex: no handler for server request {}; answering with an error", method)
         raise NotImplementedError(f"agent-bridge does not handle {method}")
+
+
+def _said(request: TurnRequest) -> str:
+    """In a group the model sees who said it: `[Alice] …`."""
+    return f"[{request.sender_name}] {request.text}" if request.is_group else request.text
 
 
 def _message(params: dict[str, Any]) -> str:

@@ -1,0 +1,379 @@
+"""The Feishu / Lark channel: events in (webhook), cards out.
+
+Inbound, `POST /feishu/events`: the signature (when an encrypt key is set, constant-time) and the
+timestamp window are checked on the raw body, the body decrypted, the verification token
+compared; then a message is normalized and persisted through the pipeline's `Ingest` before the
+200 goes back, well inside Feishu's 3 s. A redelivered event, or the same message under a new
+event id, is a duplicate by the inbox's keys. Every other subscribed event type gets a 200 and a
+log line, never a 500 that Feishu would retry for hours.
+
+Card clicks (`card.action.trigger`) go to the gate, which answers without waiting on the turn;
+the response carries a toast and the card in its new state. Redelivered clicks get the same
+answer again.
+
+Outbound, every message is a card (cards can be patched in place, which progress and approval
+state need), sent as a reply to the person's message where there is one, with an idempotency
+`uuid` derived from the outbox key, so a retried send never posts twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from aiohttp import web
+from loguru import logger
+
+from channels.base import (
+    Attachment,
+    ConversationKey,
+    DeliveryError,
+    InboundAction,
+    InboundMessage,
+    Ingest,
+    Reply,
+    Sender,
+)
+from channels.feishu import crypto, normalize, render
+from channels.feishu.api import TooLarge
+from channels.feishu.normalize import ChatPolicy
+
+CHANNEL = "feishu"
+MAX_BODY = 1024 * 1024
+TIMESTAMP_WINDOW = 300.0
+ACTION_MEMORY = 4096
+DOWNLOAD_BUDGET = 1.5  # seconds for attachments before the ack (Feishu waits 3 s)
+
+
+@dataclass(frozen=True, slots=True)
+class FeishuConfig:
+    app_id: str
+    app_secret: str
+    verification_token: str = ""
+    encrypt_key: str = ""
+    domain: str = "https://open.feishu.cn"
+    connection: Literal["webhook", "websocket"] = "webhook"
+    stale_after: float = 600.0
+    default_policy: ChatPolicy = ChatPolicy()
+    chat_policies: dict[str, ChatPolicy] = field(default_factory=dict)
+    allowed_users: frozenset[str] = frozenset()
+    allowed_chats: frozenset[str] = frozenset()
+    attachments_dir: str = "./data/attachments"
+    reactions: bool = True
+
+    def policy_for(self, chat_id: str) -> ChatPolicy:
+        return self.chat_policies.get(chat_id, self.default_policy)
+
+
+class Refused(Exception):
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+def _uuid(key: str, part: int = 0) -> str:
+    """An idempotency uuid (Feishu allows 50 characters) for an outbox key and a card part."""
+    digest = hashlib.sha256(key.encode()).hexdigest()[:40]
+    return f"{digest}-{part}"
+
+
+class FeishuChannel:
+    name = CHANNEL
+
+    def __init__(self, config: FeishuConfig, api) -> None:
+        self.config = config
+        self.api = api
+        self.bot_open_id = ""
+        self._ingest: Ingest | None = None
+        self._actions: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._last_message: OrderedDict[str, str] = OrderedDict()  # conversation -> latest inbound message id
+        self._started_error = ""
+        self.transport = None  # the long connection, when FEISHU_CONNECTION=websocket
+
+    # -- lifecycle
+
+    async def start(self, ingest: Ingest) -> None:
+        self._ingest = ingest
+        try:
+            self.bot_open_id = await self.api.bot_open_id()
+            logger.info("feishu: bot open_id {}", self.bot_open_id)
+        except DeliveryError as exc:
+            # Still serve: events are persisted, replies retried; /readyz shows the problem.
+            self._started_error = str(exc)
+            logger.error("feishu: cannot read the bot's identity: {}", exc)
+        if self.transport is not None:
+            await self.transport.start(self)
+
+    async def stop(self) -> None:
+        if self.transport is not None:
+            await self.transport.stop()
+        self._ingest = None
+
+    async def health(self) -> dict[str, Any]:
+        detail: dict[str, Any] = {"ok": bool(self.bot_open_id), "connection": self.config.connection,
+                                  "bot_open_id": self.bot_open_id or None}
+        if not self.bot_open_id:
+            try:
+                self.bot_open_id = await self.api.bot_open_id()
+                detail.update(ok=True, bot_open_id=self.bot_open_id)
+            except DeliveryError as exc:
+                detail["error"] = str(exc)
+        if self.transport is not None:
+            state = self.transport.health()
+            detail["long_connection"] = state
+            detail["ok"] = detail["ok"] and state.get("connected", False)
+        return detail
+
+    def routes(self) -> list[web.RouteDef]:
+        return [web.post("/feishu/events", self._webhook)]
+
+    # -- inbound: the webhook
+
+    async def _webhook(self, request: web.Request) -> web.Response:
+        if request.content_length is not None and request.content_length > MAX_BODY:
+            return web.json_response({"error": "body too large"}, status=413)
+        body = await request.read()
+        if len(body) > MAX_BODY:
+            return web.json_response({"error": "body too large"}, status=413)
+        try:
+            payload = self.open_envelope(body, request.headers)
+        except Refused as exc:
+            logger.warning("feishu: refused a webhook request: {}", exc.reason)
+            return web.json_response({"error": exc.reason}, status=exc.status)
+        status, answer = await self.handle(payload)
+        return web.json_response(answer, status=status)
+
+    def open_envelope(self, body: bytes, headers) -> dict[str, Any]:
+        """Verify and decrypt a webhook body; raises Refused (4xx) for anything not from Feishu."""
+        key = self.config.encrypt_key
+        try:
+            outer = json.loads(body)
+        except ValueError:
+            raise Refused(400, "malformed JSON") from None
+        if not isinstance(outer, dict):
+            raise Refused(400, "malformed body")
+        if key:
+            timestamp = headers.get("X-Lark-Request-Timestamp", "")
+            nonce = headers.get("X-Lark-Request-Nonce", "")
+            given = headers.get("X-Lark-Signature", "")
+            is_challenge = "encrypt" not in outer and outer.get("type") == "url_verification"
+            if not is_challenge:
+                if not (timestamp and given):
+                    raise Refused(401, "missing signature headers")
+                if not crypto.signature_ok(timestamp, nonce, key, body, given):
+                    raise Refused(401, "bad signature")
+            if timestamp:
+                try:
+                    skew = abs(time.time() - int(timestamp))
+                except ValueError:
+                    raise Refused(401, "bad timestamp") from None
+                if skew > TIMESTAMP_WINDOW:
+                    raise Refused(401, "stale timestamp")
+        if "encrypt" in outer:
+            if not key:
+                raise Refused(400, "encrypted body but FEISHU_ENCRYPT_KEY is not set")
+            try:
+                outer = json.loads(crypto.decrypt(key, str(outer["encrypt"])))
+            except (crypto.DecryptError, ValueError):
+                raise Refused(400, "cannot decrypt the body") from None
+            if not isinstance(outer, dict):
+                raise Refused(400, "malformed body")
+        token = outer.get("token") if "schema" not in outer else (outer.get("header") or {}).get("token")
+        expected = self.config.verification_token
+        if expected and not hmac.compare_digest(str(token or ""), expected):
+            raise Refused(401, "wrong verification token")
+        return outer
+
+    async def handle(self, payload: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        """A verified, decrypted event (from the webhook or the long connection) -> (status, body)."""
+        if payload.get("type") == "url_verification":
+            return 200, {"challenge": payload.get("challenge", "")}
+        header = payload.get("header") or {}
+        event_type = header.get("event_type") or (payload.get("event") or {}).get("type") or ""
+        if event_type == "im.message.receive_v1":
+            return await self._on_message(payload)
+        if event_type == "card.action.trigger":
+            return 200, await self._on_card_action(payload)
+        logger.info("feishu: ignoring event type {!r} (event {})", event_type, header.get("event_id"))
+        return 200, {}
+
+    async def _on_message(self, payload: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        try:
+            parsed = normalize.parse(payload, bot_open_id=self.bot_open_id, policy_for=self.config.policy_for)
+        except normalize.NotAMessage as exc:
+            return 400, {"error": str(exc)}
+        log = logger.bind(conversation=f"{CHANNEL}:{parsed.chat_id}", event=parsed.event_id)
+        if parsed.sender_type != "user" or (self.bot_open_id and parsed.sender_open_id == self.bot_open_id):
+            log.debug("feishu: ignoring a message from a bot")
+            return 200, {}
+        if self.config.allowed_chats and parsed.chat_id not in self.config.allowed_chats:
+            log.info("feishu: chat {} is not allowed", parsed.chat_id)
+            return 200, {}
+        if self.config.allowed_users and parsed.sender_open_id not in self.config.allowed_users:
+            log.info("feishu: user {} is not allowed", parsed.sender_open_id)
+            return 200, {}
+        policy = self.config.policy_for(parsed.chat_id)
+        if parsed.is_group and policy.trigger == "mention" and not parsed.mentions_bot:
+            log.debug("feishu: group message without a mention of the bot; not for us")
+            return 200, {}
+        assert self._ingest is not None, "channel not started"
+        conversation = ConversationKey(CHANNEL, parsed.chat_id, parsed.thread_key)
+        stale = parsed.create_time is not None and time.time() - parsed.create_time > self.config.stale_after
+        attachments = () if stale else await self._download(parsed)
+        name = await self.api.user_name(parsed.sender_open_id) if parsed.sender_open_id else ""
+        event = InboundMessage(
+            conversation=conversation,
+            sender=Sender(parsed.sender_open_id, name),
+            text=parsed.text,
+            event_key=f"{CHANNEL}:{parsed.event_id or parsed.message_id}",
+            message_key=f"{CHANNEL}:{parsed.message_id}",
+            is_group=parsed.is_group,
+            mentions_bot=parsed.mentions_bot,
+            platform_message_id=parsed.message_id,
+            attachments=attachments,
+            sent_at=parsed.create_time,
+            stale=stale,
+        )
+        result = await self._ingest.accept(event)
+        self._remember(str(conversation), parsed.message_id)
+        if stale:
+            log.warning("feishu: message {} is {:.0f}s old; not run", parsed.message_id,
+                        time.time() - (parsed.create_time or 0))
+        elif not result.duplicate and self.config.reactions:
+            asyncio.ensure_future(self._react(parsed.chat_id, parsed.message_id, "OnIt"))
+        return 200, {}
+
+    async def _download(self, parsed: normalize.Parsed) -> tuple[Attachment, ...]:
+        if not parsed.files:
+            return ()
+        folder = Path(self.config.attachments_dir) / parsed.message_id
+        out = []
+
+        async def fetch(ref: normalize.FileRef) -> None:
+            data = await self.api.download(message_id=parsed.message_id, key=ref.key, kind=ref.kind)
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / Path(ref.name).name
+            path.write_bytes(data)
+            out.append(Attachment(ref.name, str(path), "image/png" if ref.kind == "image" else
+                                  "application/octet-stream"))
+
+        try:
+            async with asyncio.timeout(DOWNLOAD_BUDGET):
+                await asyncio.gather(*(fetch(f) for f in parsed.files))
+        except (DeliveryError, TimeoutError, OSError) as exc:
+            logger.warning("feishu: attachments of {} not downloaded: {}", parsed.message_id, exc)
+        return tuple(out)
+
+    async def _react(self, chat_id: str, message_id: str, emoji: str) -> None:
+        try:
+            await self.api.react(chat_id=chat_id, message_id=message_id, emoji=emoji)
+        except DeliveryError as exc:
+            logger.debug("feishu: reaction not added: {}", exc)
+
+    def _remember(self, conversation: str, message_id: str) -> None:
+        self._last_message[conversation] = message_id
+        self._last_message.move_to_end(conversation)
+        if len(self._last_message) > 50_000:
+            self._last_message.popitem(last=False)
+
+    async def _on_card_action(self, payload: dict[str, Any]) -> dict[str, Any]:
+        event = payload.get("event") or {}
+        operator = (event.get("operator") or {}).get("open_id", "")
+        action = event.get("action") or {}
+        value = action.get("value") or {}
+        context = event.get("context") or {}
+        message_id = context.get("open_message_id", "")
+        chat_id = context.get("open_chat_id", "")
+        if not isinstance(value, dict) or "action_id" not in value or not message_id:
+            return {"toast": {"type": "error", "content": "This button is not from agent-bridge."}}
+        dedupe = json.dumps([message_id, operator, value], sort_keys=True)
+        if dedupe in self._actions:
+            return self._actions[dedupe]
+        assert self._ingest is not None, "channel not started"
+        conversation = await self._conversation_of(chat_id, value)
+        result = await self._ingest.act(InboundAction(
+            conversation=conversation, actor=Sender(operator), action_id=str(value["action_id"]),
+            value={k: v for k, v in value.items() if k != "action_id"}, platform_message_id=message_id,
+        ))
+        kind = {"ok": "success", "forbidden": "error", "conflict": "warning", "not_found": "error"}[result.status]
+        answer: dict[str, Any] = {"toast": {"type": kind, "content": result.toast}}
+        if result.card is not None:
+            answer["card"] = {"type": "raw", "data": self.render(result.card)[0]}
+        self._actions[dedupe] = answer
+        if len(self._actions) > ACTION_MEMORY:
+            self._actions.popitem(last=False)
+        return answer
+
+    async def _conversation_of(self, chat_id: str, value: dict[str, Any]) -> ConversationKey:
+        if value.get("conversation"):
+            try:
+                return ConversationKey.parse(str(value["conversation"]))
+            except ValueError:
+                pass
+        return ConversationKey(CHANNEL, chat_id or "unknown")
+
+    # -- outbound
+
+    def render(self, reply: Reply) -> list[dict[str, Any]]:
+        return render.render(reply)
+
+    def _target(self, conversation: ConversationKey, reply: Reply) -> tuple[str | None, bool]:
+        """(message to reply to, in its thread?)"""
+        thread = conversation.thread_id
+        if thread and thread.startswith("om_"):
+            return thread, True  # a topic conversation: everything goes into its thread
+        return reply.reply_to or self._last_message.get(str(conversation)), False
+
+    async def send(self, conversation: ConversationKey, reply: Reply, *, idempotency_key: str) -> str:
+        reply_to, in_thread = self._target(conversation, reply)
+        budget = render.BUDGET
+        while True:
+            cards = render.render(reply, budget)
+            try:
+                first = ""
+                for part, card in enumerate(cards):
+                    uuid = _uuid(f"{idempotency_key}:{budget}", part)
+                    message_id = await self._post(conversation, card, uuid, reply_to, in_thread)
+                    first = first or message_id
+                return first
+            except TooLarge:
+                # The platform measured it bigger than we did (230025): smaller parts, once more.
+                if budget < render.BUDGET or reply.card is not None:
+                    raise
+                budget //= 2
+                logger.warning("feishu: a card was too large; splitting into smaller parts")
+
+    async def _post(self, conversation: ConversationKey, card: dict[str, Any], uuid: str,
+                    reply_to: str | None, in_thread: bool) -> str:
+        try:
+            return await self.api.send_card(chat_id=conversation.chat_id, card=render.card_json(card), uuid=uuid,
+                                            reply_to=reply_to, in_thread=in_thread)
+        except DeliveryError as exc:
+            if reply_to and not exc.transient and "230011" in str(exc):
+                # the message replied to was recalled: post in the chat instead
+                return await self.api.send_card(chat_id=conversation.chat_id, card=render.card_json(card),
+                                                uuid=uuid, reply_to=None, in_thread=False)
+            raise
+
+    async def update(self, conversation: ConversationKey, platform_message_id: str, reply: Reply) -> None:
+        cards = self.render(reply)
+        await self.api.patch_card(chat_id=conversation.chat_id, message_id=platform_message_id,
+                                  card=render.card_json(cards[0]))
+        if len(cards) > 1:
+            # A reply that outgrew its message: the rest follows as numbered parts, with uuids from
+            # the message and the content, so a retried update does not post them twice.
+            key = f"{platform_message_id}:{hashlib.sha256((reply.text or '').encode()).hexdigest()}"
+            reply_to, in_thread = self._target(conversation, reply)
+            for part, card in enumerate(cards[1:], start=1):
+                await self._post(conversation, card, _uuid(key, part), reply_to, in_thread)
+
+    async def react(self, conversation: ConversationKey, platform_message_id: str, emoji: str) -> None:
+        await self.api.react(chat_id=conversation.chat_id, message_id=platform_message_id, emoji=emoji)

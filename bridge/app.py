@@ -93,6 +93,24 @@ def build_feishu(settings: Settings) -> ChannelAdapter:
     return channel
 
 
+def build_slack(settings: Settings) -> ChannelAdapter:
+    from channels.slack.adapter import SlackChannel, SlackConfig
+    from channels.slack.normalize import ChannelPolicy
+
+    return SlackChannel(SlackConfig(
+        bot_token=settings.slack_bot_token.get_secret_value(),
+        signing_secret=settings.slack_signing_secret.get_secret_value(),
+        app_token=settings.slack_app_token.get_secret_value(),
+        api_url=settings.slack_api_url,
+        fmt=settings.slack_format,
+        default_policy=ChannelPolicy(trigger=settings.slack_group_trigger, scope=settings.slack_conversation_scope),
+        allowed_users=frozenset(settings.slack_allowed_users),
+        allowed_channels=frozenset(settings.slack_allowed_channels),
+        attachments_dir=str(settings.data_dir / "attachments" / "slack"),
+        reactions=settings.slack_reactions,
+    ))
+
+
 class Service:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -104,6 +122,9 @@ class Service:
         if settings.feishu_enabled:
             feishu = build_feishu(settings)
             self.channels[feishu.name] = feishu
+        if settings.slack_enabled:
+            slack = build_slack(settings)
+            self.channels[slack.name] = slack
         self.outbox = Outbox(self.db.dialect)
         self.delivery = DeliveryWorker(
             self.db, self.channels, self.metrics,

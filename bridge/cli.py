@@ -33,8 +33,13 @@ def cmd_serve(_args: argparse.Namespace) -> int:
     except RulesError as exc:
         print(f"agent-bridge: {exc}", file=sys.stderr)
         return 2
+    from channels.base import ChannelStartError
+
     try:
         asyncio.run(service.run_until_signalled())
+    except ChannelStartError as exc:
+        print(f"agent-bridge: cannot start: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
         print(f"agent-bridge: cannot start: {exc}", file=sys.stderr)
         return 1

@@ -67,6 +67,21 @@ class Settings(BaseSettings):
                                                                  validation_alias="FEISHU_ALLOWED_CHATS")
     feishu_reactions: bool = Field(True, validation_alias="FEISHU_REACTIONS")
 
+    # Slack channel (enabled when the bot token is set).
+    slack_bot_token: SecretStr = Field(SecretStr(""), validation_alias="SLACK_BOT_TOKEN")
+    slack_signing_secret: SecretStr = Field(SecretStr(""), validation_alias="SLACK_SIGNING_SECRET")
+    slack_app_token: SecretStr = Field(SecretStr(""), validation_alias="SLACK_APP_TOKEN")
+    slack_api_url: str = Field("https://slack.com/api/", validation_alias="SLACK_API_URL")
+    slack_format: Literal["markdown", "mrkdwn"] = Field("markdown", validation_alias="SLACK_FORMAT")
+    slack_group_trigger: Literal["mention", "all"] = Field("mention", validation_alias="SLACK_GROUP_TRIGGER")
+    slack_conversation_scope: Literal["chat", "thread", "user"] = Field(
+        "thread", validation_alias="SLACK_CONVERSATION_SCOPE")
+    slack_allowed_users: Annotated[list[str], NoDecode] = Field(default_factory=list,
+                                                                validation_alias="SLACK_ALLOWED_USERS")
+    slack_allowed_channels: Annotated[list[str], NoDecode] = Field(default_factory=list,
+                                                                   validation_alias="SLACK_ALLOWED_CHANNELS")
+    slack_reactions: bool = Field(True, validation_alias="SLACK_REACTIONS")
+
     # Pipeline.
     busy_policy: Literal["queue", "steer", "interrupt"] = "queue"
     allowed_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)  # `:`-separated; /cwd binds inside
@@ -104,7 +119,8 @@ class Settings(BaseSettings):
             return [item for item in value.split(":") if item.strip()]
         return value
 
-    @field_validator("feishu_allowed_users", "feishu_allowed_chats", mode="before")
+    @field_validator("feishu_allowed_users", "feishu_allowed_chats", "slack_allowed_users", "slack_allowed_channels",
+                     mode="before")
     @classmethod
     def _split_ids(cls, value: object) -> object:
         if isinstance(value, str):
@@ -129,6 +145,27 @@ class Settings(BaseSettings):
                     raise ValueError(f"{chat}: trigger must be mention or all")
                 if policy.get("scope", "chat") not in ("chat", "thread", "user"):
                     raise ValueError(f"{chat}: scope must be chat, thread or user")
+        return value
+
+    @field_validator("slack_api_url")
+    @classmethod
+    def _slack_url(cls, value: str) -> str:
+        if not value.startswith(("https://", "http://127.0.0.1", "http://localhost", "http://[::1]")):
+            raise ValueError("must be https:// (plain http only for 127.0.0.1 / localhost)")
+        return value if value.endswith("/") else value + "/"
+
+    @field_validator("slack_bot_token")
+    @classmethod
+    def _bot_token(cls, value: SecretStr) -> SecretStr:
+        if value.get_secret_value() and not value.get_secret_value().startswith("xoxb-"):
+            raise ValueError("a bot token starts with xoxb-")
+        return value
+
+    @field_validator("slack_app_token")
+    @classmethod
+    def _app_token(cls, value: SecretStr) -> SecretStr:
+        if value.get_secret_value() and not value.get_secret_value().startswith("xapp-"):
+            raise ValueError("an app-level token starts with xapp-")
         return value
 
     @field_validator("feishu_domain")
@@ -177,6 +214,10 @@ class Settings(BaseSettings):
         self.workspace = self.workspace.resolve()
         self.allowed_roots = [Path(p).expanduser().resolve() for p in self.allowed_roots] or [self.workspace]
         return self
+
+    @property
+    def slack_enabled(self) -> bool:
+        return bool(self.slack_bot_token.get_secret_value())
 
     @property
     def feishu_enabled(self) -> bool:

@@ -92,7 +92,41 @@ async def run_checks(settings: Settings) -> list[Row]:
     rows.append(("channel:webchat", True, f"http://{settings.host}:{settings.port}/chat"))
     if settings.feishu_enabled:
         rows += await _feishu(settings)
+    if settings.slack_enabled:
+        rows += await _slack(settings)
     return rows
+
+
+async def _slack(settings: Settings) -> list[Row]:
+    """The bot token works (auth.test); with an app token, Socket Mode can open a connection URL."""
+    from slack_sdk.errors import SlackApiError
+    from slack_sdk.web.async_client import AsyncWebClient
+
+    bot = AsyncWebClient(token=settings.slack_bot_token.get_secret_value(), base_url=settings.slack_api_url)
+    try:
+        auth = await bot.auth_test()
+    except SlackApiError as exc:
+        return [("channel:slack", False, f"auth.test: {_slack_error(exc)}")]
+    except Exception as exc:  # noqa: BLE001 - unreachable API
+        return [("channel:slack", False, f"{settings.slack_api_url}: {type(exc).__name__}: {exc}")]
+    detail = f"bot {auth.get('user')} ({auth.get('user_id')}) in {auth.get('team')}"
+    app_token = settings.slack_app_token.get_secret_value()
+    if app_token:
+        app = AsyncWebClient(token=app_token, base_url=settings.slack_api_url)
+        try:
+            await app.apps_connections_open(app_token=app_token)
+        except SlackApiError as exc:
+            return [("channel:slack", False, f"{detail}; Socket Mode: {_slack_error(exc)}")]
+        return [("channel:slack", True, f"{detail}, Socket Mode ok")]
+    if not settings.slack_signing_secret.get_secret_value():
+        return [("channel:slack", False, f"{detail}; neither SLACK_APP_TOKEN (Socket Mode) nor "
+                                         "SLACK_SIGNING_SECRET (HTTP) is set")]
+    return [("channel:slack", True, f"{detail}, HTTP at /slack/events and /slack/interactions")]
+
+
+def _slack_error(exc) -> str:
+    data = exc.response.data if isinstance(exc.response.data, dict) else {}
+    return str(data.get("error") or f"HTTP {exc.response.status_code}")
 
 
 async def _feishu(settings: Settings) -> list[Row]:

@@ -177,6 +177,10 @@ class Ingest(Protocol):
         """Apply a card action. A store write plus a wake-up; never waits on a running turn."""
 
 
+class ChannelStartError(RuntimeError):
+    """A channel cannot start (its credentials were refused): the service stops with this message."""
+
+
 class DeliveryError(Exception):
     """Delivery to the platform failed. `transient` failures are retried with backoff."""
 

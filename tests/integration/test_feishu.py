@@ -323,3 +323,19 @@ def aiohttp_get(url: str) -> str:
             return resp.read().decode()
     except urllib.error.HTTPError as exc:
         return exc.read().decode()
+
+
+def test_doctor_checks_the_credentials(tmp_path, emulator):
+    import os
+    import subprocess
+    import sys
+
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("BRIDGE_", "FEISHU_"))}
+    env = {**base, "BRIDGE_DATA_DIR": str(tmp_path), **feishu_env(emulator)}
+    ok = subprocess.run([sys.executable, "-m", "bridge", "doctor"], env=env, cwd=tmp_path, capture_output=True,
+                        text=True, timeout=60)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "channel:feishu" in ok.stdout and BOT in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "bridge", "doctor"], env={**env, "FEISHU_APP_SECRET": "wrong"},
+                         cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1 and "channel:feishu" in bad.stdout

@@ -1,0 +1,492 @@
+"""The Slack channel: Events API and interactivity over HTTP, or Socket Mode; Block Kit out.
+
+Inbound (`POST /slack/events`, `POST /slack/interactions`): the v0 signature is checked over the
+raw body with a 5-minute window (401 otherwise, nothing stored); events are normalized and
+persisted through the pipeline's `Ingest` before the 200. Retries (`X-Slack-Retry-Num`) reuse the
+event id, and the `message` + `app_mention` pair of one post share channel + ts: both are inbox
+keys, so each post runs once. Button clicks go to the gate, which never waits on the turn; the
+card is then updated in place by the outbox (`chat.update`).
+
+With `SLACK_APP_TOKEN` the same events arrive over Socket Mode (slack_sdk's aiohttp client),
+acknowledged after they are persisted; a bad app token stops start-up with a clear message.
+
+Outbound goes through one AsyncWebClient on one aiohttp session, with slack_sdk's retry handlers
+for 429 (`Retry-After`), 5xx and dropped connections, and about one post per second per channel.
+A send that posted some parts before failing does not post them again when retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import parse_qs
+
+import aiohttp
+from aiohttp import web
+from loguru import logger
+from slack_sdk.errors import SlackApiError
+from slack_sdk.http_retry.builtin_async_handlers import (
+    AsyncConnectionErrorRetryHandler,
+    AsyncRateLimitErrorRetryHandler,
+    AsyncServerErrorRetryHandler,
+)
+from slack_sdk.web.async_client import AsyncWebClient
+
+from channels.base import (
+    Attachment,
+    ConversationKey,
+    DeliveryError,
+    InboundAction,
+    InboundMessage,
+    Ingest,
+    Reply,
+    Sender,
+)
+from channels.slack import normalize, render
+from channels.slack.normalize import ChannelPolicy
+
+CHANNEL = "slack"
+MAX_BODY = 1024 * 1024
+TIMESTAMP_WINDOW = 300
+POST_INTERVAL = 1.0  # chat.postMessage: about one a second per channel
+NAME_TTL = 3600.0
+MEMORY = 10_000
+DOWNLOAD_BUDGET = 1.5
+
+
+class SlackStartError(RuntimeError):
+    """The channel cannot start (a bad token): the service must not pretend it runs."""
+
+
+@dataclass(frozen=True, slots=True)
+class SlackConfig:
+    bot_token: str
+    signing_secret: str = ""
+    app_token: str = ""
+    api_url: str = "https://slack.com/api/"
+    fmt: Literal["markdown", "mrkdwn"] = "markdown"
+    default_policy: ChannelPolicy = ChannelPolicy()
+    channel_policies: dict[str, ChannelPolicy] = field(default_factory=dict)
+    allowed_users: frozenset[str] = frozenset()
+    allowed_channels: frozenset[str] = frozenset()
+    attachments_dir: str = "./data/attachments/slack"
+    reactions: bool = True
+
+    def policy_for(self, channel: str) -> ChannelPolicy:
+        return self.channel_policies.get(channel, self.default_policy)
+
+
+class _Pacer:
+    """At most one post per `interval` per channel (a short queue, not a refusal)."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._next: OrderedDict[str, float] = OrderedDict()
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    async def wait(self, channel: str) -> None:
+        lock = self._locks.setdefault(channel, asyncio.Lock())
+        async with lock:
+            now = time.monotonic()
+            due = self._next.get(channel, 0.0)
+            if due > now:
+                await asyncio.sleep(due - now)
+            self._next[channel] = max(now, due) + self.interval
+            self._next.move_to_end(channel)
+            if len(self._next) > MEMORY:
+                old, _ = self._next.popitem(last=False)
+                self._locks.pop(old, None)
+
+
+class SlackChannel:
+    name = CHANNEL
+
+    def __init__(self, config: SlackConfig) -> None:
+        self.config = config
+        self.bot_user_id = ""
+        self.bot_id = ""
+        self._ingest: Ingest | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self.client: AsyncWebClient | None = None
+        self._socket = None
+        self._pacer = _Pacer(POST_INTERVAL)
+        self._names: dict[str, tuple[str, float]] = {}
+        self._posted: OrderedDict[str, str] = OrderedDict()  # idempotency key + part -> ts
+        self._actions: OrderedDict[str, None] = OrderedDict()
+        self._fmt = config.fmt
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # -- lifecycle
+
+    async def start(self, ingest: Ingest) -> None:
+        self._ingest = ingest
+        self._session = aiohttp.ClientSession()
+        self.client = AsyncWebClient(token=self.config.bot_token, base_url=self.config.api_url, session=self._session,
+                                     timeout=10)
+        self.client.retry_handlers.extend([
+            AsyncRateLimitErrorRetryHandler(max_retry_count=3),
+            AsyncServerErrorRetryHandler(max_retry_count=2),
+        ])
+        if not any(isinstance(h, AsyncConnectionErrorRetryHandler) for h in self.client.retry_handlers):
+            self.client.retry_handlers.append(AsyncConnectionErrorRetryHandler())
+        try:
+            auth = await self.client.auth_test()
+            self.bot_user_id, self.bot_id = auth.get("user_id", ""), auth.get("bot_id", "")
+            logger.info("slack: connected as {} ({})", auth.get("user"), self.bot_user_id)
+        except SlackApiError as exc:
+            error = exc.response.get("error") if isinstance(exc.response.data, dict) else exc.response.status_code
+            if error in ("invalid_auth", "not_authed", "token_revoked", "account_inactive"):
+                await self._session.close()
+                raise SlackStartError(f"SLACK_BOT_TOKEN was refused by Slack ({error})") from None
+            logger.error("slack: auth.test failed: {}", error)
+        except aiohttp.ClientError as exc:
+            logger.error("slack: cannot reach {}: {}", self.config.api_url, exc)
+        if self.config.app_token:
+            await self._start_socket_mode()
+
+    async def _start_socket_mode(self) -> None:
+        from slack_sdk.socket_mode.aiohttp import SocketModeClient
+
+        app_client = AsyncWebClient(token=self.config.app_token, base_url=self.config.api_url, session=self._session)
+        socket = SocketModeClient(app_token=self.config.app_token, web_client=app_client, ping_interval=10,
+                                  auto_reconnect_enabled=True)
+        try:
+            await socket.issue_new_wss_url()  # fail fast: connect() itself would retry a bad token forever
+        except SlackApiError as exc:
+            await socket.close()
+            error = exc.response.get("error") if isinstance(exc.response.data, dict) else exc.response.status_code
+            raise SlackStartError(f"SLACK_APP_TOKEN was refused by Slack ({error}); Socket Mode cannot start") from None
+        socket.socket_mode_request_listeners.append(self._on_socket_request)
+        await socket.connect()
+        self._socket = socket
+        logger.info("slack: Socket Mode connected")
+
+    async def stop(self) -> None:
+        if self._socket is not None:
+            await self._socket.close()
+            self._socket = None
+        for task in list(self._tasks):
+            task.cancel()
+        if self._session is not None:
+            await self._session.close()
+        self._ingest = None
+
+    async def health(self) -> dict[str, Any]:
+        detail: dict[str, Any] = {"ok": bool(self.bot_user_id), "bot_user_id": self.bot_user_id or None,
+                                  "mode": "socket" if self.config.app_token else "http"}
+        if self._socket is not None:
+            connected = await self._socket.is_connected()
+            detail["socket_connected"] = connected
+            detail["ok"] = detail["ok"] and connected
+        return detail
+
+    def routes(self) -> list[web.RouteDef]:
+        return [web.post("/slack/events", self._events), web.post("/slack/interactions", self._interactions)]
+
+    # -- inbound over HTTP
+
+    def _verify(self, request: web.Request, body: bytes) -> str | None:
+        """Why the request is refused (None: it is Slack's)."""
+        secret = self.config.signing_secret
+        if not secret:
+            return "SLACK_SIGNING_SECRET is not set: HTTP events are refused"
+        timestamp = request.headers.get("X-Slack-Request-Timestamp", "")
+        given = request.headers.get("X-Slack-Signature", "")
+        if not timestamp.isdigit() or not given:
+            return "missing or malformed signature headers"
+        if abs(time.time() - int(timestamp)) > TIMESTAMP_WINDOW:
+            return "stale timestamp"
+        expected = "v0=" + hmac.new(secret.encode(), b"v0:" + timestamp.encode() + b":" + body,
+                                    hashlib.sha256).hexdigest()
+        if not hmac.compare_digest(expected, given):
+            return "bad signature"
+        return None
+
+    async def _read(self, request: web.Request) -> bytes | web.Response:
+        if request.content_length is not None and request.content_length > MAX_BODY:
+            return web.json_response({"error": "body too large"}, status=413)
+        body = await request.read()
+        if len(body) > MAX_BODY:
+            return web.json_response({"error": "body too large"}, status=413)
+        refused = self._verify(request, body)
+        if refused:
+            logger.warning("slack: refused a request: {}", refused)
+            return web.json_response({"error": "invalid request"}, status=401)
+        return body
+
+    async def _events(self, request: web.Request) -> web.Response:
+        body = await self._read(request)
+        if isinstance(body, web.Response):
+            return body
+        try:
+            payload = json.loads(body)
+        except ValueError:
+            return web.json_response({"error": "malformed JSON"}, status=400)
+        if not isinstance(payload, dict):
+            return web.json_response({"error": "malformed body"}, status=400)
+        if payload.get("type") == "url_verification":
+            return web.json_response({"challenge": payload.get("challenge", "")})
+        status, answer = await self.handle_event(payload)
+        return web.json_response(answer, status=status)
+
+    async def _interactions(self, request: web.Request) -> web.Response:
+        body = await self._read(request)
+        if isinstance(body, web.Response):
+            return body
+        try:
+            payload = json.loads(parse_qs(body.decode("utf-8"))["payload"][0])
+        except (KeyError, IndexError, ValueError, UnicodeDecodeError):
+            return web.json_response({"error": "expected a form field `payload` holding JSON"}, status=400)
+        answer = await self.handle_interaction(payload)
+        return web.json_response(answer)
+
+    # -- inbound over Socket Mode
+
+    async def _on_socket_request(self, client, request) -> None:
+        from slack_sdk.socket_mode.response import SocketModeResponse
+
+        payload = request.payload or {}
+        try:
+            if request.type == "events_api":
+                await self.handle_event(payload)
+            elif request.type == "interactive":
+                await self.handle_interaction(payload)
+            else:
+                logger.info("slack: ignoring a {} envelope", request.type)
+        except Exception:  # noqa: BLE001 - not acked: Slack redelivers, the inbox dedupes
+            logger.exception("slack: a Socket Mode envelope failed; not acknowledged")
+            return
+        await client.send_socket_mode_response(SocketModeResponse(envelope_id=request.envelope_id))
+
+    # -- events
+
+    async def handle_event(self, payload: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        if payload.get("type") != "event_callback":
+            logger.info("slack: ignoring a {!r} request", payload.get("type"))
+            return 200, {}
+        event = payload.get("event") or {}
+        channel = event.get("channel", "")
+        why = normalize.acted_on(event, bot_user_id=self.bot_user_id, bot_id=self.bot_id,
+                                 policy=self.config.policy_for(channel))
+        log = logger.bind(conversation=f"{CHANNEL}:{channel}", event=payload.get("event_id"))
+        if why is not None:
+            log.debug("slack: not acting on {}: {}", event.get("type"), why)
+            return 200, {}
+        parsed = normalize.parse(payload, policy=self.config.policy_for(channel))
+        if self.config.allowed_channels and parsed.channel not in self.config.allowed_channels:
+            log.info("slack: channel {} is not allowed", parsed.channel)
+            return 200, {}
+        if self.config.allowed_users and parsed.user not in self.config.allowed_users:
+            log.info("slack: user {} is not allowed", parsed.user)
+            return 200, {}
+        assert self._ingest is not None, "channel not started"
+        names = {u: await self.user_name(u) for u in {parsed.user, *parsed.mentions} if u != self.bot_user_id}
+        text = normalize.clean_text(parsed.text, bot_user_id=self.bot_user_id, names=names)
+        conversation = ConversationKey(CHANNEL, parsed.channel, parsed.thread_key)
+        attachments = await self._download(parsed)
+        result = await self._ingest.accept(InboundMessage(
+            conversation=conversation, sender=Sender(parsed.user, names.get(parsed.user, "")), text=text,
+            event_key=f"{CHANNEL}:{parsed.event_id or parsed.channel + ':' + parsed.ts}",
+            message_key=f"{CHANNEL}:{parsed.channel}:{parsed.ts}",
+            is_group=parsed.is_group, mentions_bot=event.get("type") == "app_mention",
+            platform_message_id=parsed.reply_root, attachments=attachments,
+            sent_at=float(parsed.ts) if parsed.ts.replace(".", "", 1).isdigit() else None,
+        ))
+        if not result.duplicate and self.config.reactions:
+            self._spawn(self._react(parsed.channel, parsed.ts, "eyes"))
+        return 200, {}
+
+    async def _download(self, parsed: normalize.Parsed) -> tuple[Attachment, ...]:
+        files = [f for f in parsed.files if f.get("url_private_download") or f.get("url_private")]
+        if not files or self._session is None:
+            return ()
+        folder = Path(self.config.attachments_dir) / f"{parsed.channel}-{parsed.ts}"
+        out: list[Attachment] = []
+
+        async def fetch(info: dict[str, Any]) -> None:
+            url = info.get("url_private_download") or info["url_private"]
+            headers = {"Authorization": f"Bearer {self.config.bot_token}"}
+            async with self._session.get(url, headers=headers) as resp:  # type: ignore[union-attr]
+                kind = resp.headers.get("Content-Type", "")
+                if resp.status != 200 or kind.startswith("text/html"):
+                    raise DeliveryError(f"download of {info.get('name')} failed ({resp.status}, {kind})",
+                                        transient=True)
+                data = await resp.read()
+            folder.mkdir(parents=True, exist_ok=True)
+            name = Path(info.get("name") or info.get("id") or "file").name
+            (folder / name).write_bytes(data)
+            out.append(Attachment(name, str(folder / name), info.get("mimetype") or "application/octet-stream"))
+
+        try:
+            async with asyncio.timeout(DOWNLOAD_BUDGET):
+                await asyncio.gather(*(fetch(f) for f in files))
+        except (DeliveryError, TimeoutError, aiohttp.ClientError, OSError) as exc:
+            logger.warning("slack: attachments of {} not downloaded: {}", parsed.ts, exc)
+        return tuple(out)
+
+    # -- interactions
+
+    async def handle_interaction(self, payload: dict[str, Any]) -> dict[str, Any]:
+        if payload.get("type") != "block_actions":
+            return {}
+        user = (payload.get("user") or {}).get("id", "")
+        channel = (payload.get("channel") or {}).get("id") or (payload.get("container") or {}).get("channel_id", "")
+        message_ts = (payload.get("container") or {}).get("message_ts") or (payload.get("message") or {}).get("ts", "")
+        for action in payload.get("actions") or []:
+            try:
+                value = json.loads(action.get("value") or "{}")
+            except ValueError:
+                continue
+            if not isinstance(value, dict) or "action_id" not in value:
+                continue
+            dedupe = json.dumps([channel, message_ts, user, value], sort_keys=True)
+            if dedupe in self._actions:
+                continue
+            self._actions[dedupe] = None
+            if len(self._actions) > MEMORY:
+                self._actions.popitem(last=False)
+            assert self._ingest is not None, "channel not started"
+            thread = (payload.get("message") or {}).get("thread_ts")
+            conversation = self._conversation_for(channel, thread, user)
+            result = await self._ingest.act(InboundAction(
+                conversation=conversation, actor=Sender(user), action_id=str(value["action_id"]),
+                value={k: v for k, v in value.items() if k != "action_id"}, platform_message_id=message_ts,
+            ))
+            if result.status != "ok":
+                self._spawn(self._ephemeral(channel, user, result.toast, thread))
+        return {}
+
+    def _conversation_for(self, channel: str, thread_ts: str | None, user: str) -> ConversationKey:
+        if channel.startswith("D"):
+            return ConversationKey(CHANNEL, channel)
+        scope = self.config.policy_for(channel).scope
+        key = thread_ts if scope == "thread" else f"u-{user}" if scope == "user" else None
+        return ConversationKey(CHANNEL, channel, key)
+
+    async def _ephemeral(self, channel: str, user: str, text: str, thread_ts: str | None) -> None:
+        try:
+            assert self.client is not None
+            await self.client.chat_postEphemeral(channel=channel, user=user, text=text, thread_ts=thread_ts)
+        except (SlackApiError, aiohttp.ClientError) as exc:
+            logger.debug("slack: ephemeral not posted: {}", exc)
+
+    # -- outbound
+
+    def render(self, reply: Reply) -> list[dict[str, Any]]:
+        return render.render(reply, fmt=self._fmt)
+
+    def _thread(self, conversation: ConversationKey, reply: Reply) -> str | None:
+        thread = conversation.thread_id
+        if thread and not thread.startswith("u-"):
+            return thread
+        return reply.reply_to
+
+    async def send(self, conversation: ConversationKey, reply: Reply, *, idempotency_key: str) -> str:
+        thread_ts = self._thread(conversation, reply)
+        messages = self.render(reply)
+        first = ""
+        for part, message in enumerate(messages):
+            key = f"{idempotency_key}:{part}"
+            ts = self._posted.get(key)
+            if ts is None:
+                await self._pacer.wait(conversation.chat_id)
+                result = await self._call("chat.postMessage", self._post, conversation.chat_id, message, thread_ts)
+                ts = result["ts"]
+                self._posted[key] = ts
+                if len(self._posted) > MEMORY:
+                    self._posted.popitem(last=False)
+            first = first or ts
+        return first
+
+    async def _post(self, channel: str, message: dict[str, Any], thread_ts: str | None):
+        assert self.client is not None
+        return await self.client.chat_postMessage(channel=channel, text=message["text"], blocks=message["blocks"],
+                                                  thread_ts=thread_ts, unfurl_links=False, unfurl_media=False)
+
+    async def update(self, conversation: ConversationKey, platform_message_id: str, reply: Reply) -> None:
+        messages = self.render(reply)
+        assert self.client is not None
+
+        async def _update(channel: str, message: dict[str, Any], _thread: str | None):
+            return await self.client.chat_update(channel=channel, ts=platform_message_id,  # type: ignore[union-attr]
+                                                 text=message["text"], blocks=message["blocks"])
+
+        await self._call("chat.update", _update, conversation.chat_id, messages[0], None)
+        if len(messages) > 1:
+            # a reply that outgrew its message: the rest follows in the thread, posted once
+            digest = hashlib.sha256((reply.text or "").encode()).hexdigest()[:16]
+            thread_ts = self._thread(conversation, reply)
+            for part, message in enumerate(messages[1:], start=1):
+                key = f"update:{platform_message_id}:{digest}:{part}"
+                if key in self._posted:
+                    continue
+                await self._pacer.wait(conversation.chat_id)
+                result = await self._call("chat.postMessage", self._post, conversation.chat_id, message, thread_ts)
+                self._posted[key] = result["ts"]
+
+    async def _call(self, what: str, fn, channel: str, message: dict[str, Any], thread_ts: str | None):
+        """One Web API call with error classification; blocks Slack refuses are sent again as mrkdwn."""
+        try:
+            return await fn(channel, message, thread_ts)
+        except SlackApiError as exc:
+            status = exc.response.status_code
+            data = exc.response.data if isinstance(exc.response.data, dict) else {}
+            error = data.get("error") or f"HTTP {status}"
+            if error in ("invalid_blocks", "invalid_blocks_format", "msg_blocks_too_long") and self._fmt == "markdown":
+                logger.warning("slack: {} refused the blocks ({}); sending mrkdwn sections", what, error)
+                text = _message_markdown(message)
+                fallback = render.render(Reply(text=text), fmt="mrkdwn")[0]
+                return await self._call(what, fn, channel, fallback, thread_ts)
+            retry_after = exc.response.headers.get("Retry-After") or exc.response.headers.get("retry-after")
+            transient = status == 429 or status >= 500 or error in ("ratelimited", "internal_error",
+                                                                    "service_unavailable", "request_timeout")
+            raise DeliveryError(f"{what}: {error}", transient=transient,
+                                retry_after=float(retry_after) if retry_after and retry_after.isdigit() else None
+                                ) from None
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise DeliveryError(f"{what}: {type(exc).__name__}: {exc}", transient=True) from None
+
+    async def react(self, conversation: ConversationKey, platform_message_id: str, emoji: str) -> None:
+        await self._react(conversation.chat_id, platform_message_id, emoji)
+
+    async def _react(self, channel: str, ts: str, emoji: str) -> None:
+        try:
+            assert self.client is not None
+            await self.client.reactions_add(channel=channel, name=emoji, timestamp=ts)
+        except (SlackApiError, aiohttp.ClientError) as exc:
+            logger.debug("slack: reaction not added: {}", exc)
+
+    async def user_name(self, user_id: str) -> str:
+        cached = self._names.get(user_id)
+        if cached and cached[1] > time.monotonic():
+            return cached[0]
+        name = user_id
+        try:
+            assert self.client is not None
+            async with asyncio.timeout(2.0):
+                info = await self.client.users_info(user=user_id)
+            user = info.get("user") or {}
+            name = (user.get("profile") or {}).get("display_name") or user.get("real_name") or user.get("name") or user_id
+        except (SlackApiError, aiohttp.ClientError, TimeoutError) as exc:
+            logger.debug("slack: no name for {}: {}", user_id, exc)
+        self._names[user_id] = (name, time.monotonic() + NAME_TTL)
+        if len(self._names) > 50_000:
+            self._names.clear()
+        return name
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+def _message_markdown(message: dict[str, Any]) -> str:
+    parts = [b.get("text", "") for b in message.get("blocks") or [] if b.get("type") == "markdown"]
+    return "\n\n".join(parts) or message.get("text", "")

@@ -29,6 +29,7 @@ from bridge.pipeline.retry import Retrier
 from bridge.pipeline.session_commands import SessionCommands
 from bridge.pipeline.sessions import SessionResolver
 from bridge.pipeline.turns import TurnRunner
+from bridge.routines.scheduler import RoutineRunner, Scheduler
 from bridge.runtimes.base import Runtime
 from bridge.runtimes.codex.appserver import AppServerConfig
 from bridge.runtimes.codex.runtime import CodexOptions, CodexRuntime
@@ -146,10 +147,15 @@ class Service:
             intercepts=self.gate.intercepts,
         )
         self.retrier = Retrier(self.db, self.gate, self.dispatcher)
+        self.routine_runner = RoutineRunner(self.db, self.outbox, self.runtime, self.gate,
+                                            workspace=str(settings.workspace))
+        assert settings.routines_dir is not None
+        self.scheduler = Scheduler(self.db, self.routine_runner, self.outbox, directory=settings.routines_dir)
         session_commands = SessionCommands(self.db, self.sessions, is_admin=settings.is_admin,
                                            allowed_roots=settings.allowed_roots, busy=self.dispatcher.busy)
         self.control = ControlCommands(self.db, self.outbox, self.runner, self.gate, self.retrier, self.dispatcher,
-                                       session_commands, busy_policy=settings.busy_policy)
+                                       session_commands, busy_policy=settings.busy_policy,
+                                       routines=self.scheduler)
         if settings.busy_policy != "queue":
             self.dispatcher.on_busy = self.control.on_busy
         self.ingest = Ingestor(self.db, self.dispatcher, self.gate, self.retrier, self.metrics)
@@ -187,6 +193,7 @@ class Service:
             await channel.start(self.ingest)
         await self.delivery.start()
         await recover(self.db, self.outbox, self.gate, self.dispatcher)
+        await self.scheduler.start()
         self._runner = web.AppRunner(self.app, access_log=None, handler_cancellation=False)
         await self._runner.setup()
         self._site = web.TCPSite(self._runner, self.settings.host, self.settings.port)
@@ -212,6 +219,7 @@ class Service:
         logger.info("shutting down (deadline {:.0f}s)", self.settings.shutdown_timeout)
         if self._site is not None:
             await self._site.stop()
+        await self.scheduler.stop()
         await self.dispatcher.close(timeout=max(0.0, deadline - time.monotonic()))
         drained = await self.delivery.flush(deadline=max(deadline, time.monotonic() + 2.0))
         if not drained:

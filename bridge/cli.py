@@ -1,4 +1,4 @@
-"""Command line: `agent-bridge serve | db upgrade | doctor | version | approvals | sessions | handoff`."""
+"""Command line: `agent-bridge serve | db upgrade | doctor | version | approvals | sessions | handoff | routines`."""
 
 from __future__ import annotations
 
@@ -246,6 +246,127 @@ def cmd_handoff(args: argparse.Namespace) -> int:
     return 0
 
 
+def _routines(settings):
+    from bridge.routines.definitions import load_dir
+
+    routines, errors = load_dir(settings.routines_dir)
+    for error in errors:
+        print(f"agent-bridge: {error.file} not loaded: {error.reason}", file=sys.stderr)
+    return routines
+
+
+def cmd_routines_list(_args: argparse.Namespace) -> int:
+    from bridge.presenter import routines_list
+    from bridge.routines.definitions import load_dir
+    from bridge.store import routines as repo
+
+    settings = _settings()
+    routines, errors = load_dir(settings.routines_dir)
+
+    async def fetch(conn):
+        return await repo.states(conn), await repo.last_runs(conn)
+
+    states, last = _read(settings, fetch) if _db_exists(settings) else ({}, {})
+    print(routines_list(routines, states, last, errors).text.replace("`", ""))
+    return 1 if errors else 0
+
+
+def _db_exists(settings) -> bool:
+    import os
+
+    return not settings.is_sqlite or os.path.exists(settings.database_url.split(":///", 1)[1])
+
+
+def cmd_routines_show(args: argparse.Namespace) -> int:
+    settings = _settings()
+    routine = _routines(settings).get(args.name)
+    if routine is None:
+        print(f"no routine named {args.name!r} in {settings.routines_dir}", file=sys.stderr)
+        return 1
+    for key, value in routine.model_dump(exclude_none=True).items():
+        print(f"{key}: {value}")
+    return 0
+
+
+def cmd_routines_history(args: argparse.Namespace) -> int:
+    from bridge.routines.definitions import utc
+    from bridge.store import routines as repo
+
+    rows = _read(_settings(), lambda c: repo.history(c, args.name, args.limit))
+    if not rows:
+        print("no runs")
+    for r in rows:
+        took = f"{r.finished_at - r.started_at:.1f}s" if r.finished_at and r.started_at else "-"
+        print(f"{r.id:>5}  {r.routine:<20} due {utc(r.due_at)}  {r.status:<11} {took:>7}"
+              f"{'  manual' if r.manual else ''}  → {r.delivered_to or '-'}  {(r.error or r.note or '')[:80]}")
+    return 0
+
+
+def cmd_routines_toggle(args: argparse.Namespace) -> int:
+    import time
+
+    from bridge.store import routines as repo
+
+    settings = _settings()
+    if args.name not in _routines(settings):
+        print(f"no routine named {args.name!r} in {settings.routines_dir}", file=sys.stderr)
+        return 1
+    enabled = args.routines_command == "enable"
+    _write(settings, lambda c: repo.set_enabled(c, args.name, enabled, now=time.time()))
+    print(f"{args.name} {'enabled' if enabled else 'disabled'}")
+    return 0
+
+
+def cmd_routines_run(args: argparse.Namespace) -> int:
+    """Run a routine now, in this process; its output goes to the targets through the outbox
+    (delivered by the running service, or at its next start) and is printed here."""
+    import time
+
+    settings = _settings()
+    routine = _routines(settings).get(args.name)
+    if routine is None:
+        print(f"no routine named {args.name!r} in {settings.routines_dir}", file=sys.stderr)
+        return 1
+    from bridge.app import build_runtime
+    from bridge.approvals import rules
+    from bridge.approvals.gate import HumanGate
+    from bridge.delivery.outbox import Outbox
+    from bridge.metrics import Metrics
+    from bridge.routines.scheduler import LEASE, RoutineRunner
+    from bridge.store import migrate
+    from bridge.store import routines as repo
+    from bridge.store.db import Database
+
+    async def run():
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        db = Database(settings.database_url, read_pool=1)
+        await migrate.ensure_schema(db.writer_engine)
+        await db.start()
+        runtime = build_runtime(settings)
+        await runtime.start()
+        try:
+            outbox = Outbox(db.dialect)
+            gate = HumanGate(db, outbox, Metrics(), rules=rules.load(settings.approval_rules),
+                             timeout=settings.approval_timeout, admins=settings.admins)
+            runner = RoutineRunner(db, outbox, runtime, gate, workspace=str(settings.workspace))
+            now = time.time()
+            run_id = await db.write(lambda c: repo.claim(c, routine.name, now, owner="cli", lease=LEASE, manual=True))
+            if run_id is None:
+                return None
+            return await runner.run(routine, run_id, now)
+        finally:
+            await runtime.stop()
+            await db.close()
+
+    reply = asyncio.run(run())
+    if reply is None:
+        print(f"{args.name} is running now", file=sys.stderr)
+        return 1
+    print(reply.card.body if reply.card else reply.text)
+    print(f"\n(queued for {', '.join(routine.targets) or 'no target'})")
+    return 0
+
+
 def cmd_version(_args: argparse.Namespace) -> int:
     print(f"agent-bridge {__version__}")
     return 0
@@ -281,6 +402,21 @@ def build_parser() -> argparse.ArgumentParser:
     archive = sess_sub.add_parser("archive", help="archive a session (not a conversation's active one)")
     archive.add_argument("id", type=int)
     archive.set_defaults(fn=cmd_sessions_archive)
+    rout = sub.add_parser("routines", help="scheduled routines (one YAML file each in the routines directory)")
+    rout_sub = rout.add_subparsers(dest="routines_command", required=True)
+    rout_sub.add_parser("list", help="routines, their schedules, next and last runs").set_defaults(
+        fn=cmd_routines_list)
+    for name, fn, text in [("show", cmd_routines_show, "one routine's definition"),
+                           ("run", cmd_routines_run, "run a routine now (output to its targets)"),
+                           ("enable", cmd_routines_toggle, "enable a routine (overrides its file)"),
+                           ("disable", cmd_routines_toggle, "disable a routine (overrides its file)")]:
+        p = rout_sub.add_parser(name, help=text)
+        p.add_argument("name")
+        p.set_defaults(fn=fn)
+    hist = rout_sub.add_parser("history", help="run receipts, newest first")
+    hist.add_argument("name", nargs="?", default=None)
+    hist.add_argument("--limit", type=int, default=20)
+    hist.set_defaults(fn=cmd_routines_history)
     handoff = sub.add_parser("handoff", help="continue a runtime thread (e.g. a terminal Codex session) in a chat")
     handoff.add_argument("thread_id", help="the runtime's thread id (Codex: the session id `codex resume` shows)")
     handoff.add_argument("--to", required=True, help="the conversation: channel:chat, e.g. webchat:c-team")

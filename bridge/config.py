@@ -82,6 +82,9 @@ class Settings(BaseSettings):
                                                                    validation_alias="SLACK_ALLOWED_CHANNELS")
     slack_reactions: bool = Field(True, validation_alias="SLACK_REACTIONS")
 
+    # Routines: one YAML file per routine (default: <data dir>/routines).
+    routines_dir: Path | None = None
+
     # Pipeline.
     busy_policy: Literal["queue", "steer", "interrupt"] = "queue"
     allowed_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)  # `:`-separated; /cwd binds inside
@@ -211,6 +214,8 @@ class Settings(BaseSettings):
             self.database_url = f"sqlite+aiosqlite:///{(self.data_dir / 'bridge.db').resolve()}"
         if self.workspace is None:
             self.workspace = self.data_dir / "workspace"
+        if self.routines_dir is None:
+            self.routines_dir = self.data_dir / "routines"
         self.workspace = self.workspace.resolve()
         self.allowed_roots = [Path(p).expanduser().resolve() for p in self.allowed_roots] or [self.workspace]
         return self

@@ -251,3 +251,24 @@ def nothing_to_retry() -> Reply:
 def _short(text: str, limit: int = 120) -> str:
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def routines_list(routines: dict, states: dict, last: dict, errors: list) -> Reply:
+    from bridge.routines.definitions import utc
+
+    if not routines and not errors:
+        return Reply(text="No routines. Put one YAML file per routine in the routines directory "
+                          "(see templates/routines/).")
+    lines = ["Routines:"]
+    for name, routine in sorted(routines.items()):
+        state = states.get(name)
+        enabled = routine.enabled if state is None or state.enabled is None else bool(state.enabled)
+        next_due = routine.next_due(state.last_due_at) if state is not None else None
+        run = last.get(name)
+        last_part = f" · last: {run.status} at {utc(run.started_at or run.due_at)}" if run is not None else ""
+        when = f"next {utc(next_due)}" if enabled and next_due else "disabled" if not enabled else "starting"
+        lines.append(f"- `{name}` · {routine.describe_schedule()} · {when}{last_part} → "
+                     f"{', '.join(routine.targets) or 'no target'}")
+    for error in errors:
+        lines.append(f"- ⚠️ `{error.file}` not loaded: {error.reason}")
+    return Reply(text="\n".join(lines))

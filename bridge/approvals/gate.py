@@ -229,6 +229,9 @@ class HumanGate:
 
     # -- the person's side -----------------------------------------------------------------
 
+    def may_decide_as_admin(self, channel: str, user_id: str) -> bool:
+        return f"{channel}:{user_id}" in self.admins
+
     def may_decide(self, approval: Any, channel: str, user_id: str) -> bool:
         return user_id == approval.requested_by or f"{channel}:{user_id}" in self.admins
 

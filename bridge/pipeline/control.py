@@ -17,6 +17,7 @@ from bridge.pipeline.answers import answer, claim
 from bridge.pipeline.dispatcher import Dispatcher, Job
 from bridge.pipeline.retry import Retrier
 from bridge.pipeline.session_commands import SessionCommands
+from bridge.routines.scheduler import Scheduler
 from bridge.pipeline.turns import TurnRunner
 from bridge.runtimes.base import Decision
 from bridge.store import approvals, conversations
@@ -29,7 +30,8 @@ REFUSAL_INTERVAL = 60.0  # one "admins only" answer per person and conversation 
 
 class ControlCommands:
     def __init__(self, db: Database, outbox: Outbox, runner: TurnRunner, gate: HumanGate, retrier: Retrier,
-                 dispatcher: Dispatcher, sessions: SessionCommands, *, busy_policy: str = "queue") -> None:
+                 dispatcher: Dispatcher, sessions: SessionCommands, *, busy_policy: str = "queue",
+                 routines: Scheduler | None = None) -> None:
         self.db = db
         self.outbox = outbox
         self.runner = runner
@@ -38,6 +40,7 @@ class ControlCommands:
         self.dispatcher = dispatcher
         self.sessions = sessions
         self.busy_policy = busy_policy
+        self.routines = routines
         self._refused: dict[tuple[str, str], float] = {}
 
     async def handle(self, job: Job) -> None:
@@ -69,6 +72,8 @@ class ControlCommands:
             reply = presenter.queue_text(self.dispatcher.queued_texts(key))
         elif command.name == "steer":
             reply = await self._steer(key, command.args)
+        elif command.name == "routines":
+            reply = await self._routines(key, user, command.args)
         elif command.known:
             reply = await self.sessions.handle(command.name, command.args, key, user, is_group=is_group)
         else:
@@ -150,6 +155,22 @@ class ControlCommands:
         if drop_queue:
             return presenter.stopped_all(len(dropped))
         return presenter.stop_requested() if stopped else presenter.nothing_to_stop()
+
+    async def _routines(self, key: str, user: str, args: str) -> Reply:
+        if self.routines is None:
+            return Reply(text="Routines are not available.")
+        words = args.split()
+        if words[:1] == ["run"]:
+            if not self.gate.may_decide_as_admin(ConversationKey.parse(key).channel, user):
+                return presenter.admins_only("/routines run")
+            if len(words) != 2:
+                return Reply(text="Usage: `/routines run <name>`")
+            return Reply(text=await self.routines.run_now(words[1]))
+        from bridge.store import routines as routines_repo
+
+        states = await self.db.read(routines_repo.states)
+        last = await self.db.read(routines_repo.last_runs)
+        return presenter.routines_list(self.routines.routines, states, last, self.routines.errors)
 
     async def _steer(self, key: str, text: str) -> Reply:
         running = self.runner.running.get(key)

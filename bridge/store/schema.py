@@ -17,6 +17,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    UniqueConstraint,
 )
 
 metadata = MetaData(
@@ -187,4 +188,38 @@ approval_audit = Table(
     Column("actor", String(255), nullable=True),
     Column("conversation_key", String(255), nullable=False),
     Column("detail", JSON, nullable=False),
+)
+
+
+# Routines: where each routine's schedule stands (the last due time handled; an enable/disable
+# override), and one receipt per run. A run is claimed by inserting its (routine, due_at) row:
+# the unique key makes each due time run once, whichever replica gets there first.
+routine_state = Table(
+    "routine_state",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("last_due_at", Float, nullable=False),
+    Column("next_due_at", Float, nullable=True),
+    Column("enabled", Integer, nullable=True),
+    Column("updated_at", Float, nullable=False),
+)
+
+routine_runs = Table(
+    "routine_runs",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("routine", String(64), nullable=False),
+    Column("due_at", Float, nullable=False),
+    Column("manual", Integer, nullable=False, default=0),
+    Column("status", String(16), nullable=False),  # running | completed | failed | interrupted | missed
+    Column("owner", String(128), nullable=True),
+    Column("started_at", Float, nullable=True),
+    Column("finished_at", Float, nullable=True),
+    Column("lease_until", Float, nullable=True),
+    Column("output", Text, nullable=True),
+    Column("error", Text, nullable=True),
+    Column("delivered_to", Text, nullable=True),  # JSON list of targets
+    Column("note", Text, nullable=True),
+    UniqueConstraint("routine", "due_at", name="uq_routine_runs_due"),
+    Index("ix_routine_runs_status", "status"),
 )

@@ -1,0 +1,341 @@
+"""The routine scheduler and the running of one routine.
+
+Every tick the scheduler reads the routine files (they may change while the service runs),
+computes which due times have passed since each routine's last handled one, and claims them in
+the store: a run is a `(routine, due_at)` row, so each due time runs once, whichever replica
+claims it first, and a routine's runs never overlap. A due time that passed while no service ran
+is *missed*: `catch_up: skip` posts a note and runs nothing, `latest` runs once for the newest,
+`all` runs each in order.
+
+A run is a turn of the routine's runtime in the routine's own session (conversation
+`routine:<name>`, reused or fresh per run), unattended: approval requests are decided by the
+rules alone. The scheduler is the one delivery owner: the final output goes to each target
+through the outbox, in the same transaction that closes the run's receipt, so each target gets
+it once. A failing routine posts a visible failure and stays scheduled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from loguru import logger
+
+from bridge.approvals.gate import HumanGate, TurnScope
+from bridge.delivery.outbox import Outbox
+from bridge.routines import digest
+from bridge.routines.definitions import LoadError, Routine, load_dir, utc
+from bridge.runtimes.base import Approval, ApprovalRequest, Decision, Runtime, TurnRequest
+from bridge.store import conversations
+from bridge.store import routines as repo
+from bridge.store.db import Database
+from channels.base import Card, ConversationKey, Reply
+
+ON_TIME = 90.0  # a due time this recent is run as scheduled, not treated as missed
+LEASE = 60.0  # a run's claim, renewed while it runs; a dead process's run expires after it
+
+
+class _UnattendedContext:
+    """A routine's TurnContext: no person to ask, no chat to stream into."""
+
+    def __init__(self, runner: "RoutineRunner", scope: TurnScope, key: str) -> None:
+        self.runner = runner
+        self.scope = scope
+        self.key = key
+        self.latest = ""
+        self.notices: list[str] = []
+
+    async def progress(self, text: str) -> None:
+        self.latest = text
+
+    async def ask_approval(self, request: ApprovalRequest) -> Approval:
+        ruled = await self.runner.gate.by_rules(self.scope, request)
+        if ruled is not None:
+            return ruled
+        return Approval(Decision.DENY, "Routines run unattended: allow this in the approval rules for it to run.")
+
+    async def bind_thread(self, thread_id: str, *, lost: str | None = None, reason: str | None = None) -> None:
+        async def _bind(conn) -> None:
+            await conversations.bind_thread(conn, self.scope.session_id, runtime=self.runner.runtime.name,
+                                            thread_id=thread_id, lost=lost, reason=reason)
+
+        await self.runner.db.write(_bind)
+
+    async def notice(self, text: str) -> None:
+        self.notices.append(text)
+
+
+class RoutineRunner:
+    """Runs one claimed routine run and delivers its outcome."""
+
+    def __init__(self, db: Database, outbox: Outbox, runtime: Runtime, gate: HumanGate, *, workspace: str,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.db = db
+        self.outbox = outbox
+        self.runtime = runtime
+        self.gate = gate
+        self.workspace = workspace
+        self.clock = clock
+
+    async def run(self, routine: Routine, run_id: int, due_at: float, *, note: str | None = None) -> Reply:
+        log = logger.bind(routine=routine.name, run=run_id)
+        log.info("routine: {} run {} (due {})", routine.name, run_id, utc(due_at))
+        renewer = asyncio.create_task(self._renew(run_id))
+        status, output, error = "completed", "", None
+        try:
+            async with asyncio.timeout(routine.timeout):
+                if routine.kind == "digest":
+                    reply = await self._digest(routine, run_id)
+                else:
+                    reply = await self._turn(routine, run_id, routine.text)
+            output = reply.card.body if reply.card else reply.text
+            if reply.card is not None and reply.card.status == "failed":
+                status, error = "failed", output
+        except TimeoutError:
+            status, error = "failed", f"timed out after {routine.timeout:g}s"
+            reply = Reply(text=f"❌ Routine `{routine.name}` timed out after {routine.timeout:g}s.")
+        except Exception as exc:  # noqa: BLE001 - a failing routine is reported, and stays scheduled
+            log.exception("routine: {} failed", routine.name)
+            status, error = "failed", f"{type(exc).__name__}: {exc}"
+            reply = Reply(text=f"❌ Routine `{routine.name}` failed: {error}")
+        finally:
+            renewer.cancel()
+        if note:
+            reply = _with_note(reply, note)
+        await self._deliver(routine, run_id, reply, status=status, output=output, error=error)
+        log.info("routine: {} run {} {}", routine.name, run_id, status)
+        return reply
+
+    async def _renew(self, run_id: int) -> None:
+        while True:
+            await asyncio.sleep(LEASE / 3)
+            await self.db.write(lambda c: repo.renew(c, run_id, until=self.clock() + LEASE))
+
+    async def _session(self, routine: Routine) -> tuple[TurnScope, str, conversations.SessionRef]:
+        key = f"routine:{routine.name}"
+        runtime = routine.runtime or self.runtime.name
+        workspace = routine.workspace or self.workspace
+
+        async def _resolve(conn):
+            conversation_id = await conversations.ensure_conversation(
+                conn, key, channel="routine", chat_id=routine.name, thread_id=None, is_group=False)
+            if routine.session == "fresh":
+                return await conversations.new_session(conn, conversation_id, name=None, runtime=runtime,
+                                                       workspace=workspace)
+            return await conversations.active_session(conn, conversation_id, runtime=runtime, workspace=workspace)
+
+        session = await self.db.write(_resolve)
+        scope = TurnScope(turn_id=0, conversation_id=session.conversation_id, session_id=session.session_id,
+                          conversation_key=key, channel="routine", requested_by=f"routine:{routine.name}",
+                          is_group=False, runtime=self.runtime.name, workspace=session.workspace)
+        return scope, key, session
+
+    async def _turn(self, routine: Routine, run_id: int, text: str) -> Reply:
+        if routine.runtime and routine.runtime != self.runtime.name:
+            raise RuntimeError(f"runtime {routine.runtime!r} is not the service's ({self.runtime.name})")
+        scope, key, session = await self._session(routine)
+        ctx = _UnattendedContext(self, scope, key)
+        os.makedirs(session.workspace, exist_ok=True)
+        request = TurnRequest(turn_id=run_id, session_id=session.session_id, runtime_thread_id=session.runtime_thread_id,
+                              workspace=session.workspace, text=text, sender_id=scope.requested_by,
+                              sender_name=f"routine {routine.name}", is_group=False, settings=session.settings)
+        try:
+            outcome = await self.runtime.run_turn(request, ctx)
+        except asyncio.CancelledError:
+            await self.runtime.interrupt(session.session_id)
+            raise
+        if outcome.status == "failed":
+            return Reply(card=Card(kind="routine", title=f"Routine {routine.name} failed", body=outcome.text,
+                                   status="failed"))
+        return Reply(card=Card(kind="routine", title=f"Routine {routine.name}", body=outcome.text,
+                               status="completed"))
+
+    async def _digest(self, routine: Routine, run_id: int) -> Reply:
+        since, until, day = digest.day_bounds(self.clock(), routine.timezone)
+        items = await self.db.read(lambda c: digest.activity(c, since, until))
+        summary = digest.render(day, items)
+        if routine.prompt and items:
+            # the runtime writes the digest from the day's activity
+            reply = await self._turn(routine, run_id, f"{routine.prompt}\n\nThe activity of {day}:\n\n{summary}")
+            if reply.card is not None and reply.card.status != "failed":
+                return Reply(card=Card(kind="digest", title=f"Digest · {day}", body=reply.card.body,
+                                       status="completed"))
+            return reply
+        return Reply(card=Card(kind="digest", title=f"Digest · {day}", body=summary, status="completed"))
+
+    async def _deliver(self, routine: Routine, run_id: int, reply: Reply, *, status: str, output: str,
+                       error: str | None) -> None:
+        targets = []
+        ops = []
+        for n, target in enumerate(routine.targets):
+            key = ConversationKey.parse(target)
+            ops += self.outbox.send_ops(key.channel, str(key), reply, ref=f"routine-{run_id}-{n}")
+            targets.append(str(key))
+
+        async def _write(conn) -> None:
+            from bridge.store import outbox as outbox_repo
+
+            await outbox_repo.run(conn, ops)
+            await repo.finish(conn, run_id, status=status, output=output, error=error, delivered_to=targets)
+
+        await self.db.write(_write)
+        for target in targets:
+            self.outbox.kick(target)
+
+
+def _with_note(reply: Reply, note: str) -> Reply:
+    if reply.card is not None:
+        card = reply.card
+        return Reply(card=Card(kind=card.kind, title=card.title, body=f"_{note}_\n\n{card.body}", status=card.status,
+                               actions=card.actions))
+    return Reply(text=f"_{note}_\n\n{reply.text}")
+
+
+class Scheduler:
+    def __init__(self, db: Database, runner: RoutineRunner, outbox: Outbox, *, directory: Path,
+                 clock: Callable[[], float] = time.time, tick: float = 1.0, owner: str | None = None) -> None:
+        self.db = db
+        self.runner = runner
+        self.outbox = outbox
+        self.directory = directory
+        self.clock = clock
+        self.tick_interval = tick
+        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}"
+        self.routines: dict[str, Routine] = {}
+        self.errors: list[LoadError] = []
+        self._running: dict[str, asyncio.Task[Any]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._reported: set[str] = set()
+
+    def reload(self) -> None:
+        self.routines, self.errors = load_dir(self.directory)
+        for error in self.errors:
+            if f"{error.file}:{error.reason}" not in self._reported:
+                self._reported.add(f"{error.file}:{error.reason}")
+                logger.error("routines: {} is not loaded: {}", error.file, error.reason)
+
+    async def start(self) -> None:
+        self.reload()
+        await self.db.write(lambda c: repo.expire_stale(c, now=self.clock()))
+        self._task = asyncio.create_task(self._loop(), name="routines")
+        if self.routines:
+            logger.info("routines: {} loaded from {}", len(self.routines), self.directory)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        for task in list(self._running.values()):
+            task.cancel()
+        await asyncio.gather(*self._running.values(), return_exceptions=True)
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                self.reload()
+                await self.tick()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - the scheduler outlives a bad tick
+                logger.exception("routines: tick failed")
+            await asyncio.sleep(self.tick_interval)
+
+    async def tick(self) -> None:
+        now = self.clock()
+        states = await self.db.read(repo.states)
+        await self.db.write(lambda c: repo.expire_stale(c, now=now))
+        for name, routine in self.routines.items():
+            state = states.get(name)
+            if state is None:
+                await self.db.write(lambda c, r=routine: repo.init_state(
+                    c, r.name, last_due_at=now, next_due_at=r.next_due(now)))
+                continue
+            enabled = routine.enabled if state.enabled is None else bool(state.enabled)
+            if name in self._running:
+                continue
+            dues = routine.due_between(state.last_due_at, now)
+            if not dues:
+                continue
+            if not enabled:  # a disabled routine's due times pass quietly
+                await self.db.write(lambda c, r=routine, d=dues[-1]: repo.advance(
+                    c, r.name, last_due_at=d, next_due_at=r.next_due(d)))
+                continue
+            await self._handle(routine, dues, now)
+
+    async def _handle(self, routine: Routine, dues: list[float], now: float) -> None:
+        missed = [d for d in dues if now - d > ON_TIME]
+        on_time = [d for d in dues if now - d <= ON_TIME]
+        plan: list[tuple[float, str | None]] = []
+        if missed:
+            count = len(missed)
+            what = f"{count} run{'s' if count != 1 else ''} of `{routine.name}` missed while the service was down " \
+                   f"({utc(missed[0])} … {utc(missed[-1])})"
+            if routine.catch_up == "all":
+                plan += [(d, f"Catching up: {what}; this is the run due {utc(d)}.") for d in missed]
+            elif routine.catch_up == "latest" and not on_time:
+                plan.append((missed[-1], f"Catching up: {what}; running once for the latest."))
+            else:
+                await self._note_missed(routine, missed[-1], f"⏭ Skipped: {what} (catch_up: {routine.catch_up}).")
+        plan += [(d, None) for d in on_time]
+        if plan:
+            self._running[routine.name] = asyncio.create_task(self._run_plan(routine, plan, dues[-1]))
+        else:
+            await self.db.write(lambda c: repo.advance(c, routine.name, last_due_at=dues[-1],
+                                                       next_due_at=routine.next_due(dues[-1])))
+
+    async def _run_plan(self, routine: Routine, plan: list[tuple[float, str | None]], last_due: float) -> None:
+        try:
+            for due, note in plan:
+                run_id = await self.db.write(lambda c, d=due: repo.claim(c, routine.name, d, owner=self.owner,
+                                                                          lease=LEASE))
+                if run_id is None:
+                    continue  # another replica has it (or a run of this routine is still going)
+                await self.runner.run(routine, run_id, due, note=note)
+            await self.db.write(lambda c: repo.advance(c, routine.name, last_due_at=last_due,
+                                                       next_due_at=routine.next_due(last_due)))
+        finally:
+            self._running.pop(routine.name, None)
+
+    async def _note_missed(self, routine: Routine, due: float, text: str) -> None:
+        run_id = await self.db.write(lambda c: repo.claim(c, routine.name, due, owner=self.owner, lease=0,
+                                                          status="missed", note=text))
+        if run_id is None:
+            return  # another replica posted the note
+        reply = Reply(text=text)
+        ops = []
+        for n, target in enumerate(routine.targets):
+            key = ConversationKey.parse(target)
+            ops += self.outbox.send_ops(key.channel, str(key), reply, ref=f"routine-{run_id}-{n}")
+
+        async def _write(conn) -> None:
+            from bridge.store import outbox as outbox_repo
+
+            await outbox_repo.run(conn, ops)
+
+        await self.db.write(_write)
+        for target in routine.targets:
+            self.outbox.kick(str(ConversationKey.parse(target)))
+
+    async def run_now(self, name: str) -> str:
+        """Run a routine at once (`/routines run`, `agent-bridge routines run`); a manual run."""
+        routine = self.routines.get(name)
+        if routine is None:
+            self.reload()
+            routine = self.routines.get(name)
+        if routine is None:
+            return f"No routine named `{name}`."
+        if name in self._running:
+            return f"`{name}` is running now."
+        run_id = await self.db.write(lambda c: repo.claim(c, name, self.clock(), owner=self.owner, lease=LEASE,
+                                                          manual=True))
+        if run_id is None:
+            return f"`{name}` is running now."
+        task = asyncio.create_task(self.runner.run(routine, run_id, self.clock()))
+        self._running[name] = task
+        task.add_done_callback(lambda _t: self._running.pop(name, None))
+        return f"🔁 Running `{name}` now; its output goes to {', '.join(routine.targets) or 'no target'}."

@@ -1,0 +1,275 @@
+"""Routines: the scheduler with a controllable clock against the real store (SQLite, and two
+instances on one PostgreSQL database), and the service end to end through the web chat."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from bridge.approvals import rules
+from bridge.approvals.gate import HumanGate
+from bridge.delivery.outbox import Outbox
+from bridge.metrics import Metrics
+from bridge.routines.definitions import load_dir
+from bridge.routines.scheduler import RoutineRunner, Scheduler
+from bridge.runtimes.shell import ShellRuntime
+from bridge.store import migrate
+from bridge.store.db import Database
+from bridge.store.schema import outbox as outbox_table
+from bridge.store.schema import routine_runs
+from tests.support.chat import final_texts
+from tests.support.databases import postgres_database
+
+T0 = 1_800_000_000.0  # a fixed start: 2027-01-15 08:00 UTC
+
+
+class Clock:
+    def __init__(self, now: float = T0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def write(directory: Path, name: str, body: str) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / f"{name}.yaml").write_text(body)
+
+
+async def make(db_url: str, directory: Path, clock: Clock, tmp_path: Path, owner: str = "a") -> tuple[Scheduler, Database]:
+    db = Database(db_url)
+    await migrate.upgrade(db.writer_engine)
+    await db.start()
+    outbox = Outbox(db.dialect)
+    runtime = ShellRuntime(timeout=30, output_limit=3500)
+    gate = HumanGate(db, outbox, Metrics(), rules=rules.load(None), timeout=60, admins=[])
+    runner = RoutineRunner(db, outbox, runtime, gate, workspace=str(tmp_path / "ws"), clock=clock)
+    scheduler = Scheduler(db, runner, outbox, directory=directory, clock=clock, owner=owner)
+    scheduler.reload()
+    return scheduler, db
+
+
+async def settle(scheduler: Scheduler) -> None:
+    """Let the runs a tick started finish."""
+    while scheduler._running:
+        await asyncio.gather(*scheduler._running.values(), return_exceptions=True)
+
+
+async def tick(scheduler: Scheduler) -> None:
+    await scheduler.tick()
+    await settle(scheduler)
+
+
+async def sent(db: Database) -> list[tuple[str, str]]:
+    async def rows(conn):
+        return (await conn.execute(select(outbox_table.c.conversation_key, outbox_table.c.payload)
+                                   .where(outbox_table.c.op == "send").order_by(outbox_table.c.id))).all()
+
+    out = []
+    for key, payload in await db.read(rows):
+        data = payload if isinstance(payload, dict) else json.loads(payload)
+        card = data.get("card")
+        out.append((key, (card["body"] if card else data["text"])))
+    return out
+
+
+async def runs(db: Database) -> list:
+    async def rows(conn):
+        return (await conn.execute(select(routine_runs).order_by(routine_runs.c.due_at))).all()
+
+    return await db.read(rows)
+
+
+@pytest.fixture
+async def sqlite(tmp_path):
+    created = []
+
+    async def _make(directory, clock, owner="a"):
+        scheduler, db = await make(f"sqlite+aiosqlite:///{tmp_path / 'r.db'}", directory, clock, tmp_path, owner)
+        created.append((scheduler, db))
+        return scheduler, db
+
+    yield _make
+    for scheduler, db in created:
+        await scheduler.stop()
+        await db.close()
+
+
+EVERY_MINUTE = """
+name: ping
+schedule: "* * * * *"
+command: "echo pong-{n}"
+targets: [webchat:c-ops, webchat:c-team]
+catch_up: {catch_up}
+"""
+
+
+async def test_a_due_routine_runs_once_and_is_delivered_once_per_target(sqlite, tmp_path):
+    routines, clock = tmp_path / "routines", Clock()
+    write(routines, "ping", EVERY_MINUTE.format(n=1, catch_up="latest"))
+    scheduler, db = await sqlite(routines, clock)
+    await tick(scheduler)  # first sight: starts from now
+    assert await runs(db) == []
+    clock.now = T0 + 61
+    await tick(scheduler)
+    await tick(scheduler)  # the same due time again: nothing
+    assert [r.status for r in await runs(db)] == ["completed"]
+    assert [(key, "pong-1" in text) for key, text in await sent(db)] == [("webchat:c-ops", True),
+                                                                        ("webchat:c-team", True)]
+    clock.now = T0 + 121
+    await tick(scheduler)
+    assert len(await runs(db)) == 2 and len(await sent(db)) == 4
+
+
+async def test_a_restart_between_due_time_and_run_still_runs_it_once(sqlite, tmp_path):
+    routines, clock = tmp_path / "routines", Clock()
+    write(routines, "ping", EVERY_MINUTE.format(n=2, catch_up="skip"))
+    first, db = await sqlite(routines, clock)
+    await tick(first)
+    await first.stop()
+    clock.now = T0 + 70  # down over the due time, back 10 s later
+    second, _ = await sqlite(routines, clock, owner="b")
+    await tick(second)
+    await tick(second)
+    assert [r.status for r in await runs(db)] == ["completed"]
+    assert len(await sent(db)) == 2
+
+
+@pytest.mark.parametrize("policy,statuses,notes", [
+    ("skip", ["missed"], 1),
+    ("latest", ["completed"], 1),
+    ("all", ["completed", "completed", "completed"], 3),
+])
+async def test_downtime_across_three_due_times_follows_catch_up(sqlite, tmp_path, policy, statuses, notes):
+    routines, clock = tmp_path / "routines", Clock()
+    write(routines, "ping", EVERY_MINUTE.format(n=3, catch_up=policy).replace("* * * * *", "*/5 * * * *"))
+    scheduler, db = await sqlite(routines, clock)
+    await tick(scheduler)
+    clock.now = T0 + 15 * 60 + 100  # three due times passed while down, the newest 100 s ago
+    await tick(scheduler)
+    assert [r.status for r in await runs(db)] == statuses
+    messages = [text for key, text in await sent(db) if key == "webchat:c-ops"]
+    assert sum(("missed" in text) for text in messages) == notes
+    await tick(scheduler)
+    assert len(await runs(db)) == len(statuses)  # handled once
+
+
+async def test_a_failing_routine_says_so_and_stays_scheduled(sqlite, tmp_path):
+    routines, clock = tmp_path / "routines", Clock()
+    write(routines, "broken", 'name: broken\ninterval: 60\ncommand: "exit 3"\ntargets: [webchat:c-ops]\n'
+                              'runtime: nosuch\n')
+    scheduler, db = await sqlite(routines, clock)
+    await tick(scheduler)
+    clock.now = T0 + 61
+    await tick(scheduler)
+    clock.now = T0 + 122
+    await tick(scheduler)
+    assert [r.status for r in await runs(db)] == ["failed", "failed"]
+    assert all("failed" in text for _, text in await sent(db))
+
+
+async def test_invalid_files_are_reported_and_the_others_load(tmp_path):
+    routines = tmp_path / "routines"
+    write(routines, "good", 'name: good\ninterval: 60\ncommand: "echo ok"\ntargets: [webchat:c]\n')
+    write(routines, "bad-cron", 'name: bad\nschedule: "61 * * * *"\ncommand: x\n')
+    write(routines, "bad-yaml", 'name: [unclosed\n')
+    write(routines, "bad-target", 'name: t\ninterval: 5\ncommand: x\ntargets: [nochannel]\n')
+    loaded, errors = load_dir(routines)
+    assert list(loaded) == ["good"]
+    reasons = {Path(e.file.split(":")[0]).name: e.reason for e in errors}
+    assert set(reasons) == {"bad-cron.yaml", "bad-yaml.yaml", "bad-target.yaml"}
+    assert "cron" in reasons["bad-cron.yaml"] and "channel:chat" in reasons["bad-target.yaml"]
+
+
+@pytest.fixture
+async def pg_url():
+    async with postgres_database() as url:
+        yield url
+
+
+@pytest.mark.postgres
+async def test_two_instances_on_one_postgres_run_each_due_time_once(tmp_path, pg_url):
+    routines, clock = tmp_path / "routines", Clock()
+    write(routines, "ping", EVERY_MINUTE.format(n=4, catch_up="latest"))
+    a, db_a = await make(pg_url, routines, clock, tmp_path, owner="a")
+    b, db_b = await make(pg_url, routines, clock, tmp_path, owner="b")
+    try:
+        await asyncio.gather(a.tick(), b.tick())
+        for minute in range(1, 4):
+            clock.now = T0 + minute * 60 + 1
+            await asyncio.gather(a.tick(), b.tick())
+            await asyncio.gather(settle(a), settle(b))
+        statuses = [r.status for r in await runs(db_a)]
+        assert statuses == ["completed"] * 3
+        assert len(await sent(db_a)) == 6  # two targets, once each per run
+    finally:
+        for scheduler, db in ((a, db_a), (b, db_b)):
+            await scheduler.stop()
+            await db.close()
+
+
+# -- the service
+
+
+def routine_env(tmp_path, body: str, name: str) -> dict[str, str]:
+    directory = tmp_path / "routines"
+    write(directory, name, body)
+    return {"BRIDGE_ROUTINES_DIR": str(directory)}
+
+
+async def test_an_interval_routine_delivers_once_per_due_time_across_a_restart(bridge, chat, tmp_path):
+    env = routine_env(tmp_path, 'name: tick\ninterval: 2\ncommand: "echo tick"\ntargets: [webchat:c-tick]\n'
+                                'catch_up: skip\n', "tick")
+    proc = bridge(**env)
+    c = chat(proc)
+
+    def cards(msgs):
+        return [m for m in msgs if m["card"] and "tick" in m["card"]["body"]]
+
+    await c.wait_for("c-tick", lambda msgs: len(cards(msgs)) >= 2, timeout=15)
+    proc.stop()
+    proc.start()
+    await c.wait_for("c-tick", lambda msgs: len(cards(msgs)) >= 4, timeout=20)
+    proc.stop()
+    with sqlite3.connect(proc.data_dir / "bridge.db") as db:
+        delivered = db.execute("SELECT count(*) FROM webchat_messages WHERE conversation_id = 'c-tick' "
+                               "AND role = 'bot'").fetchone()[0]
+        runs = db.execute("SELECT due_at, status FROM routine_runs WHERE routine = 'tick'").fetchall()
+    completed = [due for due, status in runs if status == "completed"]
+    assert delivered == len(completed) >= 4  # one message per run, none twice, none lost
+    assert len(set(completed)) == len(completed)
+    assert all(b - a >= 2 for a, b in zip(sorted(completed), sorted(completed)[1:]))
+
+
+async def test_cli_runs_the_digest_and_chat_lists_routines(bridge, chat, tmp_path):
+    digest = (Path(__file__).resolve().parents[2] / "templates" / "routines" / "nightly-digest.yaml").read_text()
+    env = routine_env(tmp_path, digest.replace("webchat:c-team", "webchat:c-digest"), "nightly-digest")
+    proc = bridge(BRIDGE_ADMINS="webchat:root", **env)
+    c = chat(proc)
+    await c.post("c-work", "alice", "echo some-work")
+    await c.wait_for("c-work", lambda msgs: [t for t in final_texts(msgs) if "exit 0" in t])
+    out = subprocess.run([sys.executable, "-m", "bridge", "routines", "run", "nightly-digest"],
+                         env={**{k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")},
+                              "BRIDGE_DATA_DIR": str(proc.data_dir), **env}, capture_output=True, text=True,
+                         cwd=proc.data_dir, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "webchat:c-work" in out.stdout and "1 completed" in out.stdout
+    messages = await c.wait_for("c-digest", lambda msgs: [m for m in msgs if m["card"]], timeout=15)
+    assert "webchat:c-work" in messages[0]["card"]["body"]
+    await c.post("c-admin", "root", "/routines")
+    listing = (await c.wait_for("c-admin", lambda msgs: [t for t in final_texts(msgs) if "Routines:" in t]))[0]
+    assert "nightly-digest" in listing and "0 22 * * *" in listing and "last: completed" in listing
+    await c.post("c-admin", "mallory", "/routines run nightly-digest")
+    await c.wait_for("c-admin", lambda msgs: [t for t in final_texts(msgs) if "for admins" in t])
+    await c.post("c-admin", "root", "/routines run nightly-digest")
+    await c.wait_for("c-admin", lambda msgs: [t for t in final_texts(msgs) if "Running `nightly-digest` now" in t])
+    await c.wait_for("c-digest", lambda msgs: len([m for m in msgs if m["card"]]) == 2, timeout=15)

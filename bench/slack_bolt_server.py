@@ -17,7 +17,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 
 def build(signing_secret: str, api_url: str) -> web.Application:
     bolt = AsyncApp(signing_secret=signing_secret, client=AsyncWebClient(token="xoxb-test", base_url=api_url),
-                    token_verification_enabled=False, ignoring_self_events_enabled=False)
+                    ignoring_self_events_enabled=False)
 
     @bolt.event("message")
     async def on_message(ack) -> None:

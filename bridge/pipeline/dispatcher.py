@@ -20,6 +20,8 @@ class Job:
     event_id: int
     conversation_key: str
     text: str
+    is_group: bool = False
+    accepted_at: float | None = None  # when the platform was answered (the event durable)
     notice: Awaitable[None] | None = None  # the queued notice's write
     timer: asyncio.TimerHandle | None = None  # posts the notice if the message is still waiting
     started: bool = False

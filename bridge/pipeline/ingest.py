@@ -40,7 +40,7 @@ class Ingestor:
             self.metrics.duplicates.labels(item.channel).inc()
             return AcceptResult(None, True)
         self.metrics.inbound.labels(item.channel, item.kind).inc()
-        self.dispatcher.submit(Job(event_id, key, event.text))
+        self.dispatcher.submit(Job(event_id, key, event.text, is_group=event.is_group, accepted_at=time.time()))
         return AcceptResult(event_id, False)
 
     async def act(self, action: InboundAction) -> ActionResult:

@@ -36,7 +36,9 @@ async def recover(db: Database, outbox: Outbox, gate: HumanGate, dispatcher: Dis
     await db.write(_reset)
     resubmitted = 0
     for event in open_events:
-        dispatcher.submit(Job(event.id, event.conversation_key, (event.payload or {}).get("text", "")))
+        payload = event.payload or {}
+        dispatcher.submit(Job(event.id, event.conversation_key, payload.get("text", ""),
+                              is_group=bool(payload.get("is_group"))))
         resubmitted += 1
     if stale or resubmitted:
         logger.warning("recovery: {} interrupted turn(s), {} event(s) dispatched again", len(stale), resubmitted)

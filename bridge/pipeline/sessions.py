@@ -35,6 +35,17 @@ class SessionResolver:
             return cached[0]
         conv = ConversationKey.parse(key)
 
+        async def _lookup(conn) -> SessionRef | None:
+            row = await conversations.get_by_key(conn, key)
+            if row is None or row.active_session_id is None:
+                return None
+            return await conversations.get_session(conn, row.active_session_id)
+
+        known = await self.db.read(_lookup)  # a read: the usual case needs no writer cycle
+        if known is not None:
+            self._remember(key, known)
+            return known
+
         async def _resolve(conn) -> SessionRef:
             conversation_id = await conversations.ensure_conversation(
                 conn, key, channel=conv.channel, chat_id=conv.chat_id, thread_id=conv.thread_id, is_group=is_group

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
@@ -149,42 +150,40 @@ class TurnRunner:
         self.running: dict[str, RunningTurn] = {}
 
     async def process(self, job: Job) -> None:
-        row = await claim(self.db, job.event_id)
-        if row is None:
+        # The session comes from the resolver's cache (or the store), so that the claim of the
+        # event and the creation of its turn are one writer unit: one commit before the runtime.
+        try:
+            session = await self.sessions.resolve(job.conversation_key, is_group=job.is_group)
+        except Exception:  # noqa: BLE001 - the event stays accepted; logged, retried on the next start
+            logger.bind(conversation=job.conversation_key, event=job.event_id).exception("turn: no session")
             return
+        ref = self.outbox.new_ref()
+        row, turn_id = await self.db.write_batched(turns.claim_and_create_many, turns.Start(
+            inbound_event_id=job.event_id, conversation_id=session.conversation_id, session_id=session.session_id,
+            reply_ref=ref))
+        if row is None:
+            return  # taken already
         payload = row.payload
         sender = payload.get("sender") or {}
         text = (payload.get("text") or "").strip()
-        if sender.get("is_bot") or not text:
-            await answer(self.db, self.outbox, row, None, status="skipped")
-            return
-        if payload.get("stale"):
-            age = row.received_at - (payload.get("sent_at") or row.received_at)
-            reply = dataclasses.replace(presenter.stale(age), reply_to=payload.get("platform_message_id"))
-            await answer(self.db, self.outbox, row, reply, status="skipped")
-            return
-        conv = ConversationKey.parse(row.conversation_key)
-        is_group = bool(payload.get("is_group"))
-        ref = self.outbox.new_ref()
-        try:
-            session = await self.sessions.resolve(row.conversation_key, is_group=is_group)
-            created = self.db.write_batched(turns.create_many, turns.NewTurn(
-                inbound_event_id=row.id, conversation_id=session.conversation_id, session_id=session.session_id,
-                requested_by=row.sender_id, input_text=text, reply_ref=ref, received_at=row.received_at,
-            ))
-            if row.reply_ref:
-                # The queued notice stays where it was posted and says the turn started; the reply is
-                # a new message below, so replies appear in the order the messages were sent.
-                await self.db.execute(self.outbox.update_ops(
-                    conv.channel, row.conversation_key, presenter.started(text), ref=row.reply_ref))
-                self.outbox.kick(row.conversation_key)
-            turn_id = await created
-        except Exception as exc:  # noqa: BLE001 - the person is told; the event is closed as failed
-            logger.bind(conversation=row.conversation_key, event=row.id).exception("turn: could not start")
-            await answer(self.db, self.outbox, row, presenter.runtime_failed(f"could not start: {exc}"), status="failed")
+        if not turns.runnable(row):
+            if payload.get("stale"):
+                age = row.received_at - (payload.get("sent_at") or row.received_at)
+                reply = dataclasses.replace(presenter.stale(age), reply_to=payload.get("platform_message_id"))
+                await answer(self.db, self.outbox, row, reply, status="skipped")
+            else:
+                await answer(self.db, self.outbox, row, None, status="skipped")
             return
         if turn_id is None:
             return  # the event already has a turn: recovery owns it
+        conv = ConversationKey.parse(row.conversation_key)
+        is_group = bool(payload.get("is_group"))
+        if row.reply_ref:
+            # The queued notice stays where it was posted and says the turn started; the reply is
+            # a new message below, so replies appear in the order the messages were sent.
+            self.db.execute(self.outbox.update_ops(
+                conv.channel, row.conversation_key, presenter.started(text), ref=row.reply_ref,
+            )).add_done_callback(functools.partial(self._written, row.conversation_key))
         scope = TurnScope(
             turn_id=turn_id, conversation_id=session.conversation_id, session_id=session.session_id,
             conversation_key=row.conversation_key, channel=conv.channel, requested_by=row.sender_id, is_group=is_group,
@@ -207,7 +206,8 @@ class TurnRunner:
                 progress.schedule()
                 outcome = await self.runtime.run_turn(request, _Context(self, scope, progress))
         except asyncio.CancelledError:
-            await asyncio.shield(self._finish(scope, row.id, progress, self._shutdown_outcome(), row.received_at))
+            await asyncio.shield(self._finish(scope, row.id, progress, self._shutdown_outcome(), row.received_at,
+                                              job.accepted_at))
             raise
         except Exception as exc:  # noqa: BLE001 - a runtime failure becomes a visible message
             log.exception("turn: runtime failed")
@@ -216,34 +216,48 @@ class TurnRunner:
         finally:
             self.running.pop(row.conversation_key, None)
             self.metrics.turns_running.dec()
-        overhead = await self._finish(scope, row.id, progress, outcome, row.received_at)
+        overhead = await self._finish(scope, row.id, progress, outcome, row.received_at, job.accepted_at)
         log.bind(**overhead).info("turn: {}", outcome.status)
+
+    def _written(self, conversation_key: str, future: asyncio.Future[None]) -> None:
+        if future.cancelled() or future.exception() is not None:
+            logger.bind(conversation=conversation_key).warning("turn: a notice was not written: {}",
+                                                              None if future.cancelled() else future.exception())
+            return
+        self.outbox.kick(conversation_key)
 
     @staticmethod
     def _shutdown_outcome() -> TurnOutcome:
         return TurnOutcome("interrupted", presenter.interrupted_by_shutdown().text, error="shutdown")
 
     async def _finish(self, scope: TurnScope, event_id: int, progress: _Progress, outcome: TurnOutcome,
-                      received_at: float) -> dict[str, float]:
+                      received_at: float, accepted_at: float | None = None) -> dict[str, float]:
         """Write the outcome; returns the bridge's own overhead around the runtime, when measurable."""
         await progress.close()
         reply = Reply(text=outcome.text)
-        await self.db.execute([
+        written = self.db.execute([
             turns.finish_op(scope.turn_id, status=outcome.status, output=outcome.output, error=outcome.error),
             *self._post_ops(scope, progress.ref, reply, sent=progress.sent),
             inbox.finish_op(event_id, "done"),
             conversations.touch_op(scope.session_id),
         ])
+        handed = time.time()  # the reply is in the outbox's queue; durable once `written` resolves
+        await written
         self.outbox.kick(scope.conversation_key)
         self.metrics.turns.labels(outcome.status).inc()
         self.metrics.turn_latency.observe(max(0.0, time.time() - received_at))
         if outcome.timing and "sent_at" in outcome.timing and "done_at" in outcome.timing:
+            # start: the message accepted (the platform answered) -> the turn sent to the runtime,
+            # less the time spent waiting on the runtime itself (starting or resuming its thread);
+            # finish: the runtime done -> the reply handed to the outbox (and -> committed)
             t = outcome.timing
-            start = t["sent_at"] - received_at - t.get("waited", 0.0)
-            finish = time.time() - t["done_at"]
+            start = t["sent_at"] - (accepted_at or received_at) - t.get("waited", 0.0)
+            finish = handed - t["done_at"]
+            committed = time.time() - t["done_at"]
             self.metrics.runtime_overhead.labels("start").observe(max(0.0, start))
             self.metrics.runtime_overhead.labels("finish").observe(max(0.0, finish))
-            return {"overhead_start_ms": round(start * 1000, 3), "overhead_finish_ms": round(finish * 1000, 3)}
+            return {"overhead_start_ms": round(start * 1000, 3), "overhead_finish_ms": round(finish * 1000, 3),
+                    "overhead_finish_committed_ms": round(committed * 1000, 3)}
         return {}
 
     async def post(self, scope: TurnScope, ref: str, reply: Reply, *, sent: bool) -> None:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import time
-
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from bridge.store import inbox
 from bridge.store.dialect import upsert
 from bridge.store.schema import turns
 
@@ -17,33 +18,42 @@ ACTIVE = ("running",)
 TERMINAL = ("completed", "failed", "interrupted", "stopped")
 
 
-@dataclass(slots=True)
-class NewTurn:
+@dataclass(frozen=True, slots=True)
+class Start:
+    """Claim an accepted event and, when it is to run, create its turn (one writer unit)."""
+
     inbound_event_id: int
     conversation_id: int
     session_id: int
-    requested_by: str
-    input_text: str
     reply_ref: str
-    received_at: float
 
 
-async def create_many(conn: AsyncConnection, items: Sequence[NewTurn]) -> list[int | None]:
-    """Create the turn of each inbound event; None for an event that already has one."""
-    now = time.time()
-    rows = [
-        {"inbound_event_id": t.inbound_event_id, "conversation_id": t.conversation_id, "session_id": t.session_id,
-         "requested_by": t.requested_by, "status": "running", "input_text": t.input_text, "reply_ref": t.reply_ref,
-         "received_at": t.received_at, "started_at": now}
-        for t in items
-    ]
-    stmt = (
-        upsert(conn, turns).on_conflict_do_nothing(index_elements=["inbound_event_id"])
-        .returning(turns.c.id, turns.c.inbound_event_id)
-    )
-    created = {row.inbound_event_id: row.id for row in await conn.execute(stmt, rows)}
-    # an event asked for twice in one batch gets its turn once
-    return [created.pop(t.inbound_event_id, None) for t in items]
+def runnable(row) -> bool:
+    """Whether a claimed event becomes a turn (not a bot's message, not empty, not stale)."""
+    payload = row.payload or {}
+    return bool((payload.get("text") or "").strip()) and not (payload.get("sender") or {}).get("is_bot") \
+        and not payload.get("stale")
+
+
+async def claim_and_create_many(conn: AsyncConnection, items: Sequence[Start]) -> list[tuple[Any, int | None]]:
+    """Per item: the claimed event row (None if someone else took it) and its new turn's id (None
+    when it does not run, or already has a turn). Claims and turns of many conversations that land
+    in one writer cycle are two statements in all."""
+    rows = await inbox.claim_many(conn, [item.inbound_event_id for item in items])
+    starts = [(item, row) for item, row in zip(items, rows) if row is not None and runnable(row)]
+    created: dict[int, int] = {}
+    if starts:
+        now = time.time()
+        values = [
+            {"inbound_event_id": row.id, "conversation_id": item.conversation_id, "session_id": item.session_id,
+             "requested_by": row.sender_id, "status": "running", "input_text": (row.payload.get("text") or "").strip(),
+             "reply_ref": item.reply_ref, "received_at": row.received_at, "started_at": now}
+            for item, row in starts
+        ]
+        stmt = (upsert(conn, turns).on_conflict_do_nothing(index_elements=["inbound_event_id"])
+                .returning(turns.c.id, turns.c.inbound_event_id))
+        created = {r.inbound_event_id: r.id for r in await conn.execute(stmt, values)}
+    return [(row, created.pop(row.id, None) if row is not None else None) for row in rows]
 
 
 FINISH = (

@@ -50,7 +50,7 @@ class ChatClient:
         return [m for m in await self.messages(conversation_id) if m["role"] == "bot"]
 
     async def wait_for(self, conversation_id: str, predicate: Callable[[list[dict[str, Any]]], Any],
-                       timeout: float = 15.0) -> Any:
+                       timeout: float = 15.0, poll: float = 0.05) -> Any:
         """Poll the transcript until `predicate(bot_messages)` is truthy; return its value."""
         deadline = time.monotonic() + timeout
         last: list[dict[str, Any]] = []
@@ -59,7 +59,7 @@ class ChatClient:
             result = predicate(last)
             if result:
                 return result
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(poll)
         raise AssertionError(f"timed out waiting in {conversation_id}; bot messages: {last}")
 
     async def wait_card(self, conversation_id: str, status: str = "pending", timeout: float = 15.0) -> dict[str, Any]:

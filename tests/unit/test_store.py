@@ -121,9 +121,10 @@ async def _conversation_and_turn(db):
         session = await conversations.active_session(conn, cid, runtime="shell", workspace="/tmp")
         again = await conversations.active_session(conn, cid, runtime="shell", workspace="/tmp")
         assert again.session_id == session.session_id
-        item = turns.NewTurn(inbound_event_id=event_id, conversation_id=cid, session_id=session.session_id,
-                             requested_by="alice", input_text="x", reply_ref="r1", received_at=time.time())
-        turn_id, duplicate = await turns.create_many(conn, [item, item])
+        item = turns.Start(inbound_event_id=event_id, conversation_id=cid, session_id=session.session_id,
+                           reply_ref="r1")
+        (row, turn_id), (again_row, duplicate) = await turns.claim_and_create_many(conn, [item, item])
+        assert row is not None and again_row is None  # claimed once
         return cid, session, turn_id, duplicate
 
     return await db.write(begin)
@@ -231,10 +232,10 @@ async def test_hot_path_statements_coalesce_without_falling_back(db):
     statement SQLAlchemy cannot executemany would silently degrade to one commit per unit)."""
     cid, session, turn_id, _ = await _conversation_and_turn(db)
     ids = [await db.write_batched(inbox.insert_many, event(f"hp{i}")) for i in range(3)]
-    claimed = await asyncio.gather(*(db.write_batched(inbox.claim_many, i) for i in ids))
-    new_turns = await asyncio.gather(*(db.write_batched(turns.create_many, turns.NewTurn(
-        inbound_event_id=i, conversation_id=cid, session_id=session.session_id, requested_by="a", input_text="x",
-        reply_ref=f"ref{i}", received_at=time.time())) for i in ids))
+    started = await asyncio.gather(*(db.write_batched(turns.claim_and_create_many, turns.Start(
+        inbound_event_id=i, conversation_id=cid, session_id=session.session_id, reply_ref=f"ref{i}")) for i in ids))
+    claimed = [row for row, _ in started]
+    new_turns = [turn_id for _, turn_id in started]
     assert all(claimed) and all(new_turns)
     failed_before, commits_before = db.stats.failed_batches, db.stats.commits
     units = []

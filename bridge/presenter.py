@@ -81,7 +81,15 @@ def help_text(runtime: str) -> Reply:
     ]
     if runtime == "shell":
         lines.insert(2, "- Each message is a shell command. Read-only commands run at once; others ask for approval.")
-    return Reply(text="\n".join(lines))
+    # Where the channel has buttons, the common commands are one click away.
+    buttons = tuple(Button(f"cmd:{name}", label, style, {"command": f"/{name}"}) for name, label, style in (
+        ("status", "Status", "primary"), ("sessions", "Sessions", "default"), ("queue", "Queue", "default"),
+        ("new", "New session", "default"), ("stop", "Stop", "danger")))
+    return Reply(card=Card(kind="help", title=lines[0].replace("**", ""), body="\n".join(lines[2:]),
+                           actions=buttons))
+
+
+CLICKABLE_COMMANDS = frozenset({"/status", "/sessions", "/queue", "/new", "/stop", "/help", "/routines"})
 
 
 def status_text(*, runtime: str, session: str, workspace: str, running: str | None, elapsed: float | None,

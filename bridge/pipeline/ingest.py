@@ -4,7 +4,9 @@ straight to the human gate."""
 from __future__ import annotations
 
 import time
+import uuid
 
+from bridge import presenter
 from bridge.approvals.gate import HumanGate
 from bridge.metrics import Metrics
 from bridge.pipeline.dispatcher import Dispatcher, Job
@@ -44,6 +46,17 @@ class Ingestor:
         return AcceptResult(event_id, False)
 
     async def act(self, action: InboundAction) -> ActionResult:
+        if action.action_id.startswith("cmd:"):
+            # a command button (the help card): the click is the person sending that command
+            command = str(action.value.get("command", ""))
+            if command not in presenter.CLICKABLE_COMMANDS:
+                return ActionResult("not_found", "Unknown command button.")
+            await self.accept(InboundMessage(
+                conversation=action.conversation, sender=action.actor, text=command,
+                event_key=f"{action.conversation.channel}:click:{uuid.uuid4().hex}", is_group=action.is_group,
+                mentions_bot=True,
+            ))
+            return ActionResult("ok", f"Sent {command}")
         if action.action_id == "retry":
             approval_id = str(action.value.get("approval_id", ""))
             approval = await self.db.read(lambda c: approvals.get(c, approval_id)) if approval_id else None

@@ -140,14 +140,22 @@ async def test_mode_and_model_are_per_session_and_shown_in_status(bridge, chat, 
     assert "mode `strict`" in status and "model `gpt-x`" in status and "echo now-asks" in status
 
 
-async def test_unknown_commands_get_a_hint_and_help_lists_the_commands(bridge, chat):
+async def test_unknown_commands_get_a_hint_and_help_is_a_card_with_command_buttons(bridge, chat):
     proc = bridge()
     c = chat(proc)
     await say(c, "c-h", "/frobnicate")
     await c.wait_for("c-h", has_final("Unknown command `/frobnicate`"))
     await say(c, "c-h", "/help")
-    text = (await c.wait_for("c-h", has_final("/sessions", "/switch", "/steer")))[0]
-    assert "/resume" in text and "/cwd" in text
+    card = (await c.wait_for("c-h", lambda msgs: [m for m in msgs if m["card"] and m["card"]["kind"] == "help"]))[0]
+    body = card["card"]["body"]
+    assert all(cmd in body for cmd in ("/sessions", "/switch", "/steer", "/resume", "/cwd"))
+    assert [a["id"] for a in card["card"]["actions"]] == ["cmd:status", "cmd:sessions", "cmd:queue", "cmd:new",
+                                                          "cmd:stop"]
+    status, body = await c.act("c-h", card["id"], "cmd:status", "alice")
+    assert status == 200 and "/status" in body["toast"]
+    await c.wait_for("c-h", has_final("Session `main`", "Idle"))
+    status, _ = await c.act("c-h", card["id"], "cmd:nope", "alice")
+    assert status == 409
 
 
 def cli(proc, *argv: str) -> subprocess.CompletedProcess:

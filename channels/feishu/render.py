@@ -12,6 +12,7 @@ import json
 from typing import Any
 
 from channels.base import Card, Reply
+from channels.markdown import blocks
 
 CARD_LIMIT = 30 * 1024  # bytes of the card's JSON, the platform's limit
 BUDGET = 24 * 1024  # bytes of escaped markdown per card, leaving room for the frame and part label
@@ -22,38 +23,6 @@ BUTTON_TYPES = {"primary": "primary", "danger": "danger", "default": "default"}
 
 def _escaped_size(text: str) -> int:
     return len(json.dumps(text, ensure_ascii=False).encode("utf-8"))
-
-
-def _blocks(text: str) -> list[str]:
-    """Paragraphs, with a fenced code block kept as one block."""
-    blocks: list[str] = []
-    current: list[str] = []
-    fence: str | None = None
-    for line in text.split("\n"):
-        stripped = line.lstrip()
-        if fence is None and stripped.startswith(("```", "~~~")):
-            if current:
-                blocks.append("\n".join(current))
-                current = []
-            fence = stripped[:3]
-            current.append(line)
-            continue
-        if fence is not None:
-            current.append(line)
-            if stripped.startswith(fence) and len(current) > 1:
-                blocks.append("\n".join(current))
-                current = []
-                fence = None
-            continue
-        if not line.strip():
-            if current:
-                blocks.append("\n".join(current))
-                current = []
-            continue
-        current.append(line)
-    if current:
-        blocks.append("\n".join(current))
-    return blocks
 
 
 def _hard_split(block: str, budget: int) -> list[str]:
@@ -92,7 +61,7 @@ def split_markdown(text: str, budget: int = BUDGET) -> list[str]:
         return [text]
     parts: list[str] = []
     current = ""
-    for block in _blocks(text):
+    for block in blocks(text):
         pieces = [block] if _escaped_size(block) <= budget else _hard_split(block, budget)
         for piece in pieces:
             candidate = f"{current}\n\n{piece}" if current else piece

@@ -15,6 +15,7 @@ import re
 from typing import Any
 
 from channels.base import Card, Reply
+from channels.markdown import blocks
 
 MARKDOWN_LIMIT = 11_000  # of the 12,000 markdown characters per message, with room for a part label
 SECTION_LIMIT = 2_900  # of the 3,000 per section block
@@ -29,33 +30,6 @@ def fallback_text(text: str) -> str:
     return plain[:FALLBACK_CHARS] + ("…" if len(plain) > FALLBACK_CHARS else "") or " "
 
 
-def _blocks_of(text: str) -> list[str]:
-    """Paragraphs, a fenced code block kept whole."""
-    out: list[str] = []
-    current: list[str] = []
-    fence = False
-    for line in text.split("\n"):
-        if line.lstrip().startswith("```"):
-            if not fence and current:
-                out.append("\n".join(current))
-                current = []
-            current.append(line)
-            if fence:
-                out.append("\n".join(current))
-                current = []
-            fence = not fence
-            continue
-        if not fence and not line.strip():
-            if current:
-                out.append("\n".join(current))
-                current = []
-            continue
-        current.append(line)
-    if current:
-        out.append("\n".join(current))
-    return out
-
-
 def split(text: str, limit: int) -> list[str]:
     """Cut text into pieces of at most `limit` characters at block, then line boundaries; a cut
     code block is closed and reopened."""
@@ -63,7 +37,7 @@ def split(text: str, limit: int) -> list[str]:
         return [text]
     pieces: list[str] = []
     current = ""
-    for block in _blocks_of(text):
+    for block in blocks(text):
         parts = [block] if len(block) <= limit else _cut_block(block, limit)
         for part in parts:
             candidate = f"{current}\n\n{part}" if current else part

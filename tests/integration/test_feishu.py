@@ -16,6 +16,7 @@ import pytest
 from tests.support import feishu_payloads as fp
 from tests.support.feishu_emulator import FeishuEmulator
 from tests.support.service import BridgeProcess
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.feishu
 
@@ -72,15 +73,6 @@ def card_text(message: dict) -> str:
             parts.append(el["content"])
     return "\n".join(parts)
 
-
-async def wait_until(predicate, timeout: float = 15.0, what: str = ""):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = predicate()
-        if result:
-            return result
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what or predicate}")
 
 
 def replies_with(emu: FeishuEmulator, *words: str) -> list[dict]:

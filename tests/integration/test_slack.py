@@ -14,6 +14,7 @@ import pytest
 
 from tests.support import slack_payloads as sp
 from tests.support.service import BridgeProcess
+from tests.support.waiting import wait_until
 from tests.support.slack_emulator import SlackEmulator
 
 pytestmark = pytest.mark.slack
@@ -75,15 +76,6 @@ def texts(message: dict) -> str:
 def replies_with(emu: SlackEmulator, *words: str) -> list[dict]:
     return [m for m in emu.messages() if not m.get("deleted") and all(w in texts(m) for w in words)]
 
-
-async def wait_until(predicate, timeout: float = 15.0, what: str = ""):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = predicate()
-        if result:
-            return result
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def inbox_count(proc) -> int:

@@ -1,9 +1,9 @@
--- wrk driver for the Feishu webhook benchmark (bench/feishu_webhook.py writes the requests and
--- runs it; see docs/benchmarks.md).
+-- wrk driver for the signed-webhook benchmarks (bench/webhooks.py writes the requests and runs it
+-- for bench/feishu_webhook.py and bench/slack_events.py; see docs/benchmarks.md).
 --
--- BENCH_REQUESTS names a file of pre-built requests, four lines each: X-Lark-Request-Timestamp,
--- X-Lark-Request-Nonce, X-Lark-Signature, body (an encrypted, signed im.message.receive_v1 with
--- its own event and message id). Thread t of T sends requests t, t+T, t+2T, ... so no two
+-- BENCH_REQUESTS names a file of pre-built requests, four lines each: the values of the three
+-- headers named in BENCH_HEADERS (comma-separated; "-" as a value leaves that header out), then
+-- the body (a signed event with its own event and message id). BENCH_PATH is the URL path. Thread t of T sends requests t, t+T, t+2T, ... so no two
 -- requests share an event. 2xx counts as accepted; done() prints "BENCH_JSON {...}".
 
 local threads = {}
@@ -16,6 +16,9 @@ end
 function init(args)
   local path = os.getenv("BENCH_REQUESTS")
   nthreads = tonumber(os.getenv("BENCH_THREADS") or "1")
+  url_path = os.getenv("BENCH_PATH")
+  header_names = {}
+  for name in string.gmatch(os.getenv("BENCH_HEADERS"), "[^,]+") do table.insert(header_names, name) end
   reqs = {}
   local f = assert(io.open(path, "r"))
   local lines = {}
@@ -38,13 +41,11 @@ function request()
   end
   sent = sent + 1
   local r = reqs[index + 1]
-  local headers = {
-    ["Content-Type"] = "application/json",
-    ["X-Lark-Request-Timestamp"] = r[1],
-    ["X-Lark-Request-Nonce"] = r[2],
-    ["X-Lark-Signature"] = r[3],
-  }
-  return wrk.format("POST", "/feishu/events", headers, r[4])
+  local headers = { ["Content-Type"] = "application/json" }
+  for i, name in ipairs(header_names) do
+    if r[i] ~= "-" then headers[name] = r[i] end
+  end
+  return wrk.format("POST", url_path, headers, r[4])
 end
 
 function response(status, hdrs, body)

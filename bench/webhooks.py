@@ -1,0 +1,127 @@
+"""What the signed-webhook benchmarks share (bench/feishu_webhook.py, bench/slack_events.py).
+
+A `Webhook` says how to sign requests for one platform, which path takes them, how to start the
+baseline server and how to configure the bridge; `compare()` runs the two servers in alternating
+reps on one pinned core each, with wrk (bench/signed_post.lua) replaying distinct signed events
+from the other core, counts the bridge's inbox after each run (every 200 must have its row), and
+prints one JSON line per run and a summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sqlite3
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from bench.launcher import ServerProcess, bridge_process, pin_prefix
+
+LUA = Path(__file__).with_name("signed_post.lua")
+
+
+@dataclass(frozen=True)
+class Webhook:
+    path: str  # e.g. /slack/events
+    headers: tuple[str, str, str]  # the three signed headers the request file holds, in order
+    write_requests: Callable[[Path, int], None]  # (file, count): count distinct signed requests
+    baseline: Callable[[Path, int | None], ServerProcess]  # (work dir, cpu) -> the SDK's server
+    bridge_env: dict[str, str]
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--duration", type=float, default=10.0)
+    p.add_argument("--conns", type=int, default=32)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--server-cpu", type=int, default=1)
+    p.add_argument("--client-cpu", type=int, default=0)
+    return p
+
+
+def request_lines(headers: dict[str, str], names: tuple[str, str, str], body: bytes) -> str:
+    values = [headers.get(name, "-") for name in names]
+    return "\n".join([*values, body.decode()]) + "\n"
+
+
+def run_wrk(url: str, hook: Webhook, requests: Path, *, duration: float, conns: int, threads: int,
+            cpu: int | None) -> dict[str, Any]:
+    argv = pin_prefix(cpu) + ["wrk", f"-t{threads}", f"-c{conns}", f"-d{max(1, round(duration))}s",
+                              "--timeout", "10s", "-s", str(LUA), url + hook.path]
+    env = {**os.environ, "BENCH_REQUESTS": str(requests), "BENCH_THREADS": str(threads), "BENCH_PATH": hook.path,
+           "BENCH_HEADERS": ",".join(hook.headers)}
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=duration + 60)
+    line = next((l for l in proc.stdout.splitlines() if l.startswith("BENCH_JSON ")), None)
+    if proc.returncode != 0 or line is None:
+        raise RuntimeError(f"wrk failed ({proc.returncode}): {proc.stdout[-2000:]} {proc.stderr[-2000:]}")
+    raw = json.loads(line[len("BENCH_JSON "):])
+    seconds = raw["duration_us"] / 1e6
+    lat = raw["latency_us"]
+    return {"accepted": raw["accepted"], "failed": raw["failed"], "wrapped": raw["wrapped"],
+            "errors": raw["errors"], "per_s": raw["accepted"] / seconds, "p50_ms": lat["p50"] / 1000,
+            "p90_ms": lat["p90"] / 1000, "p99_ms": lat["p99"] / 1000, "max_ms": lat["max"] / 1000}
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def compare(hook: Webhook, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    runs: list[dict[str, Any]] = []
+    startup: list[float] = []
+    idle_rss: list[float] = []
+    for rep in range(args.reps):
+        for kind in ("sdk", "bridge"):
+            requests = work / f"requests-{rep}-{kind}.txt"
+            hook.write_requests(requests, int(args.duration * 12_000) + 10_000)  # never replayed
+            data = work / f"data-{rep}"
+            if kind == "bridge":
+                proc = bridge_process(data, cpu=args.server_cpu, env=hook.bridge_env)
+                started = time.monotonic()
+                proc.start()
+                startup.append(time.monotonic() - started)
+                time.sleep(1.0)
+                idle_rss.append(rss_mb(proc.proc.pid))  # type: ignore[union-attr]
+            else:
+                proc = hook.baseline(work, args.server_cpu).start()
+            try:
+                result = run_wrk(proc.url, hook, requests, duration=args.duration, conns=args.conns,
+                                 threads=args.threads, cpu=args.client_cpu)
+                result["peak_rss_mb"] = rss_mb(proc.proc.pid)  # type: ignore[union-attr]
+            finally:
+                proc.stop()
+            if kind == "bridge":
+                with sqlite3.connect(data / "bridge.db") as db:
+                    stored = db.execute("SELECT count(*) FROM inbound_events").fetchone()[0]
+                # wrk does not count requests still in flight when it stops: stored may exceed it
+                result["stored"] = stored
+                result["lost"] = max(0, result["accepted"] - stored)
+            runs.append({"kind": kind, "rep": rep, **result})
+            print(json.dumps(runs[-1]), flush=True)
+
+    def med(kind: str, key: str) -> float:
+        return statistics.median(r[key] for r in runs if r["kind"] == kind)
+
+    return {
+        "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cpus, Python {platform.python_version()}",
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "duration_s": args.duration, "reps": args.reps, "conns": args.conns,
+        "sdk_per_s": round(med("sdk", "per_s")), "sdk_p99_ms": round(med("sdk", "p99_ms"), 1),
+        "bridge_per_s": round(med("bridge", "per_s")), "bridge_p99_ms": round(med("bridge", "p99_ms"), 1),
+        "ratio": round(med("bridge", "per_s") / med("sdk", "per_s"), 2),
+        "bridge_lost": sum(r.get("lost", 0) for r in runs if r["kind"] == "bridge"),
+        "startup_s": round(statistics.median(startup), 2), "idle_rss_mb": round(statistics.median(idle_rss), 1),
+        "bridge_peak_rss_mb": round(med("bridge", "peak_rss_mb"), 1),
+    }

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 
 def blocks(text: str) -> list[str]:
     """The text's blocks: paragraphs (split at blank lines), a fenced code block kept whole
@@ -35,3 +37,25 @@ def blocks(text: str) -> list[str]:
     if current:
         out.append("\n".join(current))
     return out
+
+
+def pack(text: str, limit: int, *, cut: Callable[[str, int], list[str]],
+         size: Callable[[str], int] = len) -> list[str]:
+    """Cut text into parts of at most `limit` (as `size` measures), joining whole blocks while
+    they fit; a block bigger than a part is cut by `cut(block, limit)`. Nothing is dropped."""
+    if size(text) <= limit:
+        return [text]
+    parts: list[str] = []
+    current = ""
+    for block in blocks(text):
+        for piece in [block] if size(block) <= limit else cut(block, limit):
+            candidate = f"{current}\n\n{piece}" if current else piece
+            if size(candidate) <= limit:
+                current = candidate
+            else:
+                if current:
+                    parts.append(current)
+                current = piece
+    if current:
+        parts.append(current)
+    return parts

@@ -12,7 +12,7 @@ import json
 from typing import Any
 
 from channels.base import Card, Reply
-from channels.markdown import blocks
+from channels.markdown import pack
 
 CARD_LIMIT = 30 * 1024  # bytes of the card's JSON, the platform's limit
 BUDGET = 24 * 1024  # bytes of escaped markdown per card, leaving room for the frame and part label
@@ -57,23 +57,7 @@ def _hard_split(block: str, budget: int) -> list[str]:
 
 def split_markdown(text: str, budget: int = BUDGET) -> list[str]:
     """Cut markdown into parts of at most `budget` escaped bytes, at block boundaries."""
-    if _escaped_size(text) <= budget:
-        return [text]
-    parts: list[str] = []
-    current = ""
-    for block in blocks(text):
-        pieces = [block] if _escaped_size(block) <= budget else _hard_split(block, budget)
-        for piece in pieces:
-            candidate = f"{current}\n\n{piece}" if current else piece
-            if _escaped_size(candidate) <= budget:
-                current = candidate
-            else:
-                if current:
-                    parts.append(current)
-                current = piece
-    if current:
-        parts.append(current)
-    return parts
+    return pack(text, budget, cut=_hard_split, size=_escaped_size)
 
 
 def _markdown(content: str) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import re
 from typing import Any
 
 from channels.base import Card, Reply
-from channels.markdown import blocks
+from channels.markdown import pack
 
 MARKDOWN_LIMIT = 11_000  # of the 12,000 markdown characters per message, with room for a part label
 SECTION_LIMIT = 2_900  # of the 3,000 per section block
@@ -33,23 +33,7 @@ def fallback_text(text: str) -> str:
 def split(text: str, limit: int) -> list[str]:
     """Cut text into pieces of at most `limit` characters at block, then line boundaries; a cut
     code block is closed and reopened."""
-    if len(text) <= limit:
-        return [text]
-    pieces: list[str] = []
-    current = ""
-    for block in blocks(text):
-        parts = [block] if len(block) <= limit else _cut_block(block, limit)
-        for part in parts:
-            candidate = f"{current}\n\n{part}" if current else part
-            if len(candidate) <= limit:
-                current = candidate
-            else:
-                if current:
-                    pieces.append(current)
-                current = part
-    if current:
-        pieces.append(current)
-    return pieces
+    return pack(text, limit, cut=_cut_block)
 
 
 def _cut_block(block: str, limit: int) -> list[str]:

@@ -17,6 +17,7 @@ import sqlite3
 import statistics
 import subprocess
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -71,6 +72,19 @@ def run_wrk(url: str, hook: Webhook, requests: Path, *, duration: float, conns: 
             "p90_ms": lat["p90"] / 1000, "p99_ms": lat["p99"] / 1000, "max_ms": lat["max"] / 1000}
 
 
+def wait_ready(url: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url + "/readyz", timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} never became ready")
+
+
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -91,8 +105,9 @@ def compare(hook: Webhook, args: argparse.Namespace, work: Path) -> dict[str, An
                 proc = bridge_process(data, cpu=args.server_cpu, env=hook.bridge_env)
                 started = time.monotonic()
                 proc.start()
-                startup.append(time.monotonic() - started)
-                time.sleep(1.0)
+                startup.append(time.monotonic() - started)  # until /healthz answers
+                wait_ready(proc.url)  # the channel's client loaded and its identity read
+                time.sleep(0.5)
                 idle_rss.append(rss_mb(proc.proc.pid))  # type: ignore[union-attr]
             else:
                 proc = hook.baseline(work, args.server_cpu).start()

@@ -24,6 +24,7 @@ import hmac
 import json
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -42,7 +43,7 @@ from channels.base import (
     Sender,
 )
 from channels.feishu import crypto, normalize, render
-from channels.feishu.api import TooLarge
+from channels.feishu.errors import TooLarge
 from channels.feishu.normalize import ChatPolicy
 
 CHANNEL = "feishu"
@@ -50,6 +51,7 @@ MAX_BODY = 1024 * 1024
 TIMESTAMP_WINDOW = 300.0
 ACTION_MEMORY = 4096
 DOWNLOAD_BUDGET = 1.5  # seconds for attachments before the ack (Feishu waits 3 s)
+LOAD_WAIT = 30.0  # seconds an event or a reply waits for the client to load at start-up
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,9 +90,11 @@ def _uuid(key: str, part: int = 0) -> str:
 class FeishuChannel:
     name = CHANNEL
 
-    def __init__(self, config: FeishuConfig, api) -> None:
+    def __init__(self, config: FeishuConfig, api_factory: Callable[[], Any]) -> None:
         self.config = config
-        self.api = api
+        self._api_factory = api_factory  # builds the FeishuApi (importing lark-oapi: ~2 s, done off the loop)
+        self._api: Any = None
+        self._loading: asyncio.Future[None] | None = None
         self.bot_open_id = ""
         self._ingest: Ingest | None = None
         self._actions: OrderedDict[str, dict[str, Any]] = OrderedDict()
@@ -101,16 +105,32 @@ class FeishuChannel:
     # -- lifecycle
 
     async def start(self, ingest: Ingest) -> None:
+        """Returns at once: lark-oapi is imported on a worker thread and the bot's identity read in
+        the background, so the service is up in about a second; events that arrive meanwhile wait
+        for it (they need the bot's open_id), replies are retried by the outbox."""
         self._ingest = ingest
+        self._loading = asyncio.ensure_future(self._load())
+        if self.transport is not None:
+            await self.transport.start(self)
+
+    async def _load(self) -> None:
+        self._api = await asyncio.get_running_loop().run_in_executor(None, self._api_factory)
         try:
-            self.bot_open_id = await self.api.bot_open_id()
+            self.bot_open_id = await self._api.bot_open_id()
             logger.info("feishu: bot open_id {}", self.bot_open_id)
         except DeliveryError as exc:
             # Still serve: events are persisted, replies retried; /readyz shows the problem.
             self._started_error = str(exc)
             logger.error("feishu: cannot read the bot's identity: {}", exc)
-        if self.transport is not None:
-            await self.transport.start(self)
+
+    async def api(self) -> Any:
+        """The API client, once loaded."""
+        if self._api is None:
+            if self._loading is None:
+                raise DeliveryError("the Feishu channel is not started", transient=True)
+            async with asyncio.timeout(LOAD_WAIT):
+                await asyncio.shield(self._loading)
+        return self._api
 
     async def stop(self) -> None:
         if self.transport is not None:
@@ -120,9 +140,9 @@ class FeishuChannel:
     async def health(self) -> dict[str, Any]:
         detail: dict[str, Any] = {"ok": bool(self.bot_open_id), "connection": self.config.connection,
                                   "bot_open_id": self.bot_open_id or None}
-        if not self.bot_open_id:
+        if not self.bot_open_id and self._api is not None:
             try:
-                self.bot_open_id = await self.api.bot_open_id()
+                self.bot_open_id = await self._api.bot_open_id()
                 detail.update(ok=True, bot_open_id=self.bot_open_id)
             except DeliveryError as exc:
                 detail["error"] = str(exc)
@@ -206,6 +226,7 @@ class FeishuChannel:
         return 200, {}
 
     async def _on_message(self, payload: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        api = await self.api()
         try:
             parsed = normalize.parse(payload, bot_open_id=self.bot_open_id, policy_for=self.config.policy_for)
         except normalize.NotAMessage as exc:
@@ -228,7 +249,7 @@ class FeishuChannel:
         conversation = ConversationKey(CHANNEL, parsed.chat_id, parsed.thread_key)
         stale = parsed.create_time is not None and time.time() - parsed.create_time > self.config.stale_after
         attachments = () if stale else await self._download(parsed)
-        name = await self.api.user_name(parsed.sender_open_id) if parsed.sender_open_id else ""
+        name = await api.user_name(parsed.sender_open_id) if parsed.sender_open_id else ""
         event = InboundMessage(
             conversation=conversation,
             sender=Sender(parsed.sender_open_id, name),
@@ -258,7 +279,7 @@ class FeishuChannel:
         out = []
 
         async def fetch(ref: normalize.FileRef) -> None:
-            data = await self.api.download(message_id=parsed.message_id, key=ref.key, kind=ref.kind)
+            data = await (await self.api()).download(message_id=parsed.message_id, key=ref.key, kind=ref.kind)
             folder.mkdir(parents=True, exist_ok=True)
             path = folder / Path(ref.name).name
             path.write_bytes(data)
@@ -274,7 +295,7 @@ class FeishuChannel:
 
     async def _react(self, chat_id: str, message_id: str, emoji: str) -> None:
         try:
-            await self.api.react(chat_id=chat_id, message_id=message_id, emoji=emoji)
+            await (await self.api()).react(chat_id=chat_id, message_id=message_id, emoji=emoji)
         except DeliveryError as exc:
             logger.debug("feishu: reaction not added: {}", exc)
 
@@ -354,18 +375,18 @@ class FeishuChannel:
     async def _post(self, conversation: ConversationKey, card: dict[str, Any], uuid: str,
                     reply_to: str | None, in_thread: bool) -> str:
         try:
-            return await self.api.send_card(chat_id=conversation.chat_id, card=render.card_json(card), uuid=uuid,
+            return await (await self.api()).send_card(chat_id=conversation.chat_id, card=render.card_json(card), uuid=uuid,
                                             reply_to=reply_to, in_thread=in_thread)
         except DeliveryError as exc:
             if reply_to and not exc.transient and "230011" in str(exc):
                 # the message replied to was recalled: post in the chat instead
-                return await self.api.send_card(chat_id=conversation.chat_id, card=render.card_json(card),
+                return await (await self.api()).send_card(chat_id=conversation.chat_id, card=render.card_json(card),
                                                 uuid=uuid, reply_to=None, in_thread=False)
             raise
 
     async def update(self, conversation: ConversationKey, platform_message_id: str, reply: Reply) -> None:
         cards = self.render(reply)
-        await self.api.patch_card(chat_id=conversation.chat_id, message_id=platform_message_id,
+        await (await self.api()).patch_card(chat_id=conversation.chat_id, message_id=platform_message_id,
                                   card=render.card_json(cards[0]))
         if len(cards) > 1:
             # A reply that outgrew its message: the rest follows as numbered parts, with uuids from
@@ -376,4 +397,4 @@ class FeishuChannel:
                 await self._post(conversation, card, _uuid(key, part), reply_to, in_thread)
 
     async def react(self, conversation: ConversationKey, platform_message_id: str, emoji: str) -> None:
-        await self.api.react(chat_id=conversation.chat_id, message_id=platform_message_id, emoji=emoji)
+        await (await self.api()).react(chat_id=conversation.chat_id, message_id=platform_message_id, emoji=emoji)

@@ -36,6 +36,7 @@ from lark_oapi.core.token.manager import TokenManager
 from loguru import logger
 
 from channels.base import DeliveryError
+from channels.feishu.errors import TooLarge
 
 TOKEN_ERRORS = (99991663, 99991661)
 RATE_LIMITED = 99991400
@@ -59,11 +60,6 @@ def _code(resp: Any) -> int | None:
     if parsed is None:
         return 0 if 200 <= status < 300 else None
     return int(parsed)
-
-
-class TooLarge(DeliveryError):
-    def __init__(self, message: str) -> None:
-        super().__init__(message, transient=False)
 
 
 class TokenBucket:

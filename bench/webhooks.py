@@ -17,7 +17,6 @@ import sqlite3
 import statistics
 import subprocess
 import time
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.launcher import ServerProcess, bridge_process, pin_prefix
+from tests.support.waiting import wait_ready
 
 LUA = Path(__file__).with_name("signed_post.lua")
 
@@ -70,19 +70,6 @@ def run_wrk(url: str, hook: Webhook, requests: Path, *, duration: float, conns: 
     return {"accepted": raw["accepted"], "failed": raw["failed"], "wrapped": raw["wrapped"],
             "errors": raw["errors"], "per_s": raw["accepted"] / seconds, "p50_ms": lat["p50"] / 1000,
             "p90_ms": lat["p90"] / 1000, "p99_ms": lat["p99"] / 1000, "max_ms": lat["max"] / 1000}
-
-
-def wait_ready(url: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url + "/readyz", timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"{url} never became ready")
 
 
 def rss_mb(pid: int) -> float:

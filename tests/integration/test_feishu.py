@@ -16,7 +16,7 @@ import pytest
 from tests.support import feishu_payloads as fp
 from tests.support.feishu_emulator import FeishuEmulator
 from tests.support.service import BridgeProcess
-from tests.support.waiting import wait_until
+from tests.support.waiting import wait_ready, wait_until
 
 pytestmark = pytest.mark.feishu
 
@@ -47,6 +47,8 @@ def service(tmp_path, emulator):
     def _start(**extra: str) -> BridgeProcess:
         proc = BridgeProcess(tmp_path / f"data{len(started)}", env=feishu_env(emulator, **extra)).start()
         started.append(proc)
+        # lark-oapi loads on a worker thread after start-up; Feishu is pointed at a ready service
+        wait_ready(proc.url)
         return proc
 
     yield _start

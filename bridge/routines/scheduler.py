@@ -170,22 +170,27 @@ class RoutineRunner:
 
     async def _deliver(self, routine: Routine, run_id: int, reply: Reply, *, status: str, output: str,
                        error: str | None) -> None:
-        targets = []
-        ops = []
-        for n, target in enumerate(routine.targets):
-            key = ConversationKey.parse(target)
-            ops += self.outbox.send_ops(key.channel, str(key), reply, ref=f"routine-{run_id}-{n}")
-            targets.append(str(key))
-
-        async def _write(conn) -> None:
-            from bridge.store import outbox as outbox_repo
-
-            await outbox_repo.run(conn, ops)
+        async def close(conn, targets: list[str]) -> None:
             await repo.finish(conn, run_id, status=status, output=output, error=error, delivered_to=targets)
 
-        await self.db.write(_write)
-        for target in targets:
-            self.outbox.kick(target)
+        await post_to_targets(self.db, self.outbox, routine, run_id, reply, also=close)
+
+
+async def post_to_targets(db: Database, outbox: Outbox, routine: Routine, run_id: int, reply: Reply, *,
+                          also: Callable[[Any, list[str]], Any] | None = None) -> None:
+    """Queue `reply` for each of the routine's targets (refs from the run: a retried write posts
+    nothing twice), with `also(conn, targets)` in the same transaction."""
+    targets = [str(ConversationKey.parse(t)) for t in routine.targets]
+
+    async def _write(conn) -> None:
+        for n, key in enumerate(targets):
+            await outbox.send_in(conn, ConversationKey.parse(key).channel, key, reply, ref=f"routine-{run_id}-{n}")
+        if also is not None:
+            await also(conn, targets)
+
+    await db.write(_write)
+    for key in targets:
+        outbox.kick(key)
 
 
 def _with_note(reply: Reply, note: str) -> Reply:
@@ -306,20 +311,7 @@ class Scheduler:
                                                           status="missed", note=text))
         if run_id is None:
             return  # another replica posted the note
-        reply = Reply(text=text)
-        ops = []
-        for n, target in enumerate(routine.targets):
-            key = ConversationKey.parse(target)
-            ops += self.outbox.send_ops(key.channel, str(key), reply, ref=f"routine-{run_id}-{n}")
-
-        async def _write(conn) -> None:
-            from bridge.store import outbox as outbox_repo
-
-            await outbox_repo.run(conn, ops)
-
-        await self.db.write(_write)
-        for target in routine.targets:
-            self.outbox.kick(str(ConversationKey.parse(target)))
+        await post_to_targets(self.db, self.outbox, routine, run_id, Reply(text=text))
 
     async def run_now(self, name: str) -> str:
         """Run a routine at once (`/routines run`, `agent-bridge routines run`); a manual run."""

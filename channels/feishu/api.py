@@ -43,6 +43,7 @@ RATE_LIMITED = 99991400
 CHAT_RATE_LIMITED = 230020
 TOO_LARGE = 230025
 NAME_TTL = 3600.0
+TOKEN_HOLD = 300.0  # seconds a token is reused without asking the SDK (it refreshes 10 min before expiry)
 
 
 def _code(resp: Any) -> int | None:
@@ -93,21 +94,32 @@ class FeishuApi:
         self._chat_qps = chat_qps
         self._chat_buckets: OrderedDict[str, TokenBucket] = OrderedDict()
         self._token_lock = asyncio.Lock()
+        self._token = ""
+        self._token_until = 0.0
         self._names: dict[str, tuple[str, float]] = {}
         self.token_refreshes = 0
 
     # -- the tenant token, never fetched on the loop
 
     async def token(self, *, force: bool = False) -> str:
+        # Held here for a few minutes so an ordinary call costs no thread hop; the SDK's own cache
+        # (fetched on a worker thread) decides when Feishu is asked for a new one.
+        if not force and self._token and time.monotonic() < self._token_until:
+            return self._token
         async with self._token_lock:
             if force:
                 TokenManager.cache.set(f"self_tenant_token:{self.app_id}", "", 0)
+                self._token = ""
                 self.token_refreshes += 1
+            elif self._token and time.monotonic() < self._token_until:
+                return self._token
             loop = asyncio.get_running_loop()
             try:
-                return await loop.run_in_executor(None, TokenManager.get_self_tenant_token, self.client._config)
+                token = await loop.run_in_executor(None, TokenManager.get_self_tenant_token, self.client._config)
             except Exception as exc:  # noqa: BLE001 - the SDK raises its own types and requests' errors
                 raise DeliveryError(f"cannot get a tenant token: {type(exc).__name__}: {exc}", transient=True) from exc
+            self._token, self._token_until = token, time.monotonic() + TOKEN_HOLD
+            return token
 
     async def _option(self, *, force: bool = False) -> lark.RequestOption:
         return lark.RequestOption.builder().tenant_access_token(await self.token(force=force)).build()

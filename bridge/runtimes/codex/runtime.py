@@ -82,6 +82,7 @@ class CodexRuntime:
         self._loaded: dict[str, int] = {}  # thread id -> generation it was started/resumed in
         self._server_tasks: dict[tuple[int, Any], asyncio.Task[Any]] = {}
         self.unsupported: set[str] = set()
+        self._progress_tasks: set[asyncio.Task[None]] = set()
 
     # -- lifecycle
 
@@ -344,7 +345,11 @@ class CodexRuntime:
                 task.cancel()  # codex settled it itself (the turn was interrupted)
 
     def _progress(self, turn: _Turn) -> None:
-        asyncio.ensure_future(turn.ctx.progress(turn.show()))
+        # Called from the reader, which must not wait: the update runs as a task, kept referenced
+        # until done (a bare future may be collected mid-flight).
+        task = asyncio.ensure_future(turn.ctx.progress(turn.show()))
+        self._progress_tasks.add(task)
+        task.add_done_callback(self._progress_tasks.discard)
 
     # -- server requests (approvals, questions)
 

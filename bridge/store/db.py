@@ -1,4 +1,4 @@
-"""Database access: a read pool and one group-committing writer.
+"""Database access: reads, and one group-committing writer.
 
 SQLite allows one writer at a time, and a transaction per request through SQLAlchemy async costs
 several thread round-trips. So every write in the service goes through the writer: one task
@@ -9,6 +9,23 @@ into one executemany, so a busy cycle costs a handful of statements however many
 carries: that is what lets the inbox acknowledge thousands of messages a second while still
 persisting each one before the ack.
 
+On SQLite, the writer cycle and the point reads run on the event loop's own thread, over plain
+`sqlite3` connections, with no thread hop at all. aiosqlite pays one round trip between the loop
+and its worker thread per statement; on a VM whose cores wake each other slowly, those hand-offs,
+not SQLite, were the cost of a message (see docs/benchmarks.md). That is safe because nothing in
+the cycle can wait on the outside world:
+
+- store functions stay `async def` taking a connection, and on SQLite they are driven to
+  completion synchronously (`_drive`); one that awaits anything but its connection is an error;
+- WAL with `synchronous=NORMAL` commits without fsync; the fsync happens at checkpoints, which
+  the writer never runs itself (`wal_autocheckpoint=0`): a checkpointer task runs them on the
+  aiosqlite pool's thread;
+- the writer takes SQLite's write lock with `BEGIN IMMEDIATE` and no busy wait: when another
+  process (the CLI) holds it, the cycle is retried after an async pause instead of blocking;
+- reads that may be large (`read(fn, offload=True)`) still go through the aiosqlite pool.
+
+PostgreSQL (several replicas) keeps everything on asyncpg, which is natively asynchronous.
+
 If a batch fails, it is rolled back and retried in halves (recursively), so one bad unit fails
 alone, costs O(log n) extra commits, and never takes its neighbours with it.
 """
@@ -16,13 +33,16 @@ alone, costs O(log n) extra commits, and never takes its neighbours with it.
 from __future__ import annotations
 
 import asyncio
+import sqlite3
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from loguru import logger
-from sqlalchemy import Executable, event, text
+from sqlalchemy import Connection, Engine, Executable, create_engine, event, make_url, text
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 T = TypeVar("T")
@@ -33,10 +53,21 @@ Statements = Sequence[tuple[Executable, dict[str, Any]]]
 
 MAX_BATCH = 1000
 BACKGROUND_BATCH = 256  # bounds how long an urgent unit can wait behind background work
+BUSY_PAUSES = (0.002, 0.005, 0.01, 0.02, 0.05)  # SQLite's write lock held by another process
+BUSY_LIMIT = 30.0  # seconds of a held lock after which queued writes fail instead of waiting
+CHECKPOINT_EVERY = 1.0  # seconds between WAL checkpoints while writes happen
 
 
 class StoreClosed(RuntimeError):
     """A write was queued after the store closed."""
+
+
+class StoreBusy(RuntimeError):
+    """SQLite's write lock stayed with another process for longer than BUSY_LIMIT."""
+
+
+class _LockHeld(Exception):
+    """BEGIN IMMEDIATE found the write lock taken: nothing ran, the cycle is retried later."""
 
 
 @dataclass(slots=True)
@@ -65,6 +96,31 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cursor.close()
 
 
+def _sqlite_writer_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    """The on-loop writer: the driver never begins transactions itself (the writer says BEGIN
+    IMMEDIATE), SQLite never busy-waits (that would block the loop), never checkpoints inline."""
+    _sqlite_pragmas(dbapi_conn, _record)
+    dbapi_conn.isolation_level = None
+    cursor = dbapi_conn.cursor()
+    cursor.execute("PRAGMA busy_timeout=0")
+    cursor.execute("PRAGMA wal_autocheckpoint=0")
+    cursor.close()
+
+
+def _sqlite_reader_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    _sqlite_pragmas(dbapi_conn, _record)
+    cursor = dbapi_conn.cursor()
+    cursor.execute("PRAGMA busy_timeout=0")  # a WAL reader does not wait for writers
+    cursor.execute("PRAGMA query_only=ON")
+    cursor.close()
+
+
+def _sync_sqlite_engine(url: str, on_connect: Callable[[Any, Any], None]) -> Engine:
+    engine = create_engine(make_url(url).set(drivername="sqlite+pysqlite"), pool_size=1, max_overflow=0)
+    event.listen(engine, "connect", on_connect)
+    return engine
+
+
 def make_engine(url: str, *, pool_size: int) -> AsyncEngine:
     if url.startswith("sqlite"):
         engine = create_async_engine(url, pool_size=pool_size, max_overflow=0)
@@ -74,8 +130,78 @@ def make_engine(url: str, *, pool_size: int) -> AsyncEngine:
     return engine
 
 
+class _OnLoopConnection:
+    """A synchronous SQLAlchemy connection behind the `AsyncConnection` methods the store uses.
+
+    Its coroutines never suspend, so a store function written against `AsyncConnection` runs to
+    completion in one `_drive` call on the loop's thread.
+    """
+
+    __slots__ = ("sync",)
+
+    def __init__(self, sync: Connection) -> None:
+        self.sync = sync
+
+    @property
+    def dialect(self):
+        return self.sync.dialect
+
+    @property
+    def closed(self) -> bool:
+        return self.sync.closed
+
+    @property
+    def invalidated(self) -> bool:
+        return self.sync.invalidated
+
+    async def execute(self, statement: Any, parameters: Any = None, **kw: Any) -> Any:
+        return self.sync.execute(statement, parameters, **kw)
+
+    async def scalar(self, statement: Any, parameters: Any = None, **kw: Any) -> Any:
+        return self.sync.scalar(statement, parameters, **kw)
+
+    async def scalars(self, statement: Any, parameters: Any = None, **kw: Any) -> Any:
+        return self.sync.scalars(statement, parameters, **kw)
+
+    async def exec_driver_sql(self, statement: str, parameters: Any = None) -> Any:
+        return self.sync.exec_driver_sql(statement, parameters)
+
+    async def commit(self) -> None:
+        self.sync.commit()
+
+    async def rollback(self) -> None:
+        self.sync.rollback()
+
+    async def close(self) -> None:
+        self.sync.close()
+
+
+def _drive(coro: Any) -> Any:
+    """Run a coroutine that never suspends to its end, synchronously, and return its value."""
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        return done.value
+    coro.close()
+    raise RuntimeError("a store function awaited something other than its connection")
+
+
+async def _call(conn: Any, coro: Any) -> Any:
+    """Await a store function; on an on-loop connection, drive it, so that one which suspends
+    fails as its own unit (and is isolated by the halving) instead of stalling the cycle."""
+    if isinstance(conn, _OnLoopConnection):
+        return _drive(coro)
+    return await coro
+
+
+def _lock_held(exc: BaseException) -> bool:
+    orig = getattr(exc, "orig", exc)
+    return isinstance(orig, sqlite3.OperationalError) and "locked" in str(orig)
+
+
 class Database:
-    """The store's connections: `read()` on a small pool, `write()` through the group committer."""
+    """The store's connections: `read()` for reads, `write()` and friends through the group
+    committer; on SQLite both run on the loop's thread (see the module's docstring)."""
 
     def __init__(self, url: str, *, read_pool: int = 4) -> None:
         self.url = url
@@ -83,6 +209,12 @@ class Database:
         self.dialect = "sqlite" if self.is_sqlite else "postgresql"
         self.reader = make_engine(url, pool_size=read_pool)
         self.writer_engine = make_engine(url, pool_size=1)
+        # SQLite only: the on-loop connections (opened by start())
+        self._sync_writer_engine = _sync_sqlite_engine(url, _sqlite_writer_pragmas) if self.is_sqlite else None
+        self._sync_reader_engine = _sync_sqlite_engine(url, _sqlite_reader_pragmas) if self.is_sqlite else None
+        self._sync_reader: _OnLoopConnection | None = None
+        self._checkpointer: asyncio.Task[None] | None = None
+        self._commits_at_checkpoint = 0
         self._urgent: deque[_Unit] = deque()
         self._background: deque[_Unit] = deque()
         self._wake = asyncio.Event()
@@ -90,15 +222,26 @@ class Database:
         self._drained.set()
         self._closed = False
         self._task: asyncio.Task[None] | None = None
-        self._conn: AsyncConnection | None = None
+        self._conn: AsyncConnection | _OnLoopConnection | None = None
         self.stats = WriterStats()
 
     # -- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
         if self._task is None:
-            self._conn = await self.writer_engine.connect()
+            self._conn = await self._connect_writer()
+            if self.is_sqlite:
+                assert self._sync_reader_engine is not None
+                self._sync_reader = _OnLoopConnection(self._sync_reader_engine.connect())
+                self._checkpointer = asyncio.create_task(self._checkpoints(), name="store-checkpointer")
             self._task = asyncio.create_task(self._run(), name="store-writer")
+
+    async def _connect_writer(self) -> AsyncConnection | _OnLoopConnection:
+        if self._sync_writer_engine is not None:
+            engine = self._sync_writer_engine
+            conn = engine.connect()
+            return _OnLoopConnection(conn)
+        return await self.writer_engine.connect()
 
     async def close(self) -> None:
         self._closed = True  # later writes fail at once instead of waiting for a writer that is gone
@@ -111,9 +254,27 @@ class Database:
             except asyncio.CancelledError:
                 pass
             self._task = None
+        if self._checkpointer is not None:
+            self._checkpointer.cancel()
+            try:
+                await self._checkpointer
+            except asyncio.CancelledError:
+                pass
+            self._checkpointer = None
         if self._conn is not None:
+            if isinstance(self._conn, _OnLoopConnection):
+                try:  # leave a short WAL behind
+                    self._conn.sync.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+                except Exception as exc:  # noqa: BLE001 - another process may be reading
+                    logger.debug("store: final checkpoint skipped: {}", _brief(exc))
             await self._conn.close()
             self._conn = None
+        if self._sync_reader is not None:
+            await self._sync_reader.close()
+            self._sync_reader = None
+        for engine in (self._sync_writer_engine, self._sync_reader_engine):
+            if engine is not None:
+                engine.dispose()
         await self.writer_engine.dispose()
         await self.reader.dispose()
 
@@ -149,7 +310,16 @@ class Database:
         self._wake.set()
         return unit.future
 
-    async def read(self, fn: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+    async def read(self, fn: Callable[[AsyncConnection], Awaitable[T]], *, offload: bool = False) -> T:
+        """`fn(conn)` on a read connection. On SQLite it runs at once on the loop's thread, which
+        suits the indexed, bounded reads of the pipeline; `offload=True` sends a read that may be
+        large (a page of a transcript, a digest) to the aiosqlite pool's thread instead."""
+        on_loop = self._sync_reader
+        if on_loop is not None and not offload:
+            try:
+                return _drive(fn(on_loop))  # type: ignore[arg-type]
+            finally:
+                on_loop.sync.rollback()  # end the read snapshot
         async with self.reader.connect() as conn:
             return await fn(conn)
 
@@ -171,7 +341,36 @@ class Database:
             source, limit = (self._urgent, MAX_BATCH) if take_urgent else (self._background, BACKGROUND_BATCH)
             units = [source.popleft() for _ in range(min(limit, len(source)))]
             urgent_turn = not take_urgent
-            await self._commit_group(units)
+            if isinstance(self._conn, _OnLoopConnection):
+                await self._commit_on_loop(units)
+            else:
+                await self._commit_group(units)
+
+    async def _commit_on_loop(self, units: list[_Unit]) -> None:
+        """One SQLite cycle, synchronously; while another process holds the write lock, pause
+        (without blocking the loop) and try again, up to BUSY_LIMIT."""
+        started = time.monotonic()
+        attempt = 0
+        while True:
+            try:
+                _drive(self._commit_group(units))
+                return
+            except _LockHeld as held:
+                if time.monotonic() - started > BUSY_LIMIT:
+                    for unit in units:
+                        self._fail(unit, StoreBusy(f"the database stayed locked by another process: {held}"))
+                    return
+                await asyncio.sleep(BUSY_PAUSES[min(attempt, len(BUSY_PAUSES) - 1)])
+                attempt += 1
+                # A failed batch retried in halves may have committed a half before the lock
+                # was lost: what is settled is not run again.
+                units = [unit for unit in units if not unit.future.done()]
+                if not units:
+                    return
+            finally:
+                # yield once per cycle, so requests that arrive meanwhile are parsed and join
+                # the next cycle instead of waiting behind a run of cycles
+                await asyncio.sleep(0)
 
     async def _commit_group(self, units: list[_Unit]) -> None:
         conn = self._conn
@@ -180,6 +379,17 @@ class Database:
             await self._rollback(conn)
             conn = self._conn
             assert conn is not None
+        if isinstance(conn, _OnLoopConnection):
+            try:
+                await conn.exec_driver_sql("BEGIN IMMEDIATE")
+            except OperationalError as exc:
+                await self._rollback(conn)
+                if _lock_held(exc):
+                    raise _LockHeld(_brief(exc)) from None
+                logger.error("store: cannot begin a write transaction: {}", _brief(exc))
+                for unit in units:
+                    self._fail(unit, exc)
+                return
         try:
             results = await self._execute(conn, units)
             await conn.commit()
@@ -225,13 +435,13 @@ class Database:
             if kind == "single":
                 unit = units[ref]
                 assert unit.single is not None
-                results[ref] = await unit.single(conn)
+                results[ref] = await _call(conn, unit.single(conn))
             elif kind == "stmt":
                 values = params[ref]
                 await conn.execute(ref, values if len(values) > 1 else values[0])
             else:
                 indexes = batches[ref]
-                out = await ref(conn, [units[i].item for i in indexes])
+                out = await _call(conn, ref(conn, [units[i].item for i in indexes]))
                 for i, value in zip(indexes, out, strict=True):
                     results[i] = value
         return results
@@ -249,10 +459,24 @@ class Database:
         except Exception:  # noqa: BLE001
             pass
         try:
-            self._conn = await self.writer_engine.connect()
+            self._conn = await self._connect_writer()
             logger.warning("store: writer reconnected")
         except Exception as exc:  # noqa: BLE001 - the next batch tries again
             logger.error("store: writer cannot reconnect: {}", exc)
+
+    async def _checkpoints(self) -> None:
+        """SQLite: copy the WAL back into the database off the loop's thread (it fsyncs), about
+        once a second while writes happen. PASSIVE never waits for readers or the writer."""
+        while True:
+            await asyncio.sleep(CHECKPOINT_EVERY)
+            if self.stats.commits == self._commits_at_checkpoint:
+                continue
+            self._commits_at_checkpoint = self.stats.commits
+            try:
+                async with self.reader.connect() as conn:
+                    await conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)")
+            except Exception as exc:  # noqa: BLE001 - the next round tries again
+                logger.warning("store: WAL checkpoint failed: {}", _brief(exc))
 
     @staticmethod
     def _fail(unit: _Unit, exc: BaseException) -> None:

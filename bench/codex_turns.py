@@ -38,15 +38,40 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
+async def follow(http: aiohttp.ClientSession, url: str, conversation: str, finals: asyncio.Queue[str]) -> None:
+    """The conversation's live stream, as the web page reads it (no polling load on the service):
+    every final bot reply goes into `finals`."""
+    params = {"conversation_id": conversation, "after": "0"}
+    async with http.get(url + "/chat/api/stream", params=params, timeout=aiohttp.ClientTimeout(total=None)) as resp:
+        resp.raise_for_status()
+        data: list[str] = []
+        async for raw in resp.content:
+            line = raw.decode().rstrip("\r\n")
+            if line.startswith("data:"):
+                data.append(line[5:].lstrip())
+            elif not line and data:
+                message = json.loads("\n".join(data))
+                data = []
+                if message["role"] == "bot":
+                    for text in final_texts([message]):
+                        finals.put_nowait(text)
+
+
 async def session(chat: ChatClient, conversation: str, turns: int, walls: list[float]) -> None:
-    for n in range(turns):
-        text = f"turn {n} of {conversation}"
-        started = time.monotonic()
-        await chat.post(conversation, "bench", text)
-        # polled gently: the harness's own requests would otherwise load the loop it measures
-        await chat.wait_for(conversation, lambda msgs, t=text: any(t in x for x in final_texts(msgs)), timeout=60,
-                            poll=0.25)
-        walls.append(time.monotonic() - started)
+    finals: asyncio.Queue[str] = asyncio.Queue()
+    reader = asyncio.create_task(follow(chat.http, chat.base, conversation, finals))
+    try:
+        await asyncio.sleep(0.2)  # subscribed before the first message
+        for n in range(turns):
+            text = f"turn {n} of {conversation}"
+            started = time.monotonic()
+            await chat.post(conversation, "bench", text)
+            async with asyncio.timeout(60):
+                while text not in await finals.get():
+                    pass
+            walls.append(time.monotonic() - started)
+    finally:
+        reader.cancel()
 
 
 async def run(args: argparse.Namespace) -> dict:
@@ -77,6 +102,7 @@ async def run(args: argparse.Namespace) -> dict:
             start_ms.append(extra["overhead_start_ms"])
             finish_ms.append(extra["overhead_finish_ms"])
             total_ms.append(extra["overhead_start_ms"] + extra["overhead_finish_ms"])
+    Path("/tmp/codex_log.txt").write_text(proc.log_path.read_text())
     assert len(total_ms) == args.sessions * args.turns, f"{len(total_ms)} overhead records"
 
     def summary(values: list[float]) -> dict:

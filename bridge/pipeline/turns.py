@@ -160,7 +160,7 @@ class TurnRunner:
         ref = self.outbox.new_ref()
         row, turn_id = await self.db.write_batched(turns.claim_and_create_many, turns.Start(
             inbound_event_id=job.event_id, conversation_id=session.conversation_id, session_id=session.session_id,
-            reply_ref=ref))
+            reply_ref=ref), urgent=True)  # a person waits on the turn's start
         if row is None:
             return  # taken already
         payload = row.payload

@@ -115,8 +115,12 @@ async def activate(conn: AsyncConnection, conversation_id: int, session_id: int)
                        .values(active_session_id=session_id, updated_at=time.time()))
 
 
+SESSION_BY_ID = select(sessions).where(sessions.c.id == bindparam("b_id"))
+BY_KEY = select(conversations).where(conversations.c.key == bindparam("b_key"))
+
+
 async def get_session(conn: AsyncConnection, session_id: int) -> SessionRef | None:
-    row = (await conn.execute(select(sessions).where(sessions.c.id == session_id))).first()
+    row = (await conn.execute(SESSION_BY_ID, {"b_id": session_id})).first()
     return _ref(row) if row else None
 
 
@@ -154,7 +158,7 @@ async def all_sessions(conn: AsyncConnection, *, include_archived: bool = False)
 
 
 async def get_by_key(conn: AsyncConnection, key: str):
-    return (await conn.execute(select(conversations).where(conversations.c.key == key))).first()
+    return (await conn.execute(BY_KEY, {"b_key": key})).first()
 
 
 async def key_of(conn: AsyncConnection, conversation_id: int) -> str:

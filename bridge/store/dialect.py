@@ -8,6 +8,13 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 
-def upsert(conn: AsyncConnection, table: Table):
-    """An INSERT that supports ON CONFLICT on both SQLite and PostgreSQL."""
-    return (sqlite_insert if conn.dialect.name == "sqlite" else pg_insert)(table)
+def upsert(dialect: AsyncConnection | str, table: Table):
+    """An INSERT that supports ON CONFLICT on both SQLite and PostgreSQL (`dialect`: a connection
+    or a dialect's name).
+
+    Statements on the hot path are built once per dialect (`functools.cache` on a builder that
+    takes the dialect's name) and reused: building a statement and computing its cache key costs
+    several times more than running it.
+    """
+    name = dialect if isinstance(dialect, str) else dialect.dialect.name
+    return (sqlite_insert if name == "sqlite" else pg_insert)(table)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -59,15 +60,24 @@ async def insert_many(conn: AsyncConnection, items: Sequence[NewEvent]) -> list[
         )
     inserted: dict[str, int] = {}
     if rows:
-        stmt = (
-            upsert(conn, inbound_events)
-            .on_conflict_do_nothing()
-            .returning(inbound_events.c.id, inbound_events.c.event_key)
-        )
-        result = await conn.execute(stmt, rows)
+        result = await conn.execute(_insert(conn.dialect.name), rows)
         inserted = {row.event_key: row.id for row in result}
     return [inserted.get(item.event_key) if ok else None for item, ok in zip(items, fresh)]
 
+
+@functools.cache
+def _insert(dialect: str):
+    return (upsert(dialect, inbound_events).on_conflict_do_nothing()
+            .returning(inbound_events.c.id, inbound_events.c.event_key))
+
+
+CLAIM = (
+    update(inbound_events)
+    .where(inbound_events.c.id.in_(bindparam("b_ids", expanding=True)), inbound_events.c.status == "accepted")
+    .values(status="processing")
+    .returning(*inbound_events.c)
+)
+BY_ID = select(inbound_events).where(inbound_events.c.id == bindparam("b_id"))
 
 FINISH = (
     update(inbound_events)
@@ -82,19 +92,13 @@ def finish_op(event_id: int, status: str, error: str | None = None):
 
 async def claim_many(conn: AsyncConnection, event_ids: Sequence[int]) -> list[Any]:
     """accepted -> processing for each id; per id its row, or None when someone else took it."""
-    result = await conn.execute(
-        update(inbound_events)
-        .where(inbound_events.c.id.in_(list(event_ids)), inbound_events.c.status == "accepted")
-        .values(status="processing")
-        .returning(*inbound_events.c)
-    )
-    rows = {row.id: row for row in result}
+    rows = {row.id: row for row in await conn.execute(CLAIM, {"b_ids": list(event_ids)})}
     # an id asked for twice in one batch is given to the first asker only
     return [rows.pop(event_id, None) for event_id in event_ids]
 
 
 async def get(conn: AsyncConnection, event_id: int):
-    return (await conn.execute(select(inbound_events).where(inbound_events.c.id == event_id))).first()
+    return (await conn.execute(BY_ID, {"b_id": event_id})).first()
 
 
 async def finish(conn: AsyncConnection, event_id: int, status: str, error: str | None = None) -> None:

@@ -109,20 +109,23 @@ def superseded(op_id: int) -> Ops:
     return [(MARK_SUPERSEDED, {"b_id": op_id})]
 
 
+PENDING = (
+    select(outbox, bot_messages.c.platform_message_id)
+    .join(bot_messages, bot_messages.c.ref == outbox.c.message_ref, isouter=True)
+    .where(outbox.c.status == "pending")
+    .order_by(outbox.c.id)
+    .limit(bindparam("b_limit"))
+)
+PLATFORM_ID = select(bot_messages.c.platform_message_id).where(bot_messages.c.ref == bindparam("b_ref"))
+
+
 async def pending(conn: AsyncConnection, limit: int = 1000):
     """Pending operations of every conversation, oldest first, with the platform id of their message."""
-    result = await conn.execute(
-        select(outbox, bot_messages.c.platform_message_id)
-        .join(bot_messages, bot_messages.c.ref == outbox.c.message_ref, isouter=True)
-        .where(outbox.c.status == "pending")
-        .order_by(outbox.c.id)
-        .limit(limit)
-    )
-    return result.all()
+    return (await conn.execute(PENDING, {"b_limit": limit})).all()
 
 
 async def platform_id(conn: AsyncConnection, ref: str) -> str | None:
-    return (await conn.execute(select(bot_messages.c.platform_message_id).where(bot_messages.c.ref == ref))).scalar()
+    return (await conn.execute(PLATFORM_ID, {"b_ref": ref})).scalar()
 
 
 async def ref_exists(conn: AsyncConnection, ref: str) -> bool:

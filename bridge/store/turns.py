@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -50,11 +51,18 @@ async def claim_and_create_many(conn: AsyncConnection, items: Sequence[Start]) -
              "reply_ref": item.reply_ref, "received_at": row.received_at, "started_at": now}
             for item, row in starts
         ]
-        stmt = (upsert(conn, turns).on_conflict_do_nothing(index_elements=["inbound_event_id"])
-                .returning(turns.c.id, turns.c.inbound_event_id))
-        created = {r.inbound_event_id: r.id for r in await conn.execute(stmt, values)}
+        created = {r.inbound_event_id: r.id for r in await conn.execute(_insert(conn.dialect.name), values)}
     return [(row, created.pop(row.id, None) if row is not None else None) for row in rows]
 
+
+@functools.cache
+def _insert(dialect: str):
+    return (upsert(dialect, turns).on_conflict_do_nothing(index_elements=["inbound_event_id"])
+            .returning(turns.c.id, turns.c.inbound_event_id))
+
+
+BY_ID = select(turns).where(turns.c.id == bindparam("b_id"))
+BY_EVENT = select(turns).where(turns.c.inbound_event_id == bindparam("b_event"))
 
 FINISH = (
     update(turns)
@@ -77,11 +85,11 @@ async def finish(
 
 
 async def get(conn: AsyncConnection, turn_id: int):
-    return (await conn.execute(select(turns).where(turns.c.id == turn_id))).first()
+    return (await conn.execute(BY_ID, {"b_id": turn_id})).first()
 
 
 async def by_event(conn: AsyncConnection, inbound_event_id: int):
-    return (await conn.execute(select(turns).where(turns.c.inbound_event_id == inbound_event_id))).first()
+    return (await conn.execute(BY_EVENT, {"b_event": inbound_event_id})).first()
 
 
 async def list_active(conn: AsyncConnection):

@@ -4,6 +4,7 @@ their messages. Every insert or edit takes the next `seq`, so `?after=<seq>` pol
 
 from __future__ import annotations
 
+import functools
 import time
 import uuid
 from collections.abc import Sequence
@@ -82,10 +83,7 @@ class Transcript:
                 "dedupe_key": item.dedupe_key, "created_at": now, "updated_at": now,
             })
             seq += 1
-        stmt = upsert(conn, webchat_messages).on_conflict_do_nothing(index_elements=["dedupe_key"]).returning(
-            *webchat_messages.c
-        )
-        by_key = {row.dedupe_key: dict(row._mapping) for row in await conn.execute(stmt, rows)}
+        by_key = {row.dedupe_key: dict(row._mapping) for row in await conn.execute(_insert(conn.dialect.name), rows)}
         missing = [r["dedupe_key"] for r in rows if r["dedupe_key"] not in by_key]
         if missing:  # duplicates: return the rows already stored
             found = await conn.execute(select(webchat_messages).where(webchat_messages.c.dedupe_key.in_(missing)))
@@ -100,10 +98,24 @@ class Transcript:
                   for i, e in enumerate(items)]
         await conn.execute(EDIT, params)
         ids = list({e.message_id for e in items})
-        found = await conn.execute(select(webchat_messages).where(webchat_messages.c.id.in_(ids)))
-        rows = {row.id: dict(row._mapping) for row in found}
+        rows = {row.id: dict(row._mapping) for row in await conn.execute(BY_IDS, {"b_ids": ids})}
         return [rows.get(e.message_id) for e in items]
 
+
+@functools.cache
+def _insert(dialect: str):
+    return (upsert(dialect, webchat_messages).on_conflict_do_nothing(index_elements=["dedupe_key"])
+            .returning(*webchat_messages.c))
+
+
+BY_ID = select(webchat_messages).where(webchat_messages.c.id == bindparam("b_id"))
+BY_IDS = select(webchat_messages).where(webchat_messages.c.id.in_(bindparam("b_ids", expanding=True)))
+AFTER = (
+    select(webchat_messages)
+    .where(webchat_messages.c.conversation_id == bindparam("b_conv"), webchat_messages.c.seq > bindparam("b_after"))
+    .order_by(webchat_messages.c.seq)
+    .limit(bindparam("b_limit"))
+)
 
 EDIT = (
     update(webchat_messages)
@@ -113,15 +125,10 @@ EDIT = (
 
 
 async def list_after(conn: AsyncConnection, conversation_id: str, after: int, limit: int) -> list[dict[str, Any]]:
-    result = await conn.execute(
-        select(webchat_messages)
-        .where(webchat_messages.c.conversation_id == conversation_id, webchat_messages.c.seq > after)
-        .order_by(webchat_messages.c.seq)
-        .limit(limit)
-    )
+    result = await conn.execute(AFTER, {"b_conv": conversation_id, "b_after": after, "b_limit": limit})
     return [dict(row._mapping) for row in result]
 
 
 async def get(conn: AsyncConnection, message_id: str) -> dict[str, Any] | None:
-    row = (await conn.execute(select(webchat_messages).where(webchat_messages.c.id == message_id))).first()
+    row = (await conn.execute(BY_ID, {"b_id": message_id})).first()
     return dict(row._mapping) if row else None

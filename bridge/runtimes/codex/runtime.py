@@ -140,9 +140,10 @@ class CodexRuntime:
         return {"cwd": request.workspace, "approvalPolicy": self.options.approval_policy,
                 "sandbox": self.options.sandbox}
 
-    async def _thread_for(self, request: TurnRequest, ctx: TurnContext) -> str:
+    async def _thread_for(self, request: TurnRequest, ctx: TurnContext, timing: dict[str, float]) -> str:
         """The session's thread, resumed if this app-server has not loaded it; a thread that cannot
-        be resumed is recorded as lost and replaced by a fresh one (and the person is told)."""
+        be resumed is recorded as lost and replaced by a fresh one (and the person is told). Time
+        spent waiting on the app-server is added to `timing["waited"]`."""
         thread_id = request.runtime_thread_id
         generation = self.server.generation
         if thread_id and self._loaded.get(thread_id) == generation:
@@ -150,15 +151,23 @@ class CodexRuntime:
         lost_reason = ""
         if thread_id:
             try:
-                await self._call("thread/resume", {"threadId": thread_id, "excludeTurns": True,
-                                                   **self._thread_params(request)})
+                asked = time.time()
+                try:
+                    await self._call("thread/resume", {"threadId": thread_id, "excludeTurns": True,
+                                                       **self._thread_params(request)})
+                finally:
+                    timing["waited"] += time.time() - asked
                 self._loaded[thread_id] = self.server.generation
                 return thread_id
             except RpcError as exc:
                 lost_reason = exc.message
                 logger.bind(session=request.session_id).warning(
                     "codex: thread {} could not be resumed ({}); starting a fresh one", thread_id, exc.message)
-        result = await self._call("thread/start", self._thread_params(request))
+        asked = time.time()
+        try:
+            result = await self._call("thread/start", self._thread_params(request))
+        finally:
+            timing["waited"] += time.time() - asked
         new_id = result["thread"]["id"]
         self._loaded[new_id] = self.server.generation
         await ctx.bind_thread(new_id, lost=thread_id, reason=lost_reason or None)
@@ -170,15 +179,20 @@ class CodexRuntime:
 
     async def run_turn(self, request: TurnRequest, ctx: TurnContext) -> TurnOutcome:
         log = logger.bind(session=request.session_id, turn=request.turn_id)
+        # what the app-server itself takes before the turn can start (its start-up, the thread's
+        # start or resume) is not the bridge's overhead: it is measured apart
+        timing = {"waited": 0.0}
+        waiting = time.time()
         try:
             # A process that failed to start (no binary, bad config) answers in seconds, not minutes.
             await self.server.wait_ready(STARTUP_WAIT if self.server.last_error else RECOVERY_TIMEOUT)
         except ConnectionClosed as exc:
             return TurnOutcome("failed", render.unavailable(str(exc)), error=str(exc))
-        waiting = time.time()
-        thread_id = await self._thread_for(request, ctx)
+        finally:
+            timing["waited"] += time.time() - waiting
+        thread_id = await self._thread_for(request, ctx, timing)
         turn = _Turn(request, ctx, thread_id, self.server.generation)
-        turn.timing["waited"] = time.time() - waiting
+        turn.timing.update(timing)
         turn.done = asyncio.get_running_loop().create_future()
         self._turns[thread_id] = turn
         self._by_session[request.session_id] = turn

@@ -40,8 +40,9 @@ BOT = "ou_bot"
 HEADERS = ("X-Lark-Request-Timestamp", "X-Lark-Request-Nonce", "X-Lark-Signature")
 
 
-def write_requests(path: Path, count: int) -> None:
-    """`count` distinct signed, encrypted events for the Lua driver."""
+def write_requests(path: Path, count: int, prefix: str = "") -> None:
+    """`count` distinct signed, encrypted events for the Lua driver (event and message ids are
+    random, so files written with any `prefix` never collide)."""
     mention = [fp.mention("@_user_1", BOT, "Bot")]
     with path.open("w") as out:
         for n in range(count):

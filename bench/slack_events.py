@@ -37,12 +37,14 @@ BOT = "UBOT"
 HEADERS = ("X-Slack-Request-Timestamp", "X-Slack-Signature", "-")
 
 
-def write_requests(path: Path, count: int) -> None:
-    """`count` distinct signed events for the Lua driver."""
+def write_requests(path: Path, count: int, prefix: str = "") -> None:
+    """`count` distinct signed events for the Lua driver; a `prefix` (the warm-up's) moves the
+    messages' ts to another range, since Slack dedupes on channel + ts."""
+    base = 1_600_000_000 if prefix else 1_700_000_000
     with path.open("w") as out:
         for n in range(count):
             event = sp.message_event(text=f"<@{BOT}>", channel=f"D{n % 1000}", channel_type="im", user="UBENCH",
-                                     ts=f"{1_700_000_000 + n}.{n % 1_000_000:06d}")
+                                     ts=f"{base + n}.{n % 1_000_000:06d}")
             body = json.dumps(sp.event_callback(event, event_id=f"Ev{uuid.uuid4().hex}")).encode()
             out.write(request_lines(sp.signed_request(body, signing_secret=SECRET), HEADERS, body))
 

@@ -33,7 +33,7 @@ LUA = Path(__file__).with_name("signed_post.lua")
 class Webhook:
     path: str  # e.g. /slack/events
     headers: tuple[str, str, str]  # the three signed headers the request file holds, in order
-    write_requests: Callable[[Path, int], None]  # (file, count): count distinct signed requests
+    write_requests: Callable[..., None]  # (file, count, prefix=""): count distinct signed requests
     baseline: Callable[[Path, int | None], ServerProcess]  # (work dir, cpu) -> the SDK's server
     bridge_env: dict[str, str]
 
@@ -42,6 +42,8 @@ def parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--duration", type=float, default=10.0)
+    p.add_argument("--warmup", type=float, default=2.0,
+                   help="seconds of load (other events, same chats) before each measured run")
     p.add_argument("--conns", type=int, default=32)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--server-cpu", type=int, default=1)
@@ -79,6 +81,11 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
+def _stored(data: Path) -> int:
+    with sqlite3.connect(data / "bridge.db") as db:
+        return db.execute("SELECT count(*) FROM inbound_events").fetchone()[0]
+
+
 def compare(hook: Webhook, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     runs: list[dict[str, Any]] = []
     startup: list[float] = []
@@ -99,14 +106,20 @@ def compare(hook: Webhook, args: argparse.Namespace, work: Path) -> dict[str, An
             else:
                 proc = hook.baseline(work, args.server_cpu).start()
             try:
+                if args.warmup > 0:
+                    # same treatment for both servers: lazy set-up done, the chats' conversations exist
+                    warm = work / f"warmup-{rep}-{kind}.txt"
+                    hook.write_requests(warm, int(args.warmup * 12_000) + 2_000, prefix="w")
+                    run_wrk(proc.url, hook, warm, duration=args.warmup, conns=args.conns, threads=args.threads,
+                            cpu=args.client_cpu)
+                    warmed = _stored(data) if kind == "bridge" else 0
                 result = run_wrk(proc.url, hook, requests, duration=args.duration, conns=args.conns,
                                  threads=args.threads, cpu=args.client_cpu)
                 result["peak_rss_mb"] = rss_mb(proc.proc.pid)  # type: ignore[union-attr]
             finally:
                 proc.stop()
             if kind == "bridge":
-                with sqlite3.connect(data / "bridge.db") as db:
-                    stored = db.execute("SELECT count(*) FROM inbound_events").fetchone()[0]
+                stored = _stored(data) - (warmed if args.warmup > 0 else 0)
                 # wrk does not count requests still in flight when it stops: stored may exceed it
                 result["stored"] = stored
                 result["lost"] = max(0, result["accepted"] - stored)
@@ -119,7 +132,7 @@ def compare(hook: Webhook, args: argparse.Namespace, work: Path) -> dict[str, An
     return {
         "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cpus, Python {platform.python_version()}",
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "duration_s": args.duration, "reps": args.reps, "conns": args.conns,
+        "duration_s": args.duration, "warmup_s": args.warmup, "reps": args.reps, "conns": args.conns,
         "sdk_per_s": round(med("sdk", "per_s")), "sdk_p99_ms": round(med("sdk", "p99_ms"), 1),
         "bridge_per_s": round(med("bridge", "per_s")), "bridge_p99_ms": round(med("bridge", "p99_ms"), 1),
         "ratio": round(med("bridge", "per_s") / med("sdk", "per_s"), 2),

@@ -172,6 +172,7 @@ class Service:
         self.app = build_app(self.metrics, checks, routes, self._refresh_metrics)
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
+        self._settled: asyncio.Future[None] | None = None
         self.port: int | None = None
 
     async def _control(self, job) -> None:
@@ -210,9 +211,12 @@ class Service:
         # Everything built so far lives as long as the process: move it out of the collector's
         # sight, and collect young objects less often. Full collections over a large heap were the
         # main source of ack-latency spikes (p99 56 -> 18 ms in bench/ingest.py, empty messages).
-        gc.collect()
-        gc.freeze()
+        _freeze_heap()
         gc.set_threshold(20_000, 20, 20)
+        # A channel that loads its SDK in the background (Feishu: lark-oapi, ~170 MB of objects)
+        # adds long-lived objects after this point: freeze again once it is loaded, or every full
+        # collection walks them (ack p99 0.4-0.7 s in bench/feishu_webhook.py before this).
+        self._settled = asyncio.ensure_future(self._settle())
         # The store's connections run on threads (aiosqlite); each statement hands the GIL to one
         # and back. With the default 5 ms switch interval a busy loop makes every hand-over wait
         # up to 5 ms, so a write of a few statements took tens of ms under load.
@@ -223,11 +227,18 @@ class Service:
             time.monotonic() - started,
         )
 
+    async def _settle(self) -> None:
+        await asyncio.gather(*(channel.loaded() for channel in self.channels.values()), return_exceptions=True)
+        gc.freeze()  # no collection first: over lark-oapi's heap it stalls the loop for ~0.3 s
+        logger.debug("start-up settled: {} objects frozen", gc.get_freeze_count())
+
     async def stop(self) -> None:
         """Graceful: stop accepting, let running turns finish (or interrupt them at the deadline),
         deliver what is queued, then close the store."""
         deadline = time.monotonic() + self.settings.shutdown_timeout
         logger.info("shutting down (deadline {:.0f}s)", self.settings.shutdown_timeout)
+        if self._settled is not None:
+            self._settled.cancel()
         if self._site is not None:
             await self._site.stop()
         await self.scheduler.stop()
@@ -254,3 +265,9 @@ class Service:
             await stop.wait()
         finally:
             await self.stop()
+
+
+def _freeze_heap() -> None:
+    """Move everything alive now out of the collector's sight (it lives as long as the process)."""
+    gc.collect()
+    gc.freeze()

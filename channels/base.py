@@ -196,6 +196,10 @@ class ChannelAdapter(Protocol):
 
     async def start(self, ingest: Ingest) -> None: ...
 
+    async def loaded(self) -> None:
+        """Returns when what start() left running in the background (an SDK's import) is done,
+        failed or not; at once for most channels."""
+
     async def stop(self) -> None: ...
 
     async def send(self, conversation: ConversationKey, reply: Reply, *, idempotency_key: str) -> str:

@@ -21,7 +21,7 @@ from bridge import presenter
 from bridge.approvals.gate import HumanGate, TurnScope
 from bridge.delivery.outbox import Outbox
 from bridge.metrics import Metrics
-from bridge.pipeline.answers import answer, claim
+from bridge.pipeline.answers import answer
 from bridge.pipeline.dispatcher import Job
 from bridge.pipeline.sessions import SessionResolver
 from bridge.runtimes.base import Approval, ApprovalRequest, Runtime, TurnOutcome, TurnRequest

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import dataclass, field
@@ -30,49 +31,47 @@ def _ref(row) -> SessionRef:
                       settings)
 
 
+@functools.cache
+def _ensure(dialect: str):
+    return upsert(dialect, conversations).on_conflict_do_nothing(index_elements=["key"])
+
+
+ID_BY_KEY = select(conversations.c.id).where(conversations.c.key == bindparam("b_key"))
+ACTIVE_SESSION = (
+    select(sessions)
+    .join(conversations, conversations.c.active_session_id == sessions.c.id)
+    .where(conversations.c.id == bindparam("b_conversation"))
+)
+NEW_SESSION = sessions.insert().returning(sessions.c.id)
+SET_ACTIVE = (
+    update(conversations).where(conversations.c.id == bindparam("b_conversation"))
+    .values(active_session_id=bindparam("b_session"), updated_at=bindparam("b_now"))
+)
+
+
 async def ensure_conversation(
     conn: AsyncConnection, key: str, *, channel: str, chat_id: str, thread_id: str | None, is_group: bool
 ) -> int:
     now = time.time()
-    await conn.execute(
-        upsert(conn, conversations)
-        .values(
-            key=key, channel=channel, chat_id=chat_id, thread_id=thread_id, is_group=int(is_group),
-            created_at=now, updated_at=now,
-        )
-        .on_conflict_do_nothing(index_elements=["key"])
-    )
-    return (await conn.execute(select(conversations.c.id).where(conversations.c.key == key))).scalar_one()
+    await conn.execute(_ensure(conn.dialect.name), {
+        "key": key, "channel": channel, "chat_id": chat_id, "thread_id": thread_id, "is_group": int(is_group),
+        "created_at": now, "updated_at": now,
+    })
+    return (await conn.execute(ID_BY_KEY, {"b_key": key})).scalar_one()
 
 
 async def active_session(
     conn: AsyncConnection, conversation_id: int, *, runtime: str, workspace: str
 ) -> SessionRef:
     """The conversation's active session, created (named "main") when it has none."""
-    row = (
-        await conn.execute(
-            select(sessions)
-            .join(conversations, conversations.c.active_session_id == sessions.c.id)
-            .where(conversations.c.id == conversation_id)
-        )
-    ).first()
+    row = (await conn.execute(ACTIVE_SESSION, {"b_conversation": conversation_id})).first()
     now = time.time()
     if row is None:
-        session_id = (
-            await conn.execute(
-                sessions.insert()
-                .values(
-                    conversation_id=conversation_id, name="main", runtime=runtime, workspace=workspace,
-                    status="active", created_at=now, last_active_at=now,
-                )
-                .returning(sessions.c.id)
-            )
-        ).scalar_one()
-        await conn.execute(
-            update(conversations)
-            .where(conversations.c.id == conversation_id)
-            .values(active_session_id=session_id, updated_at=now)
-        )
+        session_id = (await conn.execute(NEW_SESSION, {
+            "conversation_id": conversation_id, "name": "main", "runtime": runtime, "workspace": workspace,
+            "status": "active", "created_at": now, "last_active_at": now,
+        })).scalar_one()
+        await conn.execute(SET_ACTIVE, {"b_conversation": conversation_id, "b_session": session_id, "b_now": now})
         return SessionRef(conversation_id, session_id, "main", runtime, None, workspace, {})
     return _ref(row)
 

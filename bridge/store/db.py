@@ -53,6 +53,7 @@ Statements = Sequence[tuple[Executable, dict[str, Any]]]
 
 MAX_BATCH = 1000
 BACKGROUND_BATCH = 256  # bounds how long an urgent unit can wait behind background work
+BACKGROUND_SINGLES = 16  # ... and so does this: single units are not coalesced, each costs its statements
 BUSY_PAUSES = (0.002, 0.005, 0.01, 0.02, 0.05)  # SQLite's write lock held by another process
 BUSY_LIMIT = 30.0  # seconds of a held lock after which queued writes fail instead of waiting
 CHECKPOINT_EVERY = 1.0  # seconds between WAL checkpoints while writes happen
@@ -338,13 +339,27 @@ class Database:
                 await self._wake.wait()
                 continue
             take_urgent = bool(self._urgent) and (urgent_turn or not self._background)
-            source, limit = (self._urgent, MAX_BATCH) if take_urgent else (self._background, BACKGROUND_BATCH)
-            units = [source.popleft() for _ in range(min(limit, len(source)))]
+            units = self._take(self._urgent) if take_urgent else self._take(self._background, background=True)
             urgent_turn = not take_urgent
             if isinstance(self._conn, _OnLoopConnection):
                 await self._commit_on_loop(units)
             else:
                 await self._commit_group(units)
+
+    @staticmethod
+    def _take(source: deque[_Unit], *, background: bool = False) -> list[_Unit]:
+        """The next cycle's units. Background cycles are bounded so an urgent unit never waits
+        long behind one: by count, and by how many single units (each its own statements, not
+        coalesced: creating a conversation, say) they carry."""
+        if not background:
+            return [source.popleft() for _ in range(min(MAX_BATCH, len(source)))]
+        units: list[_Unit] = []
+        singles = 0
+        while source and len(units) < BACKGROUND_BATCH and singles < BACKGROUND_SINGLES:
+            unit = source.popleft()
+            singles += unit.single is not None
+            units.append(unit)
+        return units
 
     async def _commit_on_loop(self, units: list[_Unit]) -> None:
         """One SQLite cycle, synchronously; while another process holds the write lock, pause

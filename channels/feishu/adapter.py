@@ -123,6 +123,10 @@ class FeishuChannel:
             self._started_error = str(exc)
             logger.error("feishu: cannot read the bot's identity: {}", exc)
 
+    async def loaded(self) -> None:
+        if self._loading is not None:
+            await asyncio.wait([self._loading])  # its failure is reported by api() and /readyz
+
     async def api(self) -> Any:
         """The API client, once loaded."""
         if self._api is None:

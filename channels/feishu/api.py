@@ -36,6 +36,7 @@ from lark_oapi.core.token.manager import TokenManager
 from loguru import logger
 
 from channels.base import DeliveryError
+from channels.names import NameCache
 from channels.feishu.errors import TooLarge
 
 TOKEN_ERRORS = (99991663, 99991661)
@@ -96,7 +97,7 @@ class FeishuApi:
         self._token_lock = asyncio.Lock()
         self._token = ""
         self._token_until = 0.0
-        self._names: dict[str, tuple[str, float]] = {}
+        self._names = NameCache(self._user_name, channel="feishu", ttl=NAME_TTL)
         self.token_refreshes = 0
 
     # -- the tenant token, never fetched on the loop
@@ -240,22 +241,13 @@ class FeishuApi:
 
     async def user_name(self, open_id: str) -> str:
         """The person's display name (cached for an hour); the open id when it cannot be read."""
-        cached = self._names.get(open_id)
-        if cached and cached[1] > time.monotonic():
-            return cached[0]
+        return await self._names.get(open_id)
 
+    async def _user_name(self, open_id: str) -> str:
         async def get(option):
             return await self.client.contact.v3.user.aget(
                 GetUserRequest.builder().user_id(open_id).user_id_type("open_id").build(), option)
 
-        try:
-            async with asyncio.timeout(2.0):
-                resp = await self.call("user", get)
-            name = resp.data.user.name or open_id
-        except (DeliveryError, TimeoutError, AttributeError) as exc:
-            logger.debug("feishu: no name for {}: {}", open_id, exc)
-            name = open_id
-        self._names[open_id] = (name, time.monotonic() + NAME_TTL)
-        if len(self._names) > 50_000:
-            self._names.clear()
-        return name
+        async with asyncio.timeout(2.0):
+            resp = await self.call("user", get)
+        return resp.data.user.name

@@ -49,6 +49,7 @@ from channels.base import (
     Reply,
     Sender,
 )
+from channels.names import NameCache
 from channels.slack import normalize, render
 from channels.slack.normalize import ChannelPolicy
 
@@ -117,7 +118,7 @@ class SlackChannel:
         self.client: AsyncWebClient | None = None
         self._socket = None
         self._pacer = _Pacer(POST_INTERVAL)
-        self._names: dict[str, tuple[str, float]] = {}
+        self._names = NameCache(self._user_name, channel="slack", ttl=NAME_TTL)
         self._posted: OrderedDict[str, str] = OrderedDict()  # idempotency key + part -> ts
         self._actions: OrderedDict[str, None] = OrderedDict()
         self._fmt = config.fmt
@@ -167,6 +168,9 @@ class SlackChannel:
         await socket.connect()
         self._socket = socket
         logger.info("slack: Socket Mode connected")
+
+    async def loaded(self) -> None:
+        return None
 
     async def stop(self) -> None:
         if self._socket is not None:
@@ -464,22 +468,15 @@ class SlackChannel:
             logger.debug("slack: reaction not added: {}", exc)
 
     async def user_name(self, user_id: str) -> str:
-        cached = self._names.get(user_id)
-        if cached and cached[1] > time.monotonic():
-            return cached[0]
-        name = user_id
-        try:
-            assert self.client is not None
-            async with asyncio.timeout(2.0):
-                info = await self.client.users_info(user=user_id)
-            user = info.get("user") or {}
-            name = (user.get("profile") or {}).get("display_name") or user.get("real_name") or user.get("name") or user_id
-        except (SlackApiError, aiohttp.ClientError, TimeoutError) as exc:
-            logger.debug("slack: no name for {}: {}", user_id, exc)
-        self._names[user_id] = (name, time.monotonic() + NAME_TTL)
-        if len(self._names) > 50_000:
-            self._names.clear()
-        return name
+        """The person's display name (cached for an hour); the user id when it cannot be read."""
+        return await self._names.get(user_id)
+
+    async def _user_name(self, user_id: str) -> str:
+        assert self.client is not None
+        async with asyncio.timeout(2.0):
+            info = await self.client.users_info(user=user_id)
+        user = info.get("user") or {}
+        return (user.get("profile") or {}).get("display_name") or user.get("real_name") or user.get("name") or ""
 
     def _spawn(self, coro) -> None:
         task = asyncio.ensure_future(coro)

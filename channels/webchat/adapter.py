@@ -107,6 +107,9 @@ class WebChatChannel:
         self._ingest = ingest
         self._page = resources.files("channels.webchat").joinpath("page.html").read_bytes()
 
+    async def loaded(self) -> None:
+        return None
+
     async def stop(self) -> None:
         self._ingest = None
 

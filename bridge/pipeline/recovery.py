@@ -26,7 +26,7 @@ async def recover(db: Database, outbox: Outbox, gate: HumanGate, dispatcher: Dis
     stale = await db.read(turns.list_active)
     for turn in stale:
         await _interrupt(db, outbox, gate, turn)
-    open_events = await db.read(inbox.list_open)
+    open_events = await db.read(inbox.list_open, offload=True)  # up to 10,000 rows
 
     async def _reset(conn) -> None:
         await conn.execute(

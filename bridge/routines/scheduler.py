@@ -157,7 +157,7 @@ class RoutineRunner:
 
     async def _digest(self, routine: Routine, run_id: int) -> Reply:
         since, until, day = digest.day_bounds(self.clock(), routine.timezone)
-        items = await self.db.read(lambda c: digest.activity(c, since, until))
+        items = await self.db.read(lambda c: digest.activity(c, since, until), offload=True)
         summary = digest.render(day, items)
         if routine.prompt and items:
             # the runtime writes the digest from the day's activity

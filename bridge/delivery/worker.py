@@ -33,7 +33,7 @@ PAGE = 1000
 class DeliveryWorker:
     def __init__(
         self, db: Database, channels: dict[str, ChannelAdapter], metrics: Metrics, *,
-        max_attempts: int, base_delay: float, max_delay: float,
+        max_attempts: int, base_delay: float, max_delay: float, page: int = PAGE,
     ) -> None:
         self.db = db
         self.channels = channels
@@ -41,6 +41,7 @@ class DeliveryWorker:
         self.max_attempts = max_attempts
         self.base_delay = base_delay
         self.max_delay = max_delay
+        self.page = page
         self._inflight: dict[str, asyncio.Task[None]] = {}
         # when each conversation's last lane finished: a round whose read began earlier saw stale rows
         self._settled: dict[str, float] = {}
@@ -90,17 +91,19 @@ class DeliveryWorker:
             except Exception as exc:  # noqa: BLE001 - the worker must outlive store hiccups
                 logger.error("delivery: round failed: {}", exc)
                 await asyncio.sleep(0.5)
+            # A round need not suspend (on SQLite its read runs on the loop's thread) and a set
+            # wake-up returns at once: without this, back-to-back rounds would hold the loop.
+            await asyncio.sleep(0)
 
     async def _round(self) -> None:
         read_at = time.monotonic()
-        ops = await self.db.read(lambda c: repo.pending(c, PAGE))
-        if len(ops) == PAGE:
-            self._wake.set()  # more than a page: come back for the rest
+        ops = await self.db.read(lambda c: repo.pending(c, self.page))
         lanes: OrderedDict[str, list] = OrderedDict()
         for op in ops:
             lanes.setdefault(op.conversation_key, []).append(op)
         now = time.time()
         self._settled = {k: t for k, t in self._settled.items() if t >= read_at}
+        started = 0
         for key, lane in lanes.items():
             if key in self._inflight or key in self._settled:
                 continue  # being delivered, or settled after this read: the next round has it
@@ -113,6 +116,11 @@ class DeliveryWorker:
                 task = asyncio.create_task(self._deliver_lane(key, due), name=f"deliver:{key}")
                 self._inflight[key] = task
                 task.add_done_callback(lambda _t, k=key: self._lane_done(k))
+                started += 1
+        if len(ops) == self.page and started:
+            # more than a page: come back for the rest. When nothing on this page could start
+            # (its conversations are being delivered), the next lane to finish wakes the worker.
+            self._wake.set()
 
     def _lane_done(self, key: str) -> None:
         self._inflight.pop(key, None)

@@ -202,3 +202,40 @@ async def test_no_operation_is_delivered_twice_under_a_storm_of_rounds(db):
     assert sorted(delivered) == sorted(f"send:r{n}-{i}" for n in range(40) for i in range(5))
     assert await db.read(repo.count_by_status) == {"delivered": 200}
     await worker.stop()
+
+
+class GatedChannel(ScriptedChannel):
+    """Every send waits until the test opens the gate (a platform that is slow to answer)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+
+    async def send(self, conversation: ConversationKey, reply: Reply, *, idempotency_key: str) -> str:
+        await self.gate.wait()
+        return await super().send(conversation, reply, idempotency_key=idempotency_key)
+
+
+async def test_a_full_page_of_busy_conversations_does_not_hold_the_loop(db):
+    """More pending operations than a page, all of conversations already being delivered: the
+    worker waits for a lane to finish instead of re-reading the page back to back."""
+    channel = GatedChannel()
+    worker = DeliveryWorker(db, {"fake": channel}, Metrics(), max_attempts=5, base_delay=0.01, max_delay=0.05,
+                            page=4)
+    for n in range(3):
+        for i in range(3):
+            await enqueue(db, f"fake:b{n}", f"m{n}-{i}", f"r{n}-{i}")
+    await worker.start()
+    _workers.append(worker)
+    ticks = 0
+    started = time.monotonic()
+    while time.monotonic() - started < 0.3:
+        await asyncio.sleep(0.01)  # a livelocked worker would never give this back
+        ticks += 1
+    assert ticks >= 10
+    channel.gate.set()
+    await settle(worker, db)
+    sends = [text for kind, _conv, text in channel.log if kind == "send"]
+    assert sorted(sends) == sorted(f"m{n}-{i}" for n in range(3) for i in range(3))
+    for n in range(3):  # each conversation in its own order
+        assert [t for t in sends if t.startswith(f"m{n}-")] == [f"m{n}-{i}" for i in range(3)]

@@ -138,10 +138,13 @@ class _OnLoopConnection:
     completion in one `_drive` call on the loop's thread.
     """
 
-    __slots__ = ("sync",)
+    __slots__ = ("sync", "driver")
 
     def __init__(self, sync: Connection) -> None:
         self.sync = sync
+        # the `sqlite3` connection itself, for the few hot statements that skip SQLAlchemy's
+        # per-row work (`bridge.store.dialect.sqlite_driver`)
+        self.driver = sync.connection.driver_connection
 
     @property
     def dialect(self):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy import Table
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -18,3 +20,10 @@ def upsert(dialect: AsyncConnection | str, table: Table):
     """
     name = dialect if isinstance(dialect, str) else dialect.dialect.name
     return (sqlite_insert if name == "sqlite" else pg_insert)(table)
+
+
+def sqlite_driver(conn: Any) -> Any | None:
+    """The `sqlite3` connection under the store's on-loop SQLite connection, or None (PostgreSQL,
+    the aiosqlite pool). Hot statements run on it directly where SQLAlchemy's per-row work costs
+    more than SQLite's (see docs/benchmarks.md); they keep the Core statement for the others."""
+    return getattr(conn, "driver", None)

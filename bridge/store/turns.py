@@ -31,7 +31,10 @@ class Start:
 
 def runnable(row) -> bool:
     """Whether a claimed event becomes a turn (not a bot's message, not empty, not stale)."""
-    payload = row.payload or {}
+    return runnable_payload(row.payload or {})
+
+
+def runnable_payload(payload: dict[str, Any]) -> bool:
     return bool((payload.get("text") or "").strip()) and not (payload.get("sender") or {}).get("is_bot") \
         and not payload.get("stale")
 

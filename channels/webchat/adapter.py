@@ -28,6 +28,8 @@ CHANNEL = "webchat"
 ID_PATTERN = r"^[A-Za-z0-9_.@-]{1,128}$"
 PAGE_LIMIT = 500
 SSE_PING = 15.0
+# the two answers to a posted message, encoded once (they are on every ack's path)
+ACK_BODIES = {dup: json.dumps({"accepted": True, "duplicate": dup}).encode() for dup in (False, True)}
 
 
 class PostMessage(BaseModel):
@@ -180,7 +182,7 @@ class WebChatChannel:
         row = await stored
         if not result.duplicate:
             self.hub.publish(row)
-        return web.json_response({"accepted": True, "duplicate": result.duplicate}, status=202)
+        return web.Response(body=ACK_BODIES[result.duplicate], status=202, content_type="application/json")
 
     async def list_messages(self, request: web.Request) -> web.Response:
         conversation_id, after = self._query(request)

@@ -5,6 +5,7 @@ their messages. Every insert or edit takes the next `seq`, so `?after=<seq>` pol
 from __future__ import annotations
 
 import functools
+import json
 import time
 import uuid
 from collections.abc import Sequence
@@ -14,7 +15,7 @@ from typing import Any
 from sqlalchemy import JSON, Column, Float, Index, Integer, String, Table, Text, bindparam, func, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from bridge.store.dialect import upsert
+from bridge.store.dialect import sqlite_driver, upsert
 from bridge.store.schema import metadata
 
 webchat_messages = Table(
@@ -83,7 +84,11 @@ class Transcript:
                 "dedupe_key": item.dedupe_key, "created_at": now, "updated_at": now,
             })
             seq += 1
-        by_key = {row.dedupe_key: dict(row._mapping) for row in await conn.execute(_insert(conn.dialect.name), rows)}
+        driver = sqlite_driver(conn)
+        if driver is not None:
+            by_key = _insert_sqlite(driver, rows)
+        else:
+            by_key = {row.dedupe_key: dict(row._mapping) for row in await conn.execute(_insert(conn.dialect.name), rows)}
         missing = [r["dedupe_key"] for r in rows if r["dedupe_key"] not in by_key]
         if missing:  # duplicates: return the rows already stored
             found = await conn.execute(select(webchat_messages).where(webchat_messages.c.dedupe_key.in_(missing)))
@@ -106,6 +111,36 @@ class Transcript:
 def _insert(dialect: str):
     return (upsert(dialect, webchat_messages).on_conflict_do_nothing(index_elements=["dedupe_key"])
             .returning(*webchat_messages.c))
+
+
+_COLUMNS = ("id", "seq", "created_seq", "conversation_id", "role", "user_id", "text", "card", "dedupe_key",
+            "created_at", "updated_at")
+SQLITE_ROWS_PER_STATEMENT = 500  # 11 columns each: well under SQLite's 32,766 parameters
+
+
+@functools.lru_cache(maxsize=64)
+def _sqlite_insert_sql(count: int) -> str:
+    values = ",".join(["(" + ",".join("?" * len(_COLUMNS)) + ")"] * count)
+    return (f"INSERT INTO webchat_messages ({','.join(_COLUMNS)}) VALUES {values} "
+            "ON CONFLICT (dedupe_key) DO NOTHING RETURNING dedupe_key")
+
+
+def _insert_sqlite(driver: Any, rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """On SQLite, the rows go straight to the driver (the person's message is on the ack's path);
+    the rows built here are what is returned for those inserted. The same rule as `_insert`."""
+    inserted: dict[str, dict[str, Any]] = {}
+    dumps = json.dumps
+    for start in range(0, len(rows), SQLITE_ROWS_PER_STATEMENT):
+        chunk = rows[start:start + SQLITE_ROWS_PER_STATEMENT]
+        params: list[Any] = []
+        for r in chunk:
+            params += (r["id"], r["seq"], r["created_seq"], r["conversation_id"], r["role"], r["user_id"], r["text"],
+                       None if r["card"] is None else dumps(r["card"]), r["dedupe_key"], r["created_at"],
+                       r["updated_at"])
+        by_key = {r["dedupe_key"]: r for r in chunk}
+        for (key,) in driver.execute(_sqlite_insert_sql(len(chunk)), params):
+            inserted[key] = by_key[key]
+    return inserted
 
 
 BY_ID = select(webchat_messages).where(webchat_messages.c.id == bindparam("b_id"))

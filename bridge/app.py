@@ -25,6 +25,7 @@ from bridge.metrics import Metrics
 from bridge.pipeline.control import ControlCommands
 from bridge.pipeline.dispatcher import Dispatcher
 from bridge.pipeline.ingest import Ingestor
+from bridge.pipeline.pacing import BurstPacer
 from bridge.pipeline.recovery import recover
 from bridge.pipeline.retry import Retrier
 from bridge.pipeline.session_commands import SessionCommands
@@ -149,9 +150,10 @@ class Service:
             self.db, self.outbox, self.runtime, self.gate, self.metrics, sessions=self.sessions,
             workspace=str(settings.workspace), max_concurrent=settings.max_concurrent_turns,
         )
+        self.pacer = BurstPacer(burst_rate=settings.burst_rate, burst_starts=settings.burst_turn_starts)
         self.dispatcher = Dispatcher(
             process=self.runner.process, control=self._control, notify_queued=self.runner.notify_queued,
-            intercepts=self.gate.intercepts,
+            intercepts=self.gate.intercepts, pacer=self.pacer,
         )
         self.retrier = Retrier(self.db, self.gate, self.dispatcher)
         self.routine_runner = RoutineRunner(self.db, self.outbox, self.runtime, self.gate,
@@ -165,7 +167,7 @@ class Service:
                                        routines=self.scheduler)
         if settings.busy_policy != "queue":
             self.dispatcher.on_busy = self.control.on_busy
-        self.ingest = Ingestor(self.db, self.dispatcher, self.gate, self.retrier, self.metrics)
+        self.ingest = Ingestor(self.db, self.dispatcher, self.gate, self.retrier, self.metrics, pacer=self.pacer)
         checks = {"store": self._store_health, "runtime": self.runtime.health}
         checks.update({f"channel:{name}": ch.health for name, ch in self.channels.items()})
         routes = [route for ch in self.channels.values() for route in ch.routes()]

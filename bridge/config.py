@@ -89,6 +89,10 @@ class Settings(BaseSettings):
     busy_policy: Literal["queue", "steer", "interrupt"] = "queue"
     allowed_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)  # `:`-separated; /cwd binds inside
     max_concurrent_turns: int = Field(32, ge=1)
+    # Burst pacing: above this many messages a second (0: off), turns start at most
+    # `burst_turn_starts` a second until the burst is over; acknowledgements go first.
+    burst_rate: float = Field(200.0, ge=0)
+    burst_turn_starts: float = Field(20.0, gt=0)
     shutdown_timeout: float = Field(20.0, ge=0)
     approval_timeout: float = Field(1800.0, gt=0)
     approval_on_expiry: Literal["decline", "interrupt"] = "decline"

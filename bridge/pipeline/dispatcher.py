@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from loguru import logger
 
 from bridge.pipeline import commands
+from bridge.pipeline.pacing import BurstPacer
 
 
 @dataclass(slots=True)
@@ -43,7 +44,7 @@ Notify = Callable[[Job, int], Awaitable[None]]  # returns the pending write (no 
 class Dispatcher:
     def __init__(self, *, process: Process, control: Process, notify_queued: Notify,
                  intercepts: Callable[[str, str], bool] = lambda _key, _text: False,
-                 on_busy: Process | None = None) -> None:
+                 on_busy: Process | None = None, pacer: BurstPacer | None = None) -> None:
         self._process = process
         self._intercepts = intercepts
         self._control = control
@@ -52,6 +53,8 @@ class Dispatcher:
         self._lanes: dict[str, _Lane] = {}
         self._controls: set[asyncio.Task[None]] = set()
         self._closing = False
+        self._pacer = pacer
+        self._deferred: list[Job] = []  # queued notices held back during a burst
 
     def submit(self, job: Job) -> None:
         if self._closing:
@@ -82,7 +85,10 @@ class Dispatcher:
         else:
             lane.queue.append(job)
         if lane.active is not None or len(lane.queue) > 1:
-            job.timer = asyncio.get_running_loop().call_later(QUEUED_NOTICE_DELAY, self._notice_due, job)
+            if self._pacer is not None and self._pacer.bursting:
+                self._defer_notice(job)  # no timer per message while thousands may arrive
+            else:
+                job.timer = asyncio.get_running_loop().call_later(QUEUED_NOTICE_DELAY, self._notice_due, job)
         if lane.task is None:
             lane.task = asyncio.create_task(self._run(job.conversation_key, lane), name=f"lane:{job.conversation_key}")
 
@@ -108,14 +114,33 @@ class Dispatcher:
         return dropped
 
     def _notice_due(self, job: Job) -> None:
-        """The message still waits: tell its author, with its position now."""
+        """The message still waits: tell its author, with its position now (after a burst, when
+        one is under way: its notices would compete with the acknowledgements)."""
         job.timer = None
         lane = self._lanes.get(job.conversation_key)
         if job.started or lane is None:
             return
+        if self._pacer is not None and self._pacer.bursting:
+            self._defer_notice(job)
+            return
         position = next((i for i, queued in enumerate(lane.queue, 1) if queued is job), None)
         if position is not None:
             job.notice = self._notify_queued(job, position)
+
+    def _defer_notice(self, job: Job) -> None:
+        assert self._pacer is not None
+        self._deferred.append(job)
+        self._pacer.when_calm(self._post_deferred)
+
+    def _post_deferred(self) -> None:
+        """The burst is over: post the notices of what still waits (one pass per queue)."""
+        deferred, self._deferred = self._deferred, []
+        waiting = {id(job) for job in deferred if not job.started}
+        for key in {job.conversation_key for job in deferred}:
+            lane = self._lanes.get(key)
+            for position, job in enumerate(lane.queue if lane is not None else (), 1):
+                if id(job) in waiting and job.notice is None:
+                    job.notice = self._notify_queued(job, position)
 
     def queued(self, conversation_key: str) -> int:
         lane = self._lanes.get(conversation_key)
@@ -124,6 +149,10 @@ class Dispatcher:
     async def _run(self, key: str, lane: _Lane) -> None:
         try:
             while lane.queue and not self._closing:
+                if self._pacer is not None:
+                    await self._pacer.admit()  # at once, unless a burst is under way
+                    if not lane.queue or self._closing:
+                        break
                 job = lane.queue.popleft()
                 job.started = True
                 if job.timer is not None:
@@ -153,6 +182,8 @@ class Dispatcher:
         """Start nothing new; let active jobs finish within `timeout`, then cancel them. Waiting
         messages stay `accepted` in the store and run after the next start."""
         self._closing = True
+        if self._pacer is not None:
+            self._pacer.close()
         for lane in self._lanes.values():
             for job in lane.queue:
                 if job.timer is not None:

@@ -3,6 +3,7 @@ straight to the human gate."""
 
 from __future__ import annotations
 
+import functools
 import time
 import uuid
 
@@ -10,23 +11,31 @@ from bridge import presenter
 from bridge.approvals.gate import HumanGate
 from bridge.metrics import Metrics
 from bridge.pipeline.dispatcher import Dispatcher, Job
+from bridge.pipeline.pacing import BurstPacer
 from bridge.pipeline.retry import Retrier
-from bridge.store import approvals, inbox
+from bridge.store import approvals, inbox, turns
 from bridge.store.db import Database
 from channels.base import AcceptResult, ActionResult, InboundAction, InboundMessage
 
 
 class Ingestor:
     def __init__(self, db: Database, dispatcher: Dispatcher, gate: HumanGate, retrier: Retrier,
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, *, pacer: BurstPacer | None = None) -> None:
         self.db = db
         self.dispatcher = dispatcher
         self.gate = gate
         self.retrier = retrier
         self.metrics = metrics
+        self._inbound = functools.cache(metrics.inbound.labels)  # one child per channel and kind
+        self.pacer = pacer
 
     async def accept(self, event: InboundMessage) -> AcceptResult:
         key = str(event.conversation)
+        payload = event.to_payload()
+        # An event that will have no turn and no answer (no text, a bot's) is stored closed: it
+        # still dedupes and is on record, but costs no dispatch, claim or second write. A stale
+        # one is answered (with a note), so it goes the usual way.
+        closed = not event.stale and not turns.runnable_payload(payload)
         item = inbox.NewEvent(
             channel=event.conversation.channel,
             kind=event.kind,
@@ -34,14 +43,19 @@ class Ingestor:
             message_key=event.message_key,
             conversation_key=key,
             sender_id=event.sender.id,
-            payload=event.to_payload(),
+            payload=payload,
             received_at=time.time(),
+            status="skipped" if closed else "accepted",
         )
         event_id = await self.db.write_batched(inbox.insert_many, item, urgent=True)
         if event_id is None:
             self.metrics.duplicates.labels(item.channel).inc()
             return AcceptResult(None, True)
-        self.metrics.inbound.labels(item.channel, item.kind).inc()
+        self._inbound(item.channel, item.kind).inc()
+        if self.pacer is not None:
+            self.pacer.note()
+        if closed:
+            return AcceptResult(event_id, False)
         self.dispatcher.submit(Job(event_id, key, event.text, is_group=event.is_group, accepted_at=time.time()))
         return AcceptResult(event_id, False)
 

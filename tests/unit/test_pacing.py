@@ -1,0 +1,115 @@
+"""Burst pacing: turn starts rationed while messages pour in, all let go when the burst ends."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from bridge.pipeline.dispatcher import Dispatcher, Job
+from bridge.pipeline.pacing import WINDOW, BurstPacer
+
+
+async def pour(pacer: BurstPacer, rate: float, stop: asyncio.Event) -> None:
+    """Arrivals at about `rate` a second until told to stop."""
+    while not stop.is_set():
+        for _ in range(int(rate / 100)):
+            pacer.note()
+        await asyncio.sleep(0.01)
+
+
+async def burst(pacer: BurstPacer, rate: float) -> tuple[asyncio.Event, asyncio.Task[None]]:
+    stop = asyncio.Event()
+    task = asyncio.create_task(pour(pacer, rate, stop))
+    await asyncio.sleep(WINDOW * 1.5)
+    assert pacer.bursting
+    return stop, task
+
+
+async def test_outside_a_burst_turns_start_at_once():
+    pacer = BurstPacer(burst_rate=1000, burst_starts=5)
+    for _ in range(50):
+        pacer.note()
+    started = time.monotonic()
+    await asyncio.gather(*(pacer.admit() for _ in range(20)))
+    assert time.monotonic() - started < 0.05
+    assert not pacer.bursting
+
+
+async def test_during_a_burst_starts_are_spaced_and_in_order_then_all_go_when_it_ends():
+    pacer = BurstPacer(burst_rate=200, burst_starts=20)  # one start per 50 ms while bursting
+    stop, pouring = await burst(pacer, 2000)
+    released: list[tuple[int, float]] = []
+
+    async def wait(n: int) -> None:
+        await pacer.admit()
+        released.append((n, time.monotonic()))
+
+    waiters = [asyncio.create_task(wait(n)) for n in range(40)]
+    await asyncio.sleep(0.3)
+    during = list(released)
+    assert 2 <= len(during) <= 10  # ~ 0.3 s x 20/s, not 40
+    assert [n for n, _ in during] == list(range(len(during)))  # arrival order
+    gaps = [b - a for (_, a), (_, b) in zip(during, during[1:])]
+    assert all(gap >= 0.045 for gap in gaps)  # timers never fire early
+    stop.set()
+    await pouring
+    await asyncio.wait_for(asyncio.gather(*waiters), 2 * WINDOW + 0.5)  # the burst is over: all go
+    assert [n for n, _ in released] == list(range(40))
+    assert not pacer.bursting and pacer.waiting == 0
+
+
+async def test_a_cancelled_waiter_leaves_the_line():
+    pacer = BurstPacer(burst_rate=200, burst_starts=1)
+    stop, pouring = await burst(pacer, 2000)
+    await pacer.admit()  # takes the one start available now
+    first = asyncio.create_task(pacer.admit())
+    second = asyncio.create_task(pacer.admit())
+    await asyncio.sleep(0.01)
+    assert pacer.waiting == 2
+    first.cancel()
+    await asyncio.gather(first, return_exceptions=True)
+    assert pacer.waiting == 1
+    stop.set()
+    await pouring
+    await asyncio.wait_for(second, 2 * WINDOW + 1.5)
+
+
+async def test_dispatcher_holds_turns_and_queued_notices_during_a_burst_and_keeps_each_order():
+    pacer = BurstPacer(burst_rate=200, burst_starts=10)
+    ran: list[tuple[str, int]] = []
+    notices: list[tuple[int, int, bool]] = []
+
+    async def process(job: Job) -> None:
+        ran.append((job.conversation_key, job.event_id))
+        await asyncio.sleep(0.001)
+
+    def notify(job: Job, position: int) -> asyncio.Future[None]:
+        notices.append((job.event_id, position, pacer.bursting))
+        written = asyncio.get_running_loop().create_future()
+        written.set_result(None)
+        return written
+
+    async def control(_job: Job) -> None:
+        return None
+
+    dispatcher = Dispatcher(process=process, control=control, notify_queued=notify, pacer=pacer)
+    stop, pouring = await burst(pacer, 2000)
+    event_id = 0
+    for n in range(10):
+        for conv in ("a", "b", "c"):
+            event_id += 1
+            dispatcher.submit(Job(event_id, f"webchat:{conv}", f"echo {n}"))
+    await asyncio.sleep(0.8)  # past the queued-notice delay, still bursting
+    assert len(ran) <= 12  # ~ 0.8 s x 10/s, not 30
+    assert notices == []  # held back while the burst lasts
+    stop.set()
+    await pouring
+    deadline = time.monotonic() + 3
+    while len(ran) < 30 and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    assert len(ran) == 30
+    for conv in ("a", "b", "c"):
+        ids = [i for key, i in ran if key == f"webchat:{conv}"]
+        assert ids == sorted(ids)
+    assert all(not bursting for _, _, bursting in notices)  # posted after it, if still waiting
+    await dispatcher.close(1.0)

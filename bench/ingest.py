@@ -152,7 +152,7 @@ def wait_for_quiet(max_s: float, threshold_pct: float = 15.0) -> dict[str, Any]:
 
 # -- which code is measured ------------------------------------------------------------------------
 
-CODE_DIRS = ("bridge", "channels", "migrations")
+CODE_DIRS = ("bridge", "channels", "migrations", "templates")  # what `serve` reads
 
 
 def code_fingerprint(source: Path) -> str:

@@ -153,7 +153,7 @@ class Service:
         self.pacer = BurstPacer(burst_rate=settings.burst_rate, burst_starts=settings.burst_turn_starts)
         self.dispatcher = Dispatcher(
             process=self.runner.process, control=self._control, notify_queued=self.runner.notify_queued,
-            intercepts=self.gate.intercepts, pacer=self.pacer,
+            intercepts=self.gate.intercepts, pacer=self.pacer, notify_backlog=self.runner.notify_backlog,
         )
         self.retrier = Retrier(self.db, self.gate, self.dispatcher)
         self.routine_runner = RoutineRunner(self.db, self.outbox, self.runtime, self.gate,

@@ -22,6 +22,10 @@ def queued(position: int) -> Reply:
     return Reply(text=f"⏳ Queued (position {position}); it runs when the current turn finishes.")
 
 
+def backlog(count: int) -> Reply:
+    return Reply(text=f"⏳ {count} messages are queued after a burst; they run one at a time, in the order sent.")
+
+
 def started(text: str) -> Reply:
     return Reply(text=f"▶️ Started: `{_short(text, 80)}`")
 

@@ -39,12 +39,14 @@ QUEUED_NOTICE_DELAY = 0.5  # a message that starts sooner gets no "queued" notic
 
 Process = Callable[[Job], Awaitable[None]]
 Notify = Callable[[Job, int], Awaitable[None]]  # returns the pending write (no task per message)
+NotifyBacklog = Callable[[str, int], None]  # one notice for a conversation's messages held in a burst
 
 
 class Dispatcher:
     def __init__(self, *, process: Process, control: Process, notify_queued: Notify,
                  intercepts: Callable[[str, str], bool] = lambda _key, _text: False,
-                 on_busy: Process | None = None, pacer: BurstPacer | None = None) -> None:
+                 on_busy: Process | None = None, pacer: BurstPacer | None = None,
+                 notify_backlog: NotifyBacklog | None = None) -> None:
         self._process = process
         self._intercepts = intercepts
         self._control = control
@@ -54,6 +56,7 @@ class Dispatcher:
         self._controls: set[asyncio.Task[None]] = set()
         self._closing = False
         self._pacer = pacer
+        self._notify_backlog = notify_backlog
         self._deferred: list[Job] = []  # queued notices held back during a burst
 
     def submit(self, job: Job) -> None:
@@ -133,14 +136,20 @@ class Dispatcher:
         self._pacer.when_calm(self._post_deferred)
 
     def _post_deferred(self) -> None:
-        """The burst is over: post the notices of what still waits (one pass per queue)."""
+        """The burst is over: tell the authors of what still waits. A conversation with one such
+        message gets its usual notice; one with several gets one notice for all of them (a notice
+        per message after a burst would be a second burst)."""
         deferred, self._deferred = self._deferred, []
         waiting = {id(job) for job in deferred if not job.started}
         for key in {job.conversation_key for job in deferred}:
             lane = self._lanes.get(key)
-            for position, job in enumerate(lane.queue if lane is not None else (), 1):
-                if id(job) in waiting and job.notice is None:
-                    job.notice = self._notify_queued(job, position)
+            held = [(position, job) for position, job in enumerate(lane.queue if lane is not None else (), 1)
+                    if id(job) in waiting and job.notice is None]
+            if len(held) > 1 and self._notify_backlog is not None:
+                self._notify_backlog(key, len(lane.queue) if lane is not None else len(held))
+                continue
+            for position, job in held:
+                job.notice = self._notify_queued(job, position)
 
     def queued(self, conversation_key: str) -> int:
         lane = self._lanes.get(conversation_key)

@@ -4,6 +4,7 @@ straight to the human gate."""
 from __future__ import annotations
 
 import functools
+import sys
 import time
 import uuid
 
@@ -30,7 +31,7 @@ class Ingestor:
         self.pacer = pacer
 
     async def accept(self, event: InboundMessage) -> AcceptResult:
-        key = str(event.conversation)
+        key = sys.intern(str(event.conversation))  # held by every waiting job of the conversation
         payload = event.to_payload()
         # An event that will have no turn and no answer (no text, a bot's) is stored closed: it
         # still dedupes and is on record, but costs no dispatch, claim or second write. A stale

@@ -271,6 +271,13 @@ class TurnRunner:
             reply = dataclasses.replace(reply, reply_to=scope.reply_to)
         return self.outbox.send_ops(scope.channel, scope.conversation_key, reply, ref=ref)
 
+    def notify_backlog(self, conversation_key: str, count: int) -> None:
+        """One notice for the messages of a conversation still waiting after a burst."""
+        channel = ConversationKey.parse(conversation_key).channel
+        written = self.db.execute(self.outbox.send_ops(channel, conversation_key, presenter.backlog(count),
+                                                       ref=self.outbox.new_ref()))
+        written.add_done_callback(functools.partial(self._written, conversation_key))
+
     def notify_queued(self, job: Job, position: int) -> Awaitable[None]:
         """Tell the user their message waits (the turn edits this notice when it starts). Returns
         the pending write: a plain future, so a long backlog costs no task per message."""

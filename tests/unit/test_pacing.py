@@ -81,7 +81,7 @@ async def test_dispatcher_holds_turns_and_queued_notices_during_a_burst_and_keep
 
     async def process(job: Job) -> None:
         ran.append((job.conversation_key, job.event_id))
-        await asyncio.sleep(0.001)
+        await asyncio.sleep(0.05)  # slow enough that a conversation still waits when the burst ends
 
     def notify(job: Job, position: int) -> asyncio.Future[None]:
         notices.append((job.event_id, position, pacer.bursting))
@@ -92,7 +92,9 @@ async def test_dispatcher_holds_turns_and_queued_notices_during_a_burst_and_keep
     async def control(_job: Job) -> None:
         return None
 
-    dispatcher = Dispatcher(process=process, control=control, notify_queued=notify, pacer=pacer)
+    backlogs: list[tuple[str, int, bool]] = []
+    dispatcher = Dispatcher(process=process, control=control, notify_queued=notify, pacer=pacer,
+                            notify_backlog=lambda key, count: backlogs.append((key, count, pacer.bursting)))
     stop, pouring = await burst(pacer, 2000)
     event_id = 0
     for n in range(10):
@@ -101,7 +103,7 @@ async def test_dispatcher_holds_turns_and_queued_notices_during_a_burst_and_keep
             dispatcher.submit(Job(event_id, f"webchat:{conv}", f"echo {n}"))
     await asyncio.sleep(0.8)  # past the queued-notice delay, still bursting
     assert len(ran) <= 12  # ~ 0.8 s x 10/s, not 30
-    assert notices == []  # held back while the burst lasts
+    assert notices == [] and backlogs == []  # held back while the burst lasts
     stop.set()
     await pouring
     deadline = time.monotonic() + 3
@@ -111,5 +113,8 @@ async def test_dispatcher_holds_turns_and_queued_notices_during_a_burst_and_keep
     for conv in ("a", "b", "c"):
         ids = [i for key, i in ran if key == f"webchat:{conv}"]
         assert ids == sorted(ids)
-    assert all(not bursting for _, _, bursting in notices)  # posted after it, if still waiting
+    # after it, each conversation with several messages still waiting got one notice for them all
+    assert notices == []
+    assert sorted(key for key, _, _ in backlogs) == ["webchat:a", "webchat:b", "webchat:c"]
+    assert all(count > 1 and not bursting for _, count, bursting in backlogs)
     await dispatcher.close(1.0)

@@ -5,7 +5,7 @@ Compares, on one pinned core each and in alternating runs:
 - bridge: the real service with Feishu on (webhook, encrypt key and token set) handling
   `POST /feishu/events`: signature, timestamp window, decryption, token, normalization and the
   inbox insert committed before the 200 (group commit). Each event is a direct message that only
-  @mentions the bot: stored like any other, but its turn is skipped (no runtime, no reply), so
+  @mentions the bot: stored like any other, but closed on arrival (nothing to run: no runtime, no reply), so
   the figure is the ack path, as in the SDK baseline. Reactions are off.
 - sdk: lark-oapi's EventDispatcherHandler in an aiohttp app (bench/feishu_sdk_server.py):
   token, signature, decryption and dispatch to a handler that does nothing; nothing is stored.

@@ -4,7 +4,7 @@ Compares, on one pinned core each and in alternating runs:
 
 - bridge: the real service with Slack on (HTTP mode) handling `POST /slack/events`: v0
   signature and window, normalization and the inbox insert committed before the 200. Each event
-  is a DM that only mentions the bot: stored like any other, but its turn is skipped (no runtime,
+  is a DM that only mentions the bot: stored like any other, but closed on arrival (nothing to run: no runtime,
   no reply), so the figure is the ack path. Reactions are off.
 - sdk: slack_bolt's AsyncApp in aiohttp (bench/slack_bolt_server.py) with a listener that only
   acks; nothing is stored. Needs `pip install slack_bolt` (not a dependency of agent-bridge).

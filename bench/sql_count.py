@@ -6,7 +6,7 @@ SQLAlchemy's `before_cursor_execute` / `commit` events on the writer and reader 
 nothing queues) and prints statements per message by engine and by statement shape.
 
     python -m bench.sql_count                  # "echo <n>" messages (a shell turn each)
-    python -m bench.sql_count --text empty     # "" (skipped by the pipeline: ingest + claim + skip)
+    python -m bench.sql_count --text empty     # "" (stored closed on arrival: the ingest alone)
 """
 
 from __future__ import annotations

@@ -349,3 +349,23 @@ async def test_a_message_that_waits_only_briefly_gets_no_queued_notice(bridge, c
     await c.wait_for("c-quick", finals(2))
     await asyncio.sleep(0.8)  # past the notice delay
     assert not [m for m in await c.bot_messages("c-quick") if m["text"].startswith(("⏳", "▶️"))]
+
+
+async def test_a_message_with_nothing_to_run_gets_no_turn_and_the_next_one_runs(bridge, chat):
+    """An empty message is kept (it dedupes, the person sees it) and closed as skipped: no turn,
+    no reply; the conversation goes on as usual."""
+    proc = bridge()
+    c = chat(proc)
+    assert (await c.post("c-empty", "alice", "   ", client_msg_id="blank"))[0] == 202
+    assert (await c.post("c-empty", "alice", "   ", client_msg_id="blank"))[1]["duplicate"] is True
+    await c.post("c-empty", "alice", "echo after")
+    texts = await c.wait_for("c-empty", final_texts)
+    assert len(texts) == 1 and "after" in texts[0]
+    with sqlite3.connect(proc.data_dir / "bridge.db") as conn:
+        rows = conn.execute("SELECT payload, status, processed_at FROM inbound_events"
+                            " WHERE conversation_key = 'webchat:c-empty' ORDER BY id").fetchall()
+        turns = conn.execute("SELECT input_text FROM turns").fetchall()
+    assert [(status, processed is not None) for _, status, processed in rows] == [("skipped", True), ("done", True)]
+    assert turns == [("echo after",)]
+    users = [m["text"] for m in await c.messages("c-empty") if m["role"] == "user"]
+    assert users == ["   ", "echo after"]

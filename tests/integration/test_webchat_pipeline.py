@@ -299,13 +299,14 @@ async def test_stop_while_waiting_for_approval_stops_the_turn(bridge, chat):
 async def test_command_timeout_kills_the_process_group(bridge, chat):
     proc = bridge(BRIDGE_SHELL_TIMEOUT="1")
     c = chat(proc)
-    await c.post("c-to", "alice", "sleep 20 & sleep 20; echo never")
+    # a duration no other test uses: pgrep below looks machine-wide (the Codex tests run `sleep 20`)
+    await c.post("c-to", "alice", "sleep 23.5 & sleep 23.5; echo never")
     card = await c.wait_card("c-to", "pending")
     await c.act("c-to", card["id"], "approve", "alice")
     texts = await c.wait_for("c-to", lambda msgs: [t for t in final_texts(msgs) if "Timed out" in t])
     assert "never" not in texts[0]
     await asyncio.sleep(1.0)  # the SIGKILL grace period
-    ps = await asyncio.create_subprocess_exec("pgrep", "-f", "sleep 20", stdout=asyncio.subprocess.PIPE)
+    ps = await asyncio.create_subprocess_exec("pgrep", "-f", "sleep 23.5", stdout=asyncio.subprocess.PIPE)
     out, _ = await ps.communicate()
     assert out.strip() == b"", "a child of the timed-out command survived"
 

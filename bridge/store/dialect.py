@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import Table
@@ -27,3 +29,25 @@ def sqlite_driver(conn: Any) -> Any | None:
     the aiosqlite pool). Hot statements run on it directly where SQLAlchemy's per-row work costs
     more than SQLite's (see docs/benchmarks.md); they keep the Core statement for the others."""
     return getattr(conn, "driver", None)
+
+
+SQLITE_ROWS_PER_STATEMENT = 500  # with up to 65 columns, under SQLite's 32,766 parameters
+
+
+@functools.lru_cache(maxsize=256)
+def _multirow_insert(table: str, columns: tuple[str, ...], count: int, tail: str) -> str:
+    row = "(" + ",".join("?" * len(columns)) + ")"
+    return f"INSERT INTO {table} ({','.join(columns)}) VALUES {','.join([row] * count)} {tail}"
+
+
+def sqlite_insert_many(driver: Any, table: str, columns: tuple[str, ...], rows: Sequence[Sequence[Any]],
+                       tail: str) -> list[tuple[Any, ...]]:
+    """Insert `rows` (values in `columns`' order) on a `sqlite3` connection as multi-row INSERTs
+    ending in `tail` (its ON CONFLICT and RETURNING clauses); the rows RETURNING gave."""
+    assert len(columns) <= 65
+    returned: list[tuple[Any, ...]] = []
+    for start in range(0, len(rows), SQLITE_ROWS_PER_STATEMENT):
+        chunk = rows[start:start + SQLITE_ROWS_PER_STATEMENT]
+        params = [value for row in chunk for value in row]
+        returned.extend(driver.execute(_multirow_insert(table, columns, len(chunk), tail), params))
+    return returned

@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from bridge.store.dialect import sqlite_driver, upsert
+from bridge.store.dialect import sqlite_driver, sqlite_insert_many, upsert
 from bridge.store.schema import inbound_events
 
 OPEN_STATUSES = ("accepted", "processing")
@@ -74,32 +74,17 @@ _COLUMNS = ("channel", "kind", "event_key", "message_key", "conversation_key", "
             "received_at", "processed_at")
 
 
-@functools.lru_cache(maxsize=64)
-def _sqlite_insert_sql(count: int) -> str:
-    values = ",".join(["(" + ",".join("?" * len(_COLUMNS)) + ")"] * count)
-    return (f"INSERT INTO inbound_events ({','.join(_COLUMNS)}) VALUES {values} "
-            "ON CONFLICT DO NOTHING RETURNING id, event_key")
-
-
-SQLITE_ROWS_PER_STATEMENT = 500  # 10 columns each: well under SQLite's 32,766 parameters
-
-
 def _insert_sqlite(driver: Any, items: Sequence[NewEvent]) -> dict[str, int]:
-    """The hot path of every channel's ack, on SQLite: one multi-row INSERT ... RETURNING per
-    chunk, straight on the driver (the Core statement's per-row parameter processing cost more
-    than SQLite's own work). The same rows and conflict rule as `_insert`."""
-    inserted: dict[str, int] = {}
+    """The hot path of every channel's ack, on SQLite: multi-row INSERT ... RETURNING straight on
+    the driver (the Core statement's per-row parameter processing cost more than SQLite's own
+    work). The same rows and conflict rule as `_insert`."""
     dumps = json.dumps
-    for start in range(0, len(items), SQLITE_ROWS_PER_STATEMENT):
-        chunk = items[start:start + SQLITE_ROWS_PER_STATEMENT]
-        params: list[Any] = []
-        for item in chunk:
-            params += (item.channel, item.kind, item.event_key, item.message_key, item.conversation_key,
-                       item.sender_id, dumps(item.payload), item.status, item.received_at,
-                       item.received_at if item.status != "accepted" else None)
-        for event_id, event_key in driver.execute(_sqlite_insert_sql(len(chunk)), params):
-            inserted[event_key] = event_id
-    return inserted
+    rows = [(item.channel, item.kind, item.event_key, item.message_key, item.conversation_key, item.sender_id,
+             dumps(item.payload), item.status, item.received_at,
+             item.received_at if item.status != "accepted" else None) for item in items]
+    returned = sqlite_insert_many(driver, "inbound_events", _COLUMNS, rows,
+                                  "ON CONFLICT DO NOTHING RETURNING id, event_key")
+    return {event_key: event_id for event_id, event_key in returned}
 
 
 @functools.cache

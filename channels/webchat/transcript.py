@@ -15,7 +15,7 @@ from typing import Any
 from sqlalchemy import JSON, Column, Float, Index, Integer, String, Table, Text, bindparam, func, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from bridge.store.dialect import sqlite_driver, upsert
+from bridge.store.dialect import sqlite_driver, sqlite_insert_many, upsert
 from bridge.store.schema import metadata
 
 webchat_messages = Table(
@@ -115,32 +115,19 @@ def _insert(dialect: str):
 
 _COLUMNS = ("id", "seq", "created_seq", "conversation_id", "role", "user_id", "text", "card", "dedupe_key",
             "created_at", "updated_at")
-SQLITE_ROWS_PER_STATEMENT = 500  # 11 columns each: well under SQLite's 32,766 parameters
-
-
-@functools.lru_cache(maxsize=64)
-def _sqlite_insert_sql(count: int) -> str:
-    values = ",".join(["(" + ",".join("?" * len(_COLUMNS)) + ")"] * count)
-    return (f"INSERT INTO webchat_messages ({','.join(_COLUMNS)}) VALUES {values} "
-            "ON CONFLICT (dedupe_key) DO NOTHING RETURNING dedupe_key")
 
 
 def _insert_sqlite(driver: Any, rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """On SQLite, the rows go straight to the driver (the person's message is on the ack's path);
     the rows built here are what is returned for those inserted. The same rule as `_insert`."""
-    inserted: dict[str, dict[str, Any]] = {}
     dumps = json.dumps
-    for start in range(0, len(rows), SQLITE_ROWS_PER_STATEMENT):
-        chunk = rows[start:start + SQLITE_ROWS_PER_STATEMENT]
-        params: list[Any] = []
-        for r in chunk:
-            params += (r["id"], r["seq"], r["created_seq"], r["conversation_id"], r["role"], r["user_id"], r["text"],
-                       None if r["card"] is None else dumps(r["card"]), r["dedupe_key"], r["created_at"],
-                       r["updated_at"])
-        by_key = {r["dedupe_key"]: r for r in chunk}
-        for (key,) in driver.execute(_sqlite_insert_sql(len(chunk)), params):
-            inserted[key] = by_key[key]
-    return inserted
+    values = [(r["id"], r["seq"], r["created_seq"], r["conversation_id"], r["role"], r["user_id"], r["text"],
+               None if r["card"] is None else dumps(r["card"]), r["dedupe_key"], r["created_at"], r["updated_at"])
+              for r in rows]
+    returned = sqlite_insert_many(driver, "webchat_messages", _COLUMNS, values,
+                                  "ON CONFLICT (dedupe_key) DO NOTHING RETURNING dedupe_key")
+    by_key = {r["dedupe_key"]: r for r in rows}
+    return {key: by_key[key] for (key,) in returned}
 
 
 BY_ID = select(webchat_messages).where(webchat_messages.c.id == bindparam("b_id"))

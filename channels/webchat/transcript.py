@@ -7,7 +7,6 @@ from __future__ import annotations
 import functools
 import json
 import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -35,7 +34,6 @@ webchat_messages = Table(
     Column("created_at", Float, nullable=False),
     Column("updated_at", Float, nullable=False),
     Index("ix_webchat_messages_conversation_seq", "conversation_id", "seq"),
-    Index("ix_webchat_messages_conversation_created_seq", "conversation_id", "created_seq"),
 )
 
 
@@ -74,12 +72,13 @@ class Transcript:
 
     async def insert_many(self, conn: AsyncConnection, items: Sequence[NewMessage]) -> list[dict[str, Any]]:
         """Insert messages (idempotent on dedupe_key); returns each one's row (existing or new)."""
-        now = time.time()
+        now_ns = time.time_ns()
+        now = now_ns / 1e9
         seq = await self._take(conn, len(items))
         rows = []
         for item in items:
             rows.append({
-                "id": uuid.uuid4().hex, "seq": seq, "created_seq": seq, "conversation_id": item.conversation_id,
+                "id": _message_id(now_ns, seq), "seq": seq, "created_seq": seq, "conversation_id": item.conversation_id,
                 "role": item.role, "user_id": item.user_id, "text": item.text, "card": item.card,
                 "dedupe_key": item.dedupe_key, "created_at": now, "updated_at": now,
             })
@@ -105,6 +104,13 @@ class Transcript:
         ids = list({e.message_id for e in items})
         rows = {row.id: dict(row._mapping) for row in await conn.execute(BY_IDS, {"b_ids": ids})}
         return [rows.get(e.message_id) for e in items]
+
+
+def _message_id(now_ns: int, seq: int) -> str:
+    """A message id: unique because its seq is, and ordered by time, so that each insert lands
+    at the end of the primary key's index (a random id wrote one more page per message, at a
+    random place, and cost a getrandom call)."""
+    return f"{now_ns:016x}{seq:08x}"
 
 
 @functools.cache

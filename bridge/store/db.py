@@ -57,6 +57,11 @@ BACKGROUND_SINGLES = 16  # ... and so does this: single units are not coalesced,
 BUSY_PAUSES = (0.002, 0.005, 0.01, 0.02, 0.05)  # SQLite's write lock held by another process
 BUSY_LIMIT = 30.0  # seconds of a held lock after which queued writes fail instead of waiting
 CHECKPOINT_EVERY = 1.0  # seconds between WAL checkpoints while writes happen
+# Pages of 2 KB instead of SQLite's 4 KB for a new database: each message adds index entries at
+# random places (its dedupe keys, its conversation), so a commit writes about one page per index
+# per message, and a smaller page is less to copy, checksum and write into the WAL (measured on
+# the inbox insert: 22 -> 15 us a row in group commits of 11; docs/benchmarks.md).
+PAGE_SIZE = 2048
 
 
 class StoreClosed(RuntimeError):
@@ -90,6 +95,9 @@ class WriterStats:
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cursor = dbapi_conn.cursor()
+    # Takes effect only when the database file is created (before WAL mode writes its header);
+    # an existing database keeps its page size. See PAGE_SIZE.
+    cursor.execute(f"PRAGMA page_size={PAGE_SIZE}")
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA busy_timeout=5000")

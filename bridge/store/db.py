@@ -45,6 +45,8 @@ from sqlalchemy import Connection, Engine, Executable, create_engine, event, mak
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from bridge import jsoncodec
+
 T = TypeVar("T")
 
 SingleFn = Callable[[AsyncConnection], Awaitable[Any]]
@@ -124,18 +126,21 @@ def _sqlite_reader_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cursor.close()
 
 
+_JSON = {"json_serializer": jsoncodec.dumps, "json_deserializer": jsoncodec.loads}  # JSON columns
+
+
 def _sync_sqlite_engine(url: str, on_connect: Callable[[Any, Any], None]) -> Engine:
-    engine = create_engine(make_url(url).set(drivername="sqlite+pysqlite"), pool_size=1, max_overflow=0)
+    engine = create_engine(make_url(url).set(drivername="sqlite+pysqlite"), pool_size=1, max_overflow=0, **_JSON)
     event.listen(engine, "connect", on_connect)
     return engine
 
 
 def make_engine(url: str, *, pool_size: int) -> AsyncEngine:
     if url.startswith("sqlite"):
-        engine = create_async_engine(url, pool_size=pool_size, max_overflow=0)
+        engine = create_async_engine(url, pool_size=pool_size, max_overflow=0, **_JSON)
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
     else:
-        engine = create_async_engine(url, pool_size=pool_size, max_overflow=0, pool_pre_ping=True)
+        engine = create_async_engine(url, pool_size=pool_size, max_overflow=0, pool_pre_ping=True, **_JSON)
     return engine
 
 

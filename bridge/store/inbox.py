@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -12,6 +11,7 @@ from typing import Any
 from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from bridge import jsoncodec
 from bridge.store.dialect import sqlite_driver, sqlite_insert_many, upsert
 from bridge.store.schema import inbound_events
 
@@ -78,7 +78,7 @@ def _insert_sqlite(driver: Any, items: Sequence[NewEvent]) -> dict[str, int]:
     """The hot path of every channel's ack, on SQLite: multi-row INSERT ... RETURNING straight on
     the driver (the Core statement's per-row parameter processing cost more than SQLite's own
     work). The same rows and conflict rule as `_insert`."""
-    dumps = json.dumps
+    dumps = jsoncodec.dumps
     rows = [(item.channel, item.kind, item.event_key, item.message_key, item.conversation_key, item.sender_id,
              dumps(item.payload), item.status, item.received_at,
              item.received_at if item.status != "accepted" else None) for item in items]

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import orjson
 from aiohttp import web
 from loguru import logger
 
@@ -179,7 +180,7 @@ class FeishuChannel:
         """Verify and decrypt a webhook body; raises Refused (4xx) for anything not from Feishu."""
         key = self.config.encrypt_key
         try:
-            outer = json.loads(body)
+            outer = orjson.loads(body)
         except ValueError:
             raise Refused(400, "malformed JSON") from None
         if not isinstance(outer, dict):
@@ -205,7 +206,7 @@ class FeishuChannel:
             if not key:
                 raise Refused(400, "encrypted body but FEISHU_ENCRYPT_KEY is not set")
             try:
-                outer = json.loads(crypto.decrypt(key, str(outer["encrypt"])))
+                outer = orjson.loads(crypto.decrypt(key, str(outer["encrypt"])))
             except (crypto.DecryptError, ValueError):
                 raise Refused(400, "cannot decrypt the body") from None
             if not isinstance(outer, dict):

@@ -12,13 +12,13 @@ a new client after a jittered backoff. `/readyz` shows whether the connection is
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import threading
 import time
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
+import orjson
 from loguru import logger
 
 HANDLE_TIMEOUT = 2.5  # Feishu waits 3 s for the ack
@@ -122,7 +122,7 @@ class LongConnection:
         assert self.main_loop is not None and self.channel is not None
         self.last_event_at = time.time()
         try:
-            event = json.loads(payload)
+            event = orjson.loads(payload)
         except ValueError:
             logger.warning("feishu: long connection sent a frame that is not JSON")
             return None

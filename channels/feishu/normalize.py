@@ -7,10 +7,11 @@ files as attachment references to download, and the conversation key per the cha
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+import orjson
 
 Scope = Literal["chat", "thread", "user"]
 Trigger = Literal["mention", "all"]
@@ -146,7 +147,7 @@ def content_text(message: dict[str, Any], bot_open_id: str) -> tuple[str, list[F
     """The message's content as markdown, and the files it carries."""
     kind = message.get("message_type") or message.get("msg_type") or "text"
     try:
-        content = json.loads(message.get("content") or "{}")
+        content = orjson.loads(message.get("content") or "{}")
     except ValueError:
         content = {}
     if not isinstance(content, dict):

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import parse_qs
 
+import orjson
 import aiohttp
 from aiohttp import web
 from loguru import logger
@@ -230,7 +231,7 @@ class SlackChannel:
         if isinstance(body, web.Response):
             return body
         try:
-            payload = json.loads(body)
+            payload = orjson.loads(body)
         except ValueError:
             return web.json_response({"error": "malformed JSON"}, status=400)
         if not isinstance(payload, dict):

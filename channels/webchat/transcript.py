@@ -5,7 +5,6 @@ their messages. Every insert or edit takes the next `seq`, so `?after=<seq>` pol
 from __future__ import annotations
 
 import functools
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -14,6 +13,7 @@ from typing import Any
 from sqlalchemy import JSON, Column, Float, Index, Integer, String, Table, Text, bindparam, func, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from bridge import jsoncodec
 from bridge.store.dialect import sqlite_driver, sqlite_insert_many, upsert
 from bridge.store.schema import metadata
 
@@ -126,7 +126,7 @@ _COLUMNS = ("id", "seq", "created_seq", "conversation_id", "role", "user_id", "t
 def _insert_sqlite(driver: Any, rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """On SQLite, the rows go straight to the driver (the person's message is on the ack's path);
     the rows built here are what is returned for those inserted. The same rule as `_insert`."""
-    dumps = json.dumps
+    dumps = jsoncodec.dumps
     values = [(r["id"], r["seq"], r["created_seq"], r["conversation_id"], r["role"], r["user_id"], r["text"],
                None if r["card"] is None else dumps(r["card"]), r["dedupe_key"], r["created_at"], r["updated_at"])
               for r in rows]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -13,26 +14,33 @@ from bridge.metrics import Metrics
 from bridge.web.http import MAX_BODY
 
 HealthCheck = Callable[[], Awaitable[dict[str, Any]]]
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 CHECK_TIMEOUT = 3.0
 
 
-@web.middleware
-async def json_errors(request: web.Request, handler):
-    """Uncaught errors become a JSON 500 and a log record, never a bare traceback page."""
-    try:
-        return await handler(request)
-    except web.HTTPException as exc:
-        if exc.status == 413:
-            return web.json_response({"error": f"request body too large (limit {MAX_BODY} bytes)"}, status=413)
-        raise
-    except Exception:
-        logger.exception("http: {} {} failed", request.method, request.path)
-        return web.json_response({"error": "internal error"}, status=500)
+def json_errors(handler: Handler) -> Handler:
+    """Uncaught errors become a JSON 500 and a log record, never a bare traceback page; a body
+    over the limit gets a JSON 413. Wraps each route's handler (rather than being a middleware,
+    which costs every request two more coroutine frames and a lookup)."""
+
+    @functools.wraps(handler)
+    async def guarded(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except web.HTTPException as exc:
+            if exc.status == 413:
+                return web.json_response({"error": f"request body too large (limit {MAX_BODY} bytes)"}, status=413)
+            raise
+        except Exception:
+            logger.exception("http: {} {} failed", request.method, request.path)
+            return web.json_response({"error": "internal error"}, status=500)
+
+    return guarded
 
 
 def build_app(metrics: Metrics, checks: dict[str, HealthCheck], routes: list[web.RouteDef],
               refresh_metrics: Callable[[], Awaitable[None]]) -> web.Application:
-    app = web.Application(client_max_size=MAX_BODY, middlewares=[json_errors])
+    app = web.Application(client_max_size=MAX_BODY)
 
     async def healthz(_request: web.Request) -> web.Response:
         return web.json_response({"ok": True})
@@ -55,6 +63,6 @@ def build_app(metrics: Metrics, checks: dict[str, HealthCheck], routes: list[web
         await refresh_metrics()
         return web.Response(body=metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
-    app.add_routes([web.get("/healthz", healthz), web.get("/readyz", readyz), web.get("/metrics", metrics_view)])
-    app.add_routes(routes)
+    own = [web.get("/healthz", healthz), web.get("/readyz", readyz), web.get("/metrics", metrics_view)]
+    app.add_routes([web.RouteDef(r.method, r.path, json_errors(r.handler), r.kwargs) for r in [*own, *routes]])
     return app

@@ -236,19 +236,22 @@ class FeishuChannel:
             parsed = normalize.parse(payload, bot_open_id=self.bot_open_id, policy_for=self.config.policy_for)
         except normalize.NotAMessage as exc:
             return 400, {"error": str(exc)}
-        log = logger.bind(conversation=f"{CHANNEL}:{parsed.chat_id}", event=parsed.event_id)
+
+        def log():  # bound only when a record is written: binding costs on every event
+            return logger.bind(conversation=f"{CHANNEL}:{parsed.chat_id}", event=parsed.event_id)
+
         if parsed.sender_type != "user" or (self.bot_open_id and parsed.sender_open_id == self.bot_open_id):
-            log.debug("feishu: ignoring a message from a bot")
+            log().debug("feishu: ignoring a message from a bot")
             return 200, {}
         if self.config.allowed_chats and parsed.chat_id not in self.config.allowed_chats:
-            log.info("feishu: chat {} is not allowed", parsed.chat_id)
+            log().info("feishu: chat {} is not allowed", parsed.chat_id)
             return 200, {}
         if self.config.allowed_users and parsed.sender_open_id not in self.config.allowed_users:
-            log.info("feishu: user {} is not allowed", parsed.sender_open_id)
+            log().info("feishu: user {} is not allowed", parsed.sender_open_id)
             return 200, {}
         policy = self.config.policy_for(parsed.chat_id)
         if parsed.is_group and policy.trigger == "mention" and not parsed.mentions_bot:
-            log.debug("feishu: group message without a mention of the bot; not for us")
+            log().debug("feishu: group message without a mention of the bot; not for us")
             return 200, {}
         assert self._ingest is not None, "channel not started"
         conversation = ConversationKey(CHANNEL, parsed.chat_id, parsed.thread_key)
@@ -271,7 +274,7 @@ class FeishuChannel:
         result = await self._ingest.accept(event)
         self._remember(str(conversation), parsed.message_id)
         if stale:
-            log.warning("feishu: message {} is {:.0f}s old; not run", parsed.message_id,
+            log().warning("feishu: message {} is {:.0f}s old; not run", parsed.message_id,
                         time.time() - (parsed.create_time or 0))
         elif not result.duplicate and self.config.reactions:
             asyncio.ensure_future(self._react(parsed.chat_id, parsed.message_id, "OnIt"))

@@ -7,6 +7,7 @@ sha256(encrypt_key); the encrypted body is base64(iv || AES-CBC(PKCS7(plaintext)
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 
@@ -26,6 +27,12 @@ def signature_ok(timestamp: str, nonce: str, encrypt_key: str, body: bytes, give
     return hmac.compare_digest(signature(timestamp, nonce, encrypt_key, body), given or "")
 
 
+@functools.lru_cache(maxsize=8)
+def body_key(encrypt_key: str) -> bytes:
+    """The AES key of `encrypt_key` (derived once per key, not once per request)."""
+    return hashlib.sha256(encrypt_key.encode("utf-8")).digest()
+
+
 def decrypt(encrypt_key: str, data: str) -> str:
     try:
         raw = base64.b64decode(data, validate=True)
@@ -33,8 +40,7 @@ def decrypt(encrypt_key: str, data: str) -> str:
         raise DecryptError("not base64") from exc
     if len(raw) < 32 or len(raw) % 16:
         raise DecryptError("bad length")
-    key = hashlib.sha256(encrypt_key.encode("utf-8")).digest()
-    plain = AES.new(key, AES.MODE_CBC, raw[:16]).decrypt(raw[16:])
+    plain = AES.new(body_key(encrypt_key), AES.MODE_CBC, raw[:16]).decrypt(raw[16:])
     pad = plain[-1]
     if not 1 <= pad <= 16 or plain[-pad:] != bytes([pad]) * pad:
         raise DecryptError("bad padding (wrong key?)")

@@ -280,16 +280,19 @@ class SlackChannel:
         channel = event.get("channel", "")
         why = normalize.acted_on(event, bot_user_id=self.bot_user_id, bot_id=self.bot_id,
                                  policy=self.config.policy_for(channel))
-        log = logger.bind(conversation=f"{CHANNEL}:{channel}", event=payload.get("event_id"))
+
+        def log():  # bound only when a record is written: binding costs on every event
+            return logger.bind(conversation=f"{CHANNEL}:{channel}", event=payload.get("event_id"))
+
         if why is not None:
-            log.debug("slack: not acting on {}: {}", event.get("type"), why)
+            log().debug("slack: not acting on {}: {}", event.get("type"), why)
             return 200, {}
         parsed = normalize.parse(payload, policy=self.config.policy_for(channel))
         if self.config.allowed_channels and parsed.channel not in self.config.allowed_channels:
-            log.info("slack: channel {} is not allowed", parsed.channel)
+            log().info("slack: channel {} is not allowed", parsed.channel)
             return 200, {}
         if self.config.allowed_users and parsed.user not in self.config.allowed_users:
-            log.info("slack: user {} is not allowed", parsed.user)
+            log().info("slack: user {} is not allowed", parsed.user)
             return 200, {}
         assert self._ingest is not None, "channel not started"
         names = {u: await self.user_name(u) for u in {parsed.user, *parsed.mentions} if u != self.bot_user_id}

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import time
 from datetime import datetime, timezone
+from collections.abc import Sequence
 from typing import Any
 
-from bridge.runtimes.base import Decision
+from bridge.runtimes.base import Decision, InputFile
 from channels.base import Button, Card, Reply
 
 
@@ -34,6 +35,25 @@ def stale(age: float) -> Reply:
     minutes = max(1, round(age / 60))
     return Reply(text=f"⌛ This message reached me {minutes} min after it was sent, so I did not run it. "
                       "Send it again if it is still wanted.")
+
+
+def files_not_run(files: Sequence[InputFile], *, runtime: str, accepts_files: bool) -> Reply:
+    """A message with files and no text that cannot become a turn."""
+    saved = [f for f in files if f.path]
+    lost = [f.name for f in files if not f.path]
+    lines = []
+    if lost:
+        lines.append(f"📎 I could not download {_names(lost)}. Send it again, or describe what you need in words.")
+    if saved and not accepts_files:
+        lines.append(f"📎 The {runtime} runtime takes text only, so a file alone has nothing to run. Saved on the "
+                     "bridge's machine:")
+        lines += [f"- `{f.path}`" for f in saved]
+    return Reply(text="\n".join(lines))
+
+
+def _names(names: Sequence[str]) -> str:
+    quoted = [f"`{_short(n, 60)}`" for n in names]
+    return quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + f" and {quoted[-1]}"
 
 
 def skipped() -> Reply:

@@ -33,10 +33,10 @@ class Ingestor:
     async def accept(self, event: InboundMessage) -> AcceptResult:
         key = sys.intern(str(event.conversation))  # held by every waiting job of the conversation
         payload = event.to_payload()
-        # An event that will have no turn and no answer (no text, a bot's) is stored closed: it
-        # still dedupes and is on record, but costs no dispatch, claim or second write. A stale
-        # one is answered (with a note), so it goes the usual way.
-        closed = not event.stale and not turns.runnable_payload(payload)
+        # An event that will have no turn and no answer (no text and no file, a bot's) is stored
+        # closed: it still dedupes and is on record, but costs no dispatch, claim or second write.
+        # A stale one is answered (with a note), so it goes the usual way.
+        closed = not turns.answerable_payload(payload)
         item = inbox.NewEvent(
             channel=event.conversation.channel,
             kind=event.kind,

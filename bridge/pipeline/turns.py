@@ -24,7 +24,7 @@ from bridge.metrics import Metrics
 from bridge.pipeline.answers import answer
 from bridge.pipeline.dispatcher import Job
 from bridge.pipeline.sessions import SessionResolver
-from bridge.runtimes.base import Approval, ApprovalRequest, Runtime, TurnOutcome, TurnRequest
+from bridge.runtimes.base import Approval, ApprovalRequest, InputFile, Runtime, TurnOutcome, TurnRequest
 from bridge.store import conversations, inbox, turns
 from bridge.store.db import Database
 from channels.base import ConversationKey, Reply
@@ -158,21 +158,28 @@ class TurnRunner:
             logger.bind(conversation=job.conversation_key, event=job.event_id).exception("turn: no session")
             return
         ref = self.outbox.new_ref()
+        accepts_files = self.runtime.accepts_files
         row, turn_id = await self.db.write_batched(turns.claim_and_create_many, turns.Start(
             inbound_event_id=job.event_id, conversation_id=session.conversation_id, session_id=session.session_id,
-            reply_ref=ref), urgent=True)  # a person waits on the turn's start
+            reply_ref=ref, accepts_files=accepts_files), urgent=True)  # a person waits on the turn's start
         if row is None:
             return  # taken already
         payload = row.payload
         sender = payload.get("sender") or {}
         text = (payload.get("text") or "").strip()
-        if not turns.runnable(row):
+        files = tuple(InputFile(a.get("name") or "file", a.get("path") or "", a.get("mime_type") or "")
+                      for a in payload.get("attachments") or ())
+        if not turns.runnable(row, accepts_files=accepts_files):
+            reply: Reply | None = None
             if payload.get("stale"):
                 age = row.received_at - (payload.get("sent_at") or row.received_at)
-                reply = dataclasses.replace(presenter.stale(age), reply_to=payload.get("platform_message_id"))
-                await answer(self.db, self.outbox, row, reply, status="skipped")
-            else:
-                await answer(self.db, self.outbox, row, None, status="skipped")
+                reply = presenter.stale(age)
+            elif files and not sender.get("is_bot"):
+                # a file alone that cannot run: said so, never dropped in silence
+                reply = presenter.files_not_run(files, runtime=self.runtime.name, accepts_files=accepts_files)
+            if reply is not None:
+                reply = dataclasses.replace(reply, reply_to=payload.get("platform_message_id"))
+            await answer(self.db, self.outbox, row, reply, status="skipped")
             return
         if turn_id is None:
             return  # the event already has a turn: recovery owns it
@@ -182,7 +189,7 @@ class TurnRunner:
             # The queued notice stays where it was posted and says the turn started; the reply is
             # a new message below, so replies appear in the order the messages were sent.
             self.db.execute(self.outbox.update_ops(
-                conv.channel, row.conversation_key, presenter.started(text), ref=row.reply_ref,
+                conv.channel, row.conversation_key, presenter.started(text or ", ".join(f.name for f in files)), ref=row.reply_ref,
             )).add_done_callback(functools.partial(self._written, row.conversation_key))
         scope = TurnScope(
             turn_id=turn_id, conversation_id=session.conversation_id, session_id=session.session_id,
@@ -195,6 +202,7 @@ class TurnRunner:
             turn_id=turn_id, session_id=session.session_id, runtime_thread_id=session.runtime_thread_id,
             workspace=session.workspace, text=text, sender_id=row.sender_id,
             sender_name=sender.get("name") or row.sender_id, is_group=is_group, settings=session.settings,
+            files=files if accepts_files else (),
         )
         progress = _Progress(self, scope, ref, sent=False)
         self.running[row.conversation_key] = RunningTurn(turn_id, session.session_id, text, time.monotonic(),

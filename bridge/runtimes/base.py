@@ -35,6 +35,20 @@ class Approval:
 
 
 @dataclass(frozen=True, slots=True)
+class InputFile:
+    """A file that came with the message, saved on this machine by the channel. `path` is empty
+    when the channel could not download it."""
+
+    name: str
+    path: str
+    mime_type: str = "application/octet-stream"
+
+    @property
+    def is_image(self) -> bool:
+        return self.mime_type.startswith("image/")
+
+
+@dataclass(frozen=True, slots=True)
 class TurnRequest:
     turn_id: int
     session_id: int
@@ -45,6 +59,7 @@ class TurnRequest:
     sender_name: str
     is_group: bool
     settings: dict[str, Any] = field(default_factory=dict)  # the session's: "model", "mode"
+    files: tuple[InputFile, ...] = ()  # downloaded attachments, for a runtime that takes files
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +97,7 @@ class TurnContext(Protocol):
 
 class Runtime(Protocol):
     name: str
+    accepts_files: bool  # attachments are input (a file alone is a turn); otherwise text only
 
     async def start(self) -> None: ...
 

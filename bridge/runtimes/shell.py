@@ -46,6 +46,7 @@ class _Run:
 
 class ShellRuntime:
     name = "shell"
+    accepts_files = False  # a message is a command line; attachments stay where the channel saved them
 
     def __init__(self, *, timeout: float, output_limit: int, bash: str = "bash") -> None:
         self.timeout = timeout

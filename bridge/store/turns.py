@@ -27,16 +27,30 @@ class Start:
     conversation_id: int
     session_id: int
     reply_ref: str
+    accepts_files: bool = True  # the runtime takes attachments as input (a file alone is a turn)
 
 
-def runnable(row) -> bool:
-    """Whether a claimed event becomes a turn (not a bot's message, not empty, not stale)."""
-    return runnable_payload(row.payload or {})
+def runnable(row, *, accepts_files: bool = True) -> bool:
+    """Whether a claimed event becomes a turn: a person's message, not stale, with text or (for a
+    runtime that takes files) a downloaded attachment."""
+    return runnable_payload(row.payload or {}, accepts_files=accepts_files)
 
 
-def runnable_payload(payload: dict[str, Any]) -> bool:
-    return bool((payload.get("text") or "").strip()) and not (payload.get("sender") or {}).get("is_bot") \
-        and not payload.get("stale")
+def runnable_payload(payload: dict[str, Any], *, accepts_files: bool = True) -> bool:
+    if (payload.get("sender") or {}).get("is_bot") or payload.get("stale"):
+        return False
+    if (payload.get("text") or "").strip():
+        return True
+    return accepts_files and any(a.get("path") for a in payload.get("attachments") or ())
+
+
+def answerable_payload(payload: dict[str, Any]) -> bool:
+    """Whether an event gets an answer at all: a turn, or a note (stale; a file the runtime cannot
+    take or that could not be downloaded). Anything else (no text, no file; a bot's) is stored
+    closed."""
+    if (payload.get("sender") or {}).get("is_bot"):
+        return False
+    return bool(payload.get("stale") or (payload.get("text") or "").strip() or payload.get("attachments"))
 
 
 async def claim_and_create_many(conn: AsyncConnection, items: Sequence[Start]) -> list[tuple[Any, int | None]]:
@@ -44,7 +58,8 @@ async def claim_and_create_many(conn: AsyncConnection, items: Sequence[Start]) -
     when it does not run, or already has a turn). Claims and turns of many conversations that land
     in one writer cycle are two statements in all."""
     rows = await inbox.claim_many(conn, [item.inbound_event_id for item in items])
-    starts = [(item, row) for item, row in zip(items, rows) if row is not None and runnable(row)]
+    starts = [(item, row) for item, row in zip(items, rows)
+              if row is not None and runnable(row, accepts_files=item.accepts_files)]
     created: dict[int, int] = {}
     if starts:
         now = time.time()

@@ -22,6 +22,7 @@ import asyncio
 import hashlib
 import hmac
 import json
+import mimetypes
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -284,22 +285,22 @@ class FeishuChannel:
         if not parsed.files:
             return ()
         folder = Path(self.config.attachments_dir) / parsed.message_id
-        out = []
+        saved: dict[int, str] = {}
 
-        async def fetch(ref: normalize.FileRef) -> None:
+        async def fetch(index: int, ref: normalize.FileRef) -> None:
             data = await (await self.api()).download(message_id=parsed.message_id, key=ref.key, kind=ref.kind)
             folder.mkdir(parents=True, exist_ok=True)
             path = folder / Path(ref.name).name
             path.write_bytes(data)
-            out.append(Attachment(ref.name, str(path), "image/png" if ref.kind == "image" else
-                                  "application/octet-stream"))
+            saved[index] = str(path)
 
         try:
             async with asyncio.timeout(DOWNLOAD_BUDGET):
-                await asyncio.gather(*(fetch(f) for f in parsed.files))
+                await asyncio.gather(*(fetch(i, f) for i, f in enumerate(parsed.files)))
         except (DeliveryError, TimeoutError, OSError) as exc:
             logger.warning("feishu: attachments of {} not downloaded: {}", parsed.message_id, exc)
-        return tuple(out)
+        # one entry per file, downloaded or not (an empty path): a file is never dropped unseen
+        return tuple(Attachment(ref.name, saved.get(i, ""), _mime_type(ref)) for i, ref in enumerate(parsed.files))
 
     async def _react(self, chat_id: str, message_id: str, emoji: str) -> None:
         try:
@@ -406,3 +407,10 @@ class FeishuChannel:
 
     async def react(self, conversation: ConversationKey, platform_message_id: str, emoji: str) -> None:
         await (await self.api()).react(chat_id=conversation.chat_id, message_id=platform_message_id, emoji=emoji)
+
+
+def _mime_type(ref: normalize.FileRef) -> str:
+    guessed = mimetypes.guess_type(ref.name)[0]
+    if ref.kind == "image":
+        return guessed if guessed and guessed.startswith("image/") else "image/png"
+    return guessed or "application/octet-stream"

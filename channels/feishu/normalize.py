@@ -162,12 +162,12 @@ def content_text(message: dict[str, Any], bot_open_id: str) -> tuple[str, list[F
     if kind == "image":
         key = content.get("image_key", "")
         files.append(FileRef(key, "image", f"{key or 'image'}.png"))
-        return "[image]", files
+        return "", files  # the attachment is the message (see the pipeline's rule for files)
     if kind in ("file", "audio", "media"):
         key = content.get("file_key", "")
         name = content.get("file_name") or key or kind
         files.append(FileRef(key, "file", name))
-        return f"[{kind}: {name}]", files
+        return "", files
     if kind == "sticker":
         return "[sticker]", files
     return f"[{kind} message]", files

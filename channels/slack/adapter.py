@@ -316,9 +316,9 @@ class SlackChannel:
         if not files or self._session is None:
             return ()
         folder = Path(self.config.attachments_dir) / f"{parsed.channel}-{parsed.ts}"
-        out: list[Attachment] = []
+        saved: dict[int, str] = {}
 
-        async def fetch(info: dict[str, Any]) -> None:
+        async def fetch(index: int, info: dict[str, Any]) -> None:
             url = info.get("url_private_download") or info["url_private"]
             headers = {"Authorization": f"Bearer {self.config.bot_token}"}
             async with self._session.get(url, headers=headers) as resp:  # type: ignore[union-attr]
@@ -328,16 +328,17 @@ class SlackChannel:
                                         transient=True)
                 data = await resp.read()
             folder.mkdir(parents=True, exist_ok=True)
-            name = Path(info.get("name") or info.get("id") or "file").name
-            (folder / name).write_bytes(data)
-            out.append(Attachment(name, str(folder / name), info.get("mimetype") or "application/octet-stream"))
+            (folder / _file_name(info)).write_bytes(data)
+            saved[index] = str(folder / _file_name(info))
 
         try:
             async with asyncio.timeout(DOWNLOAD_BUDGET):
-                await asyncio.gather(*(fetch(f) for f in files))
+                await asyncio.gather(*(fetch(i, f) for i, f in enumerate(files)))
         except (DeliveryError, TimeoutError, aiohttp.ClientError, OSError) as exc:
             logger.warning("slack: attachments of {} not downloaded: {}", parsed.ts, exc)
-        return tuple(out)
+        # one entry per file, downloaded or not (an empty path): a file is never dropped unseen
+        return tuple(Attachment(_file_name(info), saved.get(i, ""), info.get("mimetype") or "application/octet-stream")
+                     for i, info in enumerate(files))
 
     # -- interactions
 
@@ -491,3 +492,7 @@ class SlackChannel:
 def _message_markdown(message: dict[str, Any]) -> str:
     parts = [b.get("text", "") for b in message.get("blocks") or [] if b.get("type") == "markdown"]
     return "\n\n".join(parts) or message.get("text", "")
+
+
+def _file_name(info: dict[str, Any]) -> str:
+    return Path(info.get("name") or info.get("id") or "file").name

@@ -4,11 +4,12 @@ client's framing and error handling against a scripted peer."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 
 import pytest
 
-from bridge.runtimes.base import Approval, ApprovalRequest, Decision, TurnRequest
+from bridge.runtimes.base import Approval, ApprovalRequest, Decision, InputFile, TurnRequest
 from bridge.runtimes.codex.appserver import AppServerConfig, version_of
 from bridge.runtimes.codex.rpc import ConnectionClosed, RpcConnection, RpcError, RpcTimeout
 from bridge.runtimes.codex.runtime import CodexOptions, CodexRuntime
@@ -96,6 +97,36 @@ async def test_declined_approval_reaches_codex_as_decline(runtime):
     assert ctx.asked[0].detail["command"] == "echo x > declined.txt"
     assert outcome.status == "completed" and "rejected" in outcome.text
     assert ctx.thread is not None
+
+
+def _png(path) -> None:
+    """A real 2x2 PNG (Codex decodes what it sends to the model)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows = b"".join(b"\x00" + b"\xff\x00\x00" * 2 for _ in range(2))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 2, 2, 8, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+async def test_attachments_reach_the_model(runtime, tmp_path):
+    """An image goes to the model as an image; every downloaded file is named with its path; one
+    the channel could not download is mentioned as such."""
+    image, report = tmp_path / "shot.png", tmp_path / "report.txt"
+    _png(image)
+    report.write_text("numbers")
+    files = (InputFile("shot.png", str(image), "image/png"), InputFile("report.txt", str(report), "text/plain"),
+             InputFile("gone.pdf", "", "application/pdf"))
+    turn = dataclasses.replace(request(runtime, "what is in these?"), files=files)
+    outcome = await runtime.run_turn(turn, Recorder())
+    assert outcome.status == "completed"
+    sent = json.dumps(runtime.model.requests[-1]["input"])
+    assert '"input_image"' in sent and "data:image/png;base64," in sent
+    assert f"report.txt: {report}" in sent and f"shot.png: {image}" in sent
+    assert "not downloaded: gone.pdf" in sent
 
 
 def test_version_is_read_from_the_user_agent():

@@ -158,6 +158,30 @@ async def test_a_post_with_code_and_an_image_is_normalized(service, emulator):
     assert Path(attachment["path"]).read_bytes() == b"\x89PNG fake image"
 
 
+async def test_a_file_alone_is_answered_never_dropped(service, emulator):
+    """The shell runtime takes text only: an image alone gets a note with where it was saved; a
+    file that could not be downloaded gets a note saying so. Neither becomes a shell command."""
+    proc = service()
+    image_id = f"om_{uuid.uuid4().hex[:12]}"
+    emulator.seed_resource(image_id, "img_v3_k2", b"\x89PNG image alone", content_type="image/png",
+                           filename="k2.png")
+    image = fp.message_event(token=TOKEN, content={"image_key": "img_v3_k2"}, message_type="image",
+                             message_id=image_id, chat_id="oc_files")
+    assert (await post_event(proc, image))[0] == 200
+    note = (await wait_until(lambda: replies_with(emulator, "takes text only"), what="the note on the image"))[0]
+    assert note["parent_id"] == image_id
+    saved = Path(card_text(note).split("`")[1])
+    assert saved.read_bytes() == b"\x89PNG image alone"
+    # not seeded in the emulator: the download fails
+    lost = fp.message_event(token=TOKEN, content={"file_key": "file_v3_gone", "file_name": "plan.pdf"},
+                            message_type="file", chat_id="oc_files")
+    assert (await post_event(proc, lost))[0] == 200
+    await wait_until(lambda: replies_with(emulator, "could not download", "plan.pdf"), what="the note on the file")
+    with sqlite3.connect(proc.data_dir / "bridge.db") as db:
+        assert db.execute("SELECT count(*) FROM turns").fetchone()[0] == 0
+        assert {s for (s,) in db.execute("SELECT status FROM inbound_events")} == {"skipped"}
+
+
 async def test_redeliveries_and_a_resend_under_a_new_event_id_give_one_reply(service, emulator):
     proc = service()
     event = fp.message_event(token=TOKEN, text="echo once-only", chat_id="oc_dup")

@@ -8,6 +8,7 @@ import json
 import sqlite3
 import time
 import uuid
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -93,6 +94,24 @@ async def test_url_verification_and_a_dm_reply(service, emulator):
     reply = (await wait_until(lambda: replies_with(emulator, "hello-slack", "exit 0"), what="the reply"))[0]
     assert reply["channel"] == "D1" and reply["thread_ts"] is None  # a DM is answered at the top level
     assert any(r["name"] == "eyes" for r in emulator.reactions())
+
+
+async def test_a_shared_file_is_downloaded_and_a_file_alone_is_answered(service, emulator):
+    """The file is fetched with the bot token into the data dir; the shell runtime takes text only,
+    so a file with no text gets a note with where it was saved, not a shell command."""
+    proc = service()
+    shared = emulator.seed_file("F7", "notes.txt", b"line one\n", "text/plain")
+    status, _ = await send_event(proc, sp.message_event(text="", channel="D7", files=[shared]))
+    assert status == 200
+    note = (await wait_until(lambda: replies_with(emulator, "takes text only"), what="the note on the file"))[0]
+    assert note["channel"] == "D7"
+    saved = Path(texts(note).split("`")[1])
+    assert saved.name == "notes.txt" and saved.read_bytes() == b"line one\n"
+    with sqlite3.connect(proc.data_dir / "bridge.db") as db:
+        assert db.execute("SELECT count(*) FROM turns").fetchone()[0] == 0
+    # with text, the text runs as usual and the file stays saved beside it
+    await send_event(proc, sp.message_event(text="echo with-a-file", channel="D7", files=[shared]))
+    await wait_until(lambda: replies_with(emulator, "with-a-file", "exit 0"), what="the command's reply")
 
 
 async def test_a_channel_mention_is_answered_once_in_its_thread(service, emulator):

@@ -58,11 +58,18 @@ def test_a_post_becomes_markdown_with_its_files():
 
 
 def test_other_message_types_say_what_they_are():
-    for kind, content, expect in [("image", {"image_key": "img_1"}, "[image]"),
-                                  ("file", {"file_key": "f1", "file_name": "a.pdf"}, "[file: a.pdf]"),
-                                  ("sticker", {"file_key": "s"}, "[sticker]"),
+    for kind, content, expect in [("sticker", {"file_key": "s"}, "[sticker]"),
                                   ("merge_forward", {}, "[merge_forward message]")]:
         assert parse(fp.message_event(token="t", content=content, message_type=kind)).text == expect
+
+
+def test_an_image_or_a_file_is_its_attachment_with_no_text():
+    for kind, content, ref in [("image", {"image_key": "img_1"}, ("img_1", "image", "img_1.png")),
+                               ("file", {"file_key": "f1", "file_name": "a.pdf"}, ("f1", "file", "a.pdf")),
+                               ("audio", {"file_key": "f2"}, ("f2", "file", "f2"))]:
+        parsed = parse(fp.message_event(token="t", content=content, message_type=kind))
+        assert parsed.text == ""
+        assert [(f.key, f.kind, f.name) for f in parsed.files] == [ref]
 
 
 def test_missing_ids_are_not_a_message():

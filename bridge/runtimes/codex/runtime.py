@@ -70,6 +70,7 @@ class _Turn:
 
 class CodexRuntime:
     name = "codex"
+    accepts_files = True  # images as `localImage` input, other files by their saved path
 
     def __init__(self, server: AppServerConfig, options: CodexOptions | None = None) -> None:
         self.options = options or CodexOptions()
@@ -199,8 +200,7 @@ class CodexRuntime:
         try:
             try:
                 turn.timing["sent_at"] = time.time()
-                params: dict[str, Any] = {"threadId": thread_id, "input": [
-                    {"type": "text", "text": _said(request), "text_elements": []}]}
+                params: dict[str, Any] = {"threadId": thread_id, "input": _input(request)}
                 if request.settings.get("model"):
                     params["model"] = request.settings["model"]
                 result = await self._call("turn/start", params)
@@ -421,8 +421,24 @@ class CodexRuntime:
 
 
 def _said(request: TurnRequest) -> str:
-    """In a group the model sees who said it: `[Alice] …`."""
-    return f"[{request.sender_name}] {request.text}" if request.is_group else request.text
+    """In a group the model sees who said it: `[Alice] …`. Attachments are listed with their
+    saved paths (images are also sent as images, see `_input`)."""
+    text = request.text
+    files = [f for f in request.files if f.path]
+    if files:
+        listed = "\n".join(f"- {f.name}: {f.path}" for f in files)
+        text = f"{text}\n\nAttached files (saved on this machine):\n{listed}".strip()
+    lost = [f.name for f in request.files if not f.path]
+    if lost:
+        text = f"{text}\n\nAttached but not downloaded: {', '.join(lost)}".strip()
+    return f"[{request.sender_name}] {text}" if request.is_group else text
+
+
+def _input(request: TurnRequest) -> list[dict[str, Any]]:
+    """`turn/start`'s input: the text, then each downloaded image as a `localImage` item."""
+    items: list[dict[str, Any]] = [{"type": "text", "text": _said(request), "text_elements": []}]
+    items += [{"type": "localImage", "path": f.path} for f in request.files if f.path and f.is_image]
+    return items
 
 
 def _message(params: dict[str, Any]) -> str:

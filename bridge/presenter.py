@@ -132,10 +132,12 @@ def status_text(*, runtime: str, session: str, workspace: str, running: str | No
     return Reply(text="\n".join(parts))
 
 
-def queue_text(texts: list[str]) -> Reply:
+def queue_text(texts: list[str], *, more: int = 0) -> Reply:
     if not texts:
         return Reply(text="Nothing is queued.")
     lines = [f"{n}. `{_short(t, 80)}`" for n, t in enumerate(texts, 1)]
+    if more > 0:
+        lines.append(f"… and {more} more")
     return Reply(text="Queued:\n" + "\n".join(lines))
 
 

@@ -17,15 +17,16 @@ from bridge.pipeline.answers import answer, claim
 from bridge.pipeline.dispatcher import Dispatcher, Job
 from bridge.pipeline.retry import Retrier
 from bridge.pipeline.session_commands import SessionCommands
-from bridge.routines.scheduler import Scheduler
 from bridge.pipeline.turns import TurnRunner
+from bridge.routines.scheduler import Scheduler
 from bridge.runtimes.base import Decision
-from bridge.store import approvals, conversations
+from bridge.store import approvals, conversations, inbox
 from bridge.store.db import Database
 from channels.base import ConversationKey, Reply
 
 
 REFUSAL_INTERVAL = 60.0  # one "admins only" answer per person and conversation a minute
+QUEUE_SHOWN = 20  # `/queue` lists this many waiting messages, then says how many more
 
 
 class ControlCommands:
@@ -69,7 +70,7 @@ class ControlCommands:
         elif command.name == "retry":
             reply = await self._retry(key, user)
         elif command.name == "queue":
-            reply = presenter.queue_text(self.dispatcher.queued_texts(key))
+            reply = await self._queue(key)
         elif command.name == "steer":
             reply = await self._steer(key, command.args)
         elif command.name == "routines":
@@ -138,6 +139,16 @@ class ControlCommands:
         if conversation_id is not None:
             result = await self.retrier.retry_latest(conversation_id, user, ConversationKey.parse(key))
         return presenter.nothing_to_retry() if result is None else Reply(text=result.toast)
+
+    async def _queue(self, key: str) -> Reply:
+        entries = self.dispatcher.queued_entries(key, QUEUE_SHOWN)
+        texts = []
+        for event_id, text in entries:
+            if text is None:  # held by id during a burst: the inbox has it
+                row = await self.db.read(lambda c, event_id=event_id: inbox.get(c, event_id))
+                text = (row.payload or {}).get("text", "") if row is not None else ""
+            texts.append(text)
+        return presenter.queue_text(texts, more=self.dispatcher.queued(key) - len(texts))
 
     async def _stop(self, key: str, user_id: str, *, drop_queue: bool = False) -> Reply:
         dropped = self.dispatcher.drop_queued(key) if drop_queue else []

@@ -1,7 +1,11 @@
 """One ordered queue per conversation: one active turn at a time, later messages wait in order
 and are told their position. Control commands skip the queue, and so does whatever answers the
 human gate while a turn of the conversation waits on it (a shortcut such as "y", a question's
-free-text answer)."""
+free-text answer).
+
+A message queued during a burst is held by its event id alone (the inbox has the rest): a burst's
+backlog can be tens of thousands of messages, and a Job each would be ~230 bytes against ~36.
+"""
 
 from __future__ import annotations
 
@@ -30,9 +34,20 @@ class Job:
 
 @dataclass(slots=True)
 class _Lane:
-    queue: deque[Job] = field(default_factory=deque)
+    key: str
+    is_group: bool
+    # a Job, or the event id of a message held during a burst (no text, no notice yet)
+    queue: deque[Job | int] = field(default_factory=deque)
     active: Job | None = None
     task: asyncio.Task[None] | None = None
+
+    def job_at(self, index: int) -> Job:
+        """The queued entry at `index` as a Job (a held one becomes a Job in place)."""
+        entry = self.queue[index]
+        if isinstance(entry, Job):
+            return entry
+        job = self.queue[index] = Job(entry, self.key, "", is_group=self.is_group)
+        return job
 
 
 QUEUED_NOTICE_DELAY = 0.5  # a message that starts sooner gets no "queued" notice (no chat noise)
@@ -58,6 +73,7 @@ class Dispatcher:
         self._pacer = pacer
         self._notify_backlog = notify_backlog
         self._deferred: list[Job] = []  # queued notices held back during a burst
+        self._held: set[str] = set()  # conversations with messages held by id during a burst
 
     def submit(self, job: Job) -> None:
         if self._closing:
@@ -82,13 +98,21 @@ class Dispatcher:
             return
         lane = self._lanes.get(job.conversation_key)
         if lane is None:
-            lane = self._lanes[job.conversation_key] = _Lane()
+            lane = self._lanes[job.conversation_key] = _Lane(job.conversation_key, job.is_group)
+        waits = lane.active is not None or bool(lane.queue)
+        bursting = waits and self._pacer is not None and self._pacer.bursting
+        held = False
         if front:
             lane.queue.appendleft(job)
+        elif bursting and job.notice is None and job.timer is None:
+            lane.queue.append(job.event_id)  # held by id; its notice waits for the burst's end
+            self._held.add(job.conversation_key)
+            self._pacer.when_calm(self._post_deferred)  # type: ignore[union-attr]
+            held = True
         else:
             lane.queue.append(job)
-        if lane.active is not None or len(lane.queue) > 1:
-            if self._pacer is not None and self._pacer.bursting:
+        if waits and not held:
+            if bursting:
                 self._defer_notice(job)  # no timer per message while thousands may arrive
             else:
                 job.timer = asyncio.get_running_loop().call_later(QUEUED_NOTICE_DELAY, self._notice_due, job)
@@ -99,16 +123,22 @@ class Dispatcher:
         lane = self._lanes.get(conversation_key)
         return lane is not None and lane.active is not None
 
-    def queued_texts(self, conversation_key: str) -> list[str]:
+    def queued_entries(self, conversation_key: str, limit: int) -> list[tuple[int, str | None]]:
+        """The first `limit` waiting messages: (event id, text), the text None for one held by id."""
         lane = self._lanes.get(conversation_key)
-        return [job.text for job in lane.queue] if lane else []
+        entries = []
+        for entry in lane.queue if lane else ():
+            if len(entries) == limit:
+                break
+            entries.append((entry.event_id, entry.text) if isinstance(entry, Job) else (entry, None))
+        return entries
 
     def drop_queued(self, conversation_key: str) -> list[Job]:
         """Take every waiting message out of the queue (`/stop all`); the caller closes them."""
         lane = self._lanes.get(conversation_key)
         if lane is None:
             return []
-        dropped = list(lane.queue)
+        dropped = [lane.job_at(i) for i in range(len(lane.queue))]
         lane.queue.clear()
         for job in dropped:
             job.started = True  # no queued notice any more
@@ -140,16 +170,20 @@ class Dispatcher:
         message gets its usual notice; one with several gets one notice for all of them (a notice
         per message after a burst would be a second burst)."""
         deferred, self._deferred = self._deferred, []
+        held_keys, self._held = self._held, set()
         waiting = {id(job) for job in deferred if not job.started}
-        for key in {job.conversation_key for job in deferred}:
+        for key in {job.conversation_key for job in deferred} | held_keys:
             lane = self._lanes.get(key)
-            held = [(position, job) for position, job in enumerate(lane.queue if lane is not None else (), 1)
-                    if id(job) in waiting and job.notice is None]
-            if len(held) > 1 and self._notify_backlog is not None:
-                self._notify_backlog(key, len(lane.queue) if lane is not None else len(held))
+            if lane is None:
                 continue
-            for position, job in held:
-                job.notice = self._notify_queued(job, position)
+            held = [index for index, entry in enumerate(lane.queue)
+                    if not isinstance(entry, Job) or (id(entry) in waiting and entry.notice is None)]
+            if len(held) > 1 and self._notify_backlog is not None:
+                self._notify_backlog(key, len(lane.queue))
+                continue
+            for index in held:
+                job = lane.job_at(index)
+                job.notice = self._notify_queued(job, index + 1)
 
     def queued(self, conversation_key: str) -> int:
         lane = self._lanes.get(conversation_key)
@@ -162,7 +196,8 @@ class Dispatcher:
                     await self._pacer.admit()  # at once, unless a burst is under way
                     if not lane.queue or self._closing:
                         break
-                job = lane.queue.popleft()
+                job = lane.job_at(0)
+                lane.queue.popleft()
                 job.started = True
                 if job.timer is not None:
                     job.timer.cancel()
@@ -195,7 +230,7 @@ class Dispatcher:
             self._pacer.close()
         for lane in self._lanes.values():
             for job in lane.queue:
-                if job.timer is not None:
+                if isinstance(job, Job) and job.timer is not None:
                     job.timer.cancel()
         tasks = [lane.task for lane in self._lanes.values() if lane.task is not None] + list(self._controls)
         if not tasks:

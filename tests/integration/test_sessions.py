@@ -94,6 +94,22 @@ async def test_stop_all_drops_the_queue_and_queue_lists_it(bridge, chat, tmp_pat
     assert not has_final("queued-0", "exit 0")(await c.bot_messages("c-q"))
 
 
+async def test_a_burst_held_by_id_is_listed_dropped_and_told_once(bridge, chat, tmp_path):
+    """With a burst threshold of 1 message/s, what queues behind a running turn is held by event
+    id: /queue still lists the texts (from the inbox), /stop all still closes every one."""
+    proc = bridge(BRIDGE_BURST_RATE="1", **rules_env(tmp_path))
+    c = chat(proc)
+    await say(c, "c-burst", "sleep 30")
+    await c.wait_for("c-burst", running, timeout=10)
+    await asyncio.gather(*(say(c, "c-burst", f"echo held-{n}") for n in range(25)))
+    await say(c, "c-burst", "/queue")
+    listing = (await c.wait_for("c-burst", has_final("Queued:")))[0]
+    assert sum(f"echo held-{n}`" in listing for n in range(25)) == 20 and "… and 5 more" in listing
+    await say(c, "c-burst", "/stop all")
+    await c.wait_for("c-burst", has_final("25 queued message(s) dropped"))
+    await c.wait_for("c-burst", lambda msgs: len(has_final("Dropped by `/stop all`")(msgs)) == 25, timeout=20)
+
+
 async def test_interrupt_policy_stops_the_turn_for_the_new_message(bridge, chat, tmp_path):
     proc = bridge(BRIDGE_BUSY_POLICY="interrupt", **rules_env(tmp_path))
     c = chat(proc)

@@ -118,3 +118,55 @@ async def test_dispatcher_holds_turns_and_queued_notices_during_a_burst_and_keep
     assert sorted(key for key, _, _ in backlogs) == ["webchat:a", "webchat:b", "webchat:c"]
     assert all(count > 1 and not bursting for _, count, bursting in backlogs)
     await dispatcher.close(1.0)
+
+
+async def test_a_bursts_backlog_is_held_by_event_id_and_comes_back_whole():
+    """During a burst a queued message costs its event id, not a Job: /queue, /stop all and the
+    turns themselves still see every message, in order, with the conversation's group flag."""
+    import tracemalloc
+
+    pacer = BurstPacer(burst_rate=200, burst_starts=1)
+    ran: list[Job] = []
+    gate = asyncio.Event()
+
+    async def process(job: Job) -> None:
+        ran.append(job)
+        await gate.wait()
+
+    async def control(_job: Job) -> None:
+        return None
+
+    def notify(job: Job, position: int) -> asyncio.Future[None]:
+        written = asyncio.get_running_loop().create_future()
+        written.set_result(None)
+        return written
+
+    dispatcher = Dispatcher(process=process, control=control, notify_queued=notify, pacer=pacer,
+                            notify_backlog=lambda key, count: None)
+    stop, pouring = await burst(pacer, 2000)
+    dispatcher.submit(Job(1, "webchat:g-team", "echo first", is_group=True))
+    await asyncio.sleep(0.01)
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    for event_id in range(2, 10_002):
+        dispatcher.submit(Job(event_id, "webchat:g-team", f"echo {event_id}", is_group=True, accepted_at=1.0))
+    per_message = (tracemalloc.get_traced_memory()[0] - before) / 10_000
+    tracemalloc.stop()
+    assert per_message < 80  # a Job with its text and times: ~230 bytes
+    assert dispatcher.queued("webchat:g-team") == 10_000
+    assert dispatcher.queued_entries("webchat:g-team", 3) == [(2, None), (3, None), (4, None)]
+    dropped = dispatcher.drop_queued("webchat:g-team")
+    assert [job.event_id for job in dropped] == list(range(2, 10_002))
+    assert all(job.is_group and job.conversation_key == "webchat:g-team" for job in dropped)
+    # held again, then run: each comes back as a Job of its conversation, in order
+    for event_id in range(20_000, 20_005):
+        dispatcher.submit(Job(event_id, "webchat:g-team", "echo", is_group=True))
+    stop.set()
+    await pouring
+    gate.set()
+    deadline = time.monotonic() + 3
+    while len(ran) < 6 and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    assert [job.event_id for job in ran] == [1, *range(20_000, 20_005)]
+    assert all(job.is_group for job in ran)
+    await dispatcher.close(1.0)

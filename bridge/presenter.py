@@ -7,8 +7,8 @@ stays consistent and each channel renders the same neutral objects.
 from __future__ import annotations
 
 import time
-from datetime import datetime, timezone
 from collections.abc import Sequence
+from datetime import datetime, timezone
 from typing import Any
 
 from bridge.runtimes.base import Decision, InputFile

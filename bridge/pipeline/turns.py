@@ -167,7 +167,8 @@ class TurnRunner:
         payload = row.payload
         sender = payload.get("sender") or {}
         text = (payload.get("text") or "").strip()
-        files = tuple(InputFile(a.get("name") or "file", a.get("path") or "", a.get("mime_type") or "")
+        files = tuple(InputFile(a.get("name") or "file", a.get("path") or "",
+                                a.get("mime_type") or "application/octet-stream")
                       for a in payload.get("attachments") or ())
         if not turns.runnable(row, accepts_files=accepts_files):
             reply: Reply | None = None
@@ -188,8 +189,9 @@ class TurnRunner:
         if row.reply_ref:
             # The queued notice stays where it was posted and says the turn started; the reply is
             # a new message below, so replies appear in the order the messages were sent.
+            said = text or ", ".join(f.name for f in files)
             self.db.execute(self.outbox.update_ops(
-                conv.channel, row.conversation_key, presenter.started(text or ", ".join(f.name for f in files)), ref=row.reply_ref,
+                conv.channel, row.conversation_key, presenter.started(said), ref=row.reply_ref,
             )).add_done_callback(functools.partial(self._written, row.conversation_key))
         scope = TurnScope(
             turn_id=turn_id, conversation_id=session.conversation_id, session_id=session.session_id,

@@ -34,6 +34,7 @@ import orjson
 from aiohttp import web
 from loguru import logger
 
+from channels import files
 from channels.base import (
     Attachment,
     ConversationKey,
@@ -289,10 +290,7 @@ class FeishuChannel:
 
         async def fetch(index: int, ref: normalize.FileRef) -> None:
             data = await (await self.api()).download(message_id=parsed.message_id, key=ref.key, kind=ref.kind)
-            folder.mkdir(parents=True, exist_ok=True)
-            path = folder / Path(ref.name).name
-            path.write_bytes(data)
-            saved[index] = str(path)
+            saved[index] = await files.save(folder / Path(ref.name).name, data)
 
         try:
             async with asyncio.timeout(DOWNLOAD_BUDGET):

@@ -40,6 +40,7 @@ from slack_sdk.http_retry.builtin_async_handlers import (
 )
 from slack_sdk.web.async_client import AsyncWebClient
 
+from channels import files
 from channels.base import (
     Attachment,
     ConversationKey,
@@ -312,8 +313,8 @@ class SlackChannel:
         return 200, {}
 
     async def _download(self, parsed: normalize.Parsed) -> tuple[Attachment, ...]:
-        files = [f for f in parsed.files if f.get("url_private_download") or f.get("url_private")]
-        if not files or self._session is None:
+        shared = [f for f in parsed.files if f.get("url_private_download") or f.get("url_private")]
+        if not shared or self._session is None:
             return ()
         folder = Path(self.config.attachments_dir) / f"{parsed.channel}-{parsed.ts}"
         saved: dict[int, str] = {}
@@ -327,18 +328,16 @@ class SlackChannel:
                     raise DeliveryError(f"download of {info.get('name')} failed ({resp.status}, {kind})",
                                         transient=True)
                 data = await resp.read()
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / _file_name(info)).write_bytes(data)
-            saved[index] = str(folder / _file_name(info))
+            saved[index] = await files.save(folder / _file_name(info), data)
 
         try:
             async with asyncio.timeout(DOWNLOAD_BUDGET):
-                await asyncio.gather(*(fetch(i, f) for i, f in enumerate(files)))
+                await asyncio.gather(*(fetch(i, f) for i, f in enumerate(shared)))
         except (DeliveryError, TimeoutError, aiohttp.ClientError, OSError) as exc:
             logger.warning("slack: attachments of {} not downloaded: {}", parsed.ts, exc)
         # one entry per file, downloaded or not (an empty path): a file is never dropped unseen
         return tuple(Attachment(_file_name(info), saved.get(i, ""), info.get("mimetype") or "application/octet-stream")
-                     for i, info in enumerate(files))
+                     for i, info in enumerate(shared))
 
     # -- interactions
 

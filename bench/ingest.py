@@ -41,6 +41,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -472,7 +473,8 @@ def exact_phase(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     conn = db_connect(db_path(data_dir), read_only=False)
     try:
         keys = {k for (k,) in conn.execute("SELECT event_key FROM inbound_events")}
-        user_keys = {k for (k,) in conn.execute("SELECT dedupe_key FROM webchat_messages WHERE role = 'user'")}
+        # each acked message's transcript row: the exact phase's texts are unique per message
+        user_rows = Counter(conn.execute("SELECT conversation_id, text FROM webchat_messages WHERE role = 'user'"))
         integrity = conn.execute("PRAGMA quick_check").fetchone()[0]
     finally:
         conn.close()
@@ -480,7 +482,8 @@ def exact_phase(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     retried = raw["retried_ids"]
     missing = sorted(acked - keys)
     extra = sorted(keys - acked)
-    transcript_missing = sorted(k for k in acked if f"user:{k[len('webchat:'):]}" not in user_keys)
+    transcript_missing = sorted(f"webchat:{conv}/{cmid}" for conv, cmid in raw["acked_ids"]
+                                if user_rows[(conv, f"echo {cmid.rsplit('-', 1)[1]}")] != 1)
     if not args.keep:
         shutil.rmtree(data_dir, ignore_errors=True)
     ok = (not missing and not extra and not transcript_missing and raw["failed"] == 0

@@ -8,6 +8,7 @@ payloads. Channels know nothing of runtimes; the pipeline knows nothing of platf
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -155,9 +156,25 @@ class Reply:
 
 
 @dataclass(frozen=True, slots=True)
+class Record:
+    """A channel's own copy of an inbound message (the web chat keeps a transcript, as a platform
+    keeps its messages). Given to `Ingest.accept`, it is written in the same transaction as the
+    event and only when the event is new: the event's dedupe covers it, so it needs no dedupe
+    key of its own, and a message is never on record without its event or the other way round.
+
+    `write(conn, items)` is a store batch function (one result per item, in order); records with
+    the same `write` that commit together are written in one call.
+    """
+
+    write: Callable[[Any, Sequence[Any]], Awaitable[Sequence[Any]]]
+    item: Any
+
+
+@dataclass(frozen=True, slots=True)
 class AcceptResult:
     event_id: int | None
     duplicate: bool
+    record: Any = None  # what the Record's write returned for this event (None for a duplicate)
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,8 +187,9 @@ class ActionResult:
 class Ingest(Protocol):
     """What the pipeline offers a channel adapter."""
 
-    async def accept(self, event: InboundMessage) -> AcceptResult:
-        """Persist (dedupe) the event; returns once it is durable. Ack the platform after this."""
+    async def accept(self, event: InboundMessage, record: Record | None = None) -> AcceptResult:
+        """Persist (dedupe) the event, and the channel's record of it if given; returns once both
+        are durable. Ack the platform after this."""
 
     async def act(self, action: InboundAction) -> ActionResult:
         """Apply a card action. A store write plus a wake-up; never waits on a running turn."""

@@ -16,7 +16,7 @@ from bridge.pipeline.pacing import BurstPacer
 from bridge.pipeline.retry import Retrier
 from bridge.store import approvals, inbox, turns
 from bridge.store.db import Database
-from channels.base import AcceptResult, ActionResult, InboundAction, InboundMessage
+from channels.base import AcceptResult, ActionResult, InboundAction, InboundMessage, Record
 
 
 class Ingestor:
@@ -30,7 +30,7 @@ class Ingestor:
         self._inbound = functools.cache(metrics.inbound.labels)  # one child per channel and kind
         self.pacer = pacer
 
-    async def accept(self, event: InboundMessage) -> AcceptResult:
+    async def accept(self, event: InboundMessage, record: Record | None = None) -> AcceptResult:
         key = sys.intern(str(event.conversation))  # held by every waiting job of the conversation
         payload = event.to_payload()
         # An event that will have no turn and no answer (no text and no file, a bot's) is stored
@@ -48,17 +48,17 @@ class Ingestor:
             received_at=time.time(),
             status="skipped" if closed else "accepted",
         )
-        event_id = await self.db.write_batched(inbox.insert_many, item, urgent=True)
+        event_id, kept = await self.db.write_batched(
+            inbox.insert_with_records, (item, None if record is None else (record.write, record.item)), urgent=True)
         if event_id is None:
             self.metrics.duplicates.labels(item.channel).inc()
             return AcceptResult(None, True)
         self._inbound(item.channel, item.kind).inc()
         if self.pacer is not None:
             self.pacer.note()
-        if closed:
-            return AcceptResult(event_id, False)
-        self.dispatcher.submit(Job(event_id, key, event.text, is_group=event.is_group, accepted_at=time.time()))
-        return AcceptResult(event_id, False)
+        if not closed:
+            self.dispatcher.submit(Job(event_id, key, event.text, is_group=event.is_group, accepted_at=time.time()))
+        return AcceptResult(event_id, False, kept)
 
     async def act(self, action: InboundAction) -> ActionResult:
         if action.action_id.startswith("cmd:"):

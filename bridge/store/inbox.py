@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +31,30 @@ class NewEvent:
     # "accepted" (to be processed), or "skipped" for an event known at once to need no turn and
     # no answer (stored for dedupe and the record, closed on arrival: nothing dispatches it)
     status: str = "accepted"
+
+
+RecordWrite = Callable[[AsyncConnection, Sequence[Any]], Awaitable[Sequence[Any]]]
+
+
+async def insert_with_records(conn: AsyncConnection,
+                              items: Sequence[tuple[NewEvent, tuple[RecordWrite, Any] | None]]
+                              ) -> list[tuple[int | None, Any]]:
+    """`insert_many`, then each new event's record (a channel's own copy of the message: a
+    write function and its item) in the same transaction; a duplicate's record is not written.
+
+    Returns, per item, (new row id or None, what the record's write returned or None).
+    """
+    ids = await insert_many(conn, [event for event, _ in items])
+    records: list[Any] = [None] * len(items)
+    groups: dict[RecordWrite, list[int]] = {}
+    for index, ((_, record), event_id) in enumerate(zip(items, ids)):
+        if record is not None and event_id is not None:
+            groups.setdefault(record[0], []).append(index)
+    for write, indexes in groups.items():
+        written = await write(conn, [items[i][1][1] for i in indexes])  # type: ignore[index]
+        for i, value in zip(indexes, written, strict=True):
+            records[i] = value
+    return list(zip(ids, records))
 
 
 async def insert_many(conn: AsyncConnection, items: Sequence[NewEvent]) -> list[int | None]:

@@ -19,6 +19,7 @@ from channels.base import (
     InboundAction,
     InboundMessage,
     Ingest,
+    Record,
     Reply,
     Sender,
 )
@@ -161,27 +162,21 @@ class WebChatChannel:
         ingest = self._require_ingest()
         group = is_group(body.conversation_id)
         conversation = ConversationKey(CHANNEL, body.conversation_id)
-        key = f"{body.conversation_id}/{body.client_msg_id}"
-        # The web chat keeps the person's message (as a platform would), then hands the event to the
-        # pipeline; both land in the same group commit, and both are idempotent on the client id.
-        stored = self.db.write_batched(
-            self.transcript.insert_many,
-            transcript.NewMessage(body.conversation_id, "user", body.user_id, body.text, None, f"user:{key}"),
-            urgent=True,
-        )
         event = InboundMessage(
             conversation=conversation,
             sender=Sender(body.user_id, body.user_id),
             text=body.text,
-            event_key=f"{CHANNEL}:{key}",
+            event_key=f"{CHANNEL}:{body.conversation_id}/{body.client_msg_id}",
             is_group=group,
             mentions_bot=True,
             platform_message_id=None,
         )
-        result = await ingest.accept(event)
-        row = await stored
-        if not result.duplicate:
-            self.hub.publish(row)
+        # The web chat keeps the person's message, as a platform would: written with the event, in
+        # its transaction, and only when the event is new (the client id's dedupe is the event's).
+        result = await ingest.accept(event, Record(
+            self.transcript.insert_many, transcript.NewMessage(body.conversation_id, "user", body.user_id, body.text, None)))
+        if result.record is not None:
+            self.hub.publish(result.record)
         return web.Response(body=ACK_BODIES[result.duplicate], status=202, content_type="application/json")
 
     async def list_messages(self, request: web.Request) -> web.Response:

@@ -29,7 +29,8 @@ webchat_messages = Table(
     Column("user_id", String(255), nullable=False),
     Column("text", Text, nullable=False),
     Column("card", JSON, nullable=True),
-    # user messages: "<conversation>/<client_msg_id>"; bot messages: the outbox idempotency key
+    # bot messages: the outbox idempotency key; user messages: "user:<id>" (their dedupe is the
+    # inbox's: a user message is written with its inbound event, only when that event is new)
     Column("dedupe_key", String(255), nullable=False, unique=True),
     Column("created_at", Float, nullable=False),
     Column("updated_at", Float, nullable=False),
@@ -44,7 +45,9 @@ class NewMessage:
     user_id: str
     text: str
     card: dict[str, Any] | None
-    dedupe_key: str
+    # None: "user:<id>", unique and in insert order, so the index takes it at its end (a key made
+    # of the client's id landed on a random page of the index, one more page written a message)
+    dedupe_key: str | None = None
 
 
 @dataclass(slots=True)
@@ -77,10 +80,11 @@ class Transcript:
         seq = await self._take(conn, len(items))
         rows = []
         for item in items:
+            message_id = _message_id(now_ns, seq)
             rows.append({
-                "id": _message_id(now_ns, seq), "seq": seq, "created_seq": seq, "conversation_id": item.conversation_id,
+                "id": message_id, "seq": seq, "created_seq": seq, "conversation_id": item.conversation_id,
                 "role": item.role, "user_id": item.user_id, "text": item.text, "card": item.card,
-                "dedupe_key": item.dedupe_key, "created_at": now, "updated_at": now,
+                "dedupe_key": item.dedupe_key or f"user:{message_id}", "created_at": now, "updated_at": now,
             })
             seq += 1
         driver = sqlite_driver(conn)
@@ -92,7 +96,7 @@ class Transcript:
         if missing:  # duplicates: return the rows already stored
             found = await conn.execute(select(webchat_messages).where(webchat_messages.c.dedupe_key.in_(missing)))
             by_key.update({row.dedupe_key: dict(row._mapping) for row in found})
-        return [by_key[item.dedupe_key] for item in items]
+        return [by_key[row["dedupe_key"]] for row in rows]
 
     async def edit_many(self, conn: AsyncConnection, items: Sequence[Edit]) -> list[dict[str, Any] | None]:
         """Edit messages in place; each edit takes a new seq. Returns each edited row (None if unknown)."""

@@ -286,11 +286,12 @@ class FeishuChannel:
         if not parsed.files:
             return ()
         folder = Path(self.config.attachments_dir) / parsed.message_id
+        names = files.file_names([ref.name for ref in parsed.files])
         saved: dict[int, str] = {}
 
         async def fetch(index: int, ref: normalize.FileRef) -> None:
             data = await (await self.api()).download(message_id=parsed.message_id, key=ref.key, kind=ref.kind)
-            saved[index] = await files.save(folder / Path(ref.name).name, data)
+            saved[index] = await files.save(folder / names[index], data)
 
         try:
             async with asyncio.timeout(DOWNLOAD_BUDGET):
@@ -298,7 +299,7 @@ class FeishuChannel:
         except (DeliveryError, TimeoutError, OSError) as exc:
             logger.warning("feishu: attachments of {} not downloaded: {}", parsed.message_id, exc)
         # one entry per file, downloaded or not (an empty path): a file is never dropped unseen
-        return tuple(Attachment(ref.name, saved.get(i, ""), _mime_type(ref)) for i, ref in enumerate(parsed.files))
+        return tuple(Attachment(names[i], saved.get(i, ""), _mime_type(ref)) for i, ref in enumerate(parsed.files))
 
     async def _react(self, chat_id: str, message_id: str, emoji: str) -> None:
         try:

@@ -317,6 +317,7 @@ class SlackChannel:
         if not shared or self._session is None:
             return ()
         folder = Path(self.config.attachments_dir) / f"{parsed.channel}-{parsed.ts}"
+        names = files.file_names([info.get("name") or info.get("id") for info in shared])
         saved: dict[int, str] = {}
 
         async def fetch(index: int, info: dict[str, Any]) -> None:
@@ -328,7 +329,7 @@ class SlackChannel:
                     raise DeliveryError(f"download of {info.get('name')} failed ({resp.status}, {kind})",
                                         transient=True)
                 data = await resp.read()
-            saved[index] = await files.save(folder / _file_name(info), data)
+            saved[index] = await files.save(folder / names[index], data)
 
         try:
             async with asyncio.timeout(DOWNLOAD_BUDGET):
@@ -336,7 +337,7 @@ class SlackChannel:
         except (DeliveryError, TimeoutError, aiohttp.ClientError, OSError) as exc:
             logger.warning("slack: attachments of {} not downloaded: {}", parsed.ts, exc)
         # one entry per file, downloaded or not (an empty path): a file is never dropped unseen
-        return tuple(Attachment(_file_name(info), saved.get(i, ""), info.get("mimetype") or "application/octet-stream")
+        return tuple(Attachment(names[i], saved.get(i, ""), info.get("mimetype") or "application/octet-stream")
                      for i, info in enumerate(shared))
 
     # -- interactions
@@ -491,7 +492,3 @@ class SlackChannel:
 def _message_markdown(message: dict[str, Any]) -> str:
     parts = [b.get("text", "") for b in message.get("blocks") or [] if b.get("type") == "markdown"]
     return "\n\n".join(parts) or message.get("text", "")
-
-
-def _file_name(info: dict[str, Any]) -> str:
-    return Path(info.get("name") or info.get("id") or "file").name

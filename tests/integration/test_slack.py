@@ -109,9 +109,16 @@ async def test_a_shared_file_is_downloaded_and_a_file_alone_is_answered(service,
     assert saved.name == "notes.txt" and saved.read_bytes() == b"line one\n"
     with sqlite3.connect(proc.data_dir / "bridge.db") as db:
         assert db.execute("SELECT count(*) FROM turns").fetchone()[0] == 0
-    # with text, the text runs as usual and the file stays saved beside it
-    await send_event(proc, sp.message_event(text="echo with-a-file", channel="D7", files=[shared]))
-    await wait_until(lambda: replies_with(emulator, "with-a-file", "exit 0"), what="the command's reply")
+    # with text, the text runs as usual and the files stay saved beside it; two files with one
+    # name are both kept
+    other = emulator.seed_file("F8", "notes.txt", b"line two\n", "text/plain")
+    await send_event(proc, sp.message_event(text="echo with-files", channel="D7", files=[shared, other]))
+    await wait_until(lambda: replies_with(emulator, "with-files", "exit 0"), what="the command's reply")
+    with sqlite3.connect(proc.data_dir / "bridge.db") as db:
+        payload = json.loads(db.execute(
+            "SELECT payload FROM inbound_events WHERE payload LIKE '%with-files%'").fetchone()[0])
+    kept = {a["name"]: Path(a["path"]).read_bytes() for a in payload["attachments"]}
+    assert kept == {"notes.txt": b"line one\n", "notes (2).txt": b"line two\n"}
 
 
 async def test_a_channel_mention_is_answered_once_in_its_thread(service, emulator):

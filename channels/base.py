@@ -175,6 +175,9 @@ class AcceptResult:
     event_id: int | None
     duplicate: bool
     record: Any = None  # what the Record's write returned for this event (None for a duplicate)
+    # False when the event was stored closed: nothing will run and nothing will answer it (a
+    # mention with no text, a bot's message), so a channel shows no "working on it" sign
+    answered: bool = True
 
 
 @dataclass(frozen=True, slots=True)

@@ -58,7 +58,7 @@ class Ingestor:
             self.pacer.note()
         if not closed:
             self.dispatcher.submit(Job(event_id, key, event.text, is_group=event.is_group, accepted_at=time.time()))
-        return AcceptResult(event_id, False, kept)
+        return AcceptResult(event_id, False, kept, answered=not closed)
 
     async def act(self, action: InboundAction) -> ActionResult:
         if action.action_id.startswith("cmd:"):

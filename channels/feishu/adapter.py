@@ -35,6 +35,7 @@ from aiohttp import web
 from loguru import logger
 
 from channels import files
+from channels.http import answer
 from channels.base import (
     Attachment,
     ConversationKey,
@@ -103,6 +104,7 @@ class FeishuChannel:
         self._actions: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._last_message: OrderedDict[str, str] = OrderedDict()  # conversation -> latest inbound message id
         self._started_error = ""
+        self._tasks: set[asyncio.Task[Any]] = set()  # reactions in flight (held, so none is collected)
         self.transport = None  # the long connection, when FEISHU_CONNECTION=websocket
 
     # -- lifecycle
@@ -142,7 +144,14 @@ class FeishuChannel:
     async def stop(self) -> None:
         if self.transport is not None:
             await self.transport.stop()
+        for task in list(self._tasks):
+            task.cancel()
         self._ingest = None
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def health(self) -> dict[str, Any]:
         detail: dict[str, Any] = {"ok": bool(self.bot_open_id), "connection": self.config.connection,
@@ -175,8 +184,8 @@ class FeishuChannel:
         except Refused as exc:
             logger.warning("feishu: refused a webhook request: {}", exc.reason)
             return web.json_response({"error": exc.reason}, status=exc.status)
-        status, answer = await self.handle(payload)
-        return web.json_response(answer, status=status)
+        status, body_out = await self.handle(payload)
+        return answer(body_out, status)
 
     def open_envelope(self, body: bytes, headers) -> dict[str, Any]:
         """Verify and decrypt a webhook body; raises Refused (4xx) for anything not from Feishu."""
@@ -278,8 +287,8 @@ class FeishuChannel:
         if stale:
             log().warning("feishu: message {} is {:.0f}s old; not run", parsed.message_id,
                         time.time() - (parsed.create_time or 0))
-        elif not result.duplicate and self.config.reactions:
-            asyncio.ensure_future(self._react(parsed.chat_id, parsed.message_id, "OnIt"))
+        elif result.answered and not result.duplicate and self.config.reactions:
+            self._spawn(self._react(parsed.chat_id, parsed.message_id, "OnIt"))
         return 200, {}
 
     async def _download(self, parsed: normalize.Parsed) -> tuple[Attachment, ...]:

@@ -41,6 +41,7 @@ from slack_sdk.http_retry.builtin_async_handlers import (
 from slack_sdk.web.async_client import AsyncWebClient
 
 from channels import files
+from channels.http import answer
 from channels.base import (
     Attachment,
     ConversationKey,
@@ -239,8 +240,8 @@ class SlackChannel:
             return web.json_response({"error": "malformed body"}, status=400)
         if payload.get("type") == "url_verification":
             return web.json_response({"challenge": payload.get("challenge", "")})
-        status, answer = await self.handle_event(payload)
-        return web.json_response(answer, status=status)
+        status, body = await self.handle_event(payload)
+        return answer(body, status)
 
     async def _interactions(self, request: web.Request) -> web.Response:
         body = await self._read(request)
@@ -250,8 +251,7 @@ class SlackChannel:
             payload = json.loads(parse_qs(body.decode("utf-8"))["payload"][0])
         except (KeyError, IndexError, ValueError, UnicodeDecodeError):
             return web.json_response({"error": "expected a form field `payload` holding JSON"}, status=400)
-        answer = await self.handle_interaction(payload)
-        return web.json_response(answer)
+        return answer(await self.handle_interaction(payload))
 
     # -- inbound over Socket Mode
 
@@ -308,7 +308,7 @@ class SlackChannel:
             platform_message_id=parsed.reply_root, attachments=attachments,
             sent_at=float(parsed.ts) if parsed.ts.replace(".", "", 1).isdigit() else None,
         ))
-        if not result.duplicate and self.config.reactions:
+        if result.answered and not result.duplicate and self.config.reactions:
             self._spawn(self._react(parsed.channel, parsed.ts, "eyes"))
         return 200, {}
 

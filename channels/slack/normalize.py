@@ -17,6 +17,8 @@ Scope = Literal["chat", "thread", "user"]
 Trigger = Literal["mention", "all"]
 ACTED_SUBTYPES = (None, "file_share", "thread_broadcast")
 MENTION = re.compile(r"<@([UW][A-Z0-9]+)(?:\|[^>]*)?>")
+LABELLED_LINK = re.compile(r"<(https?://[^|>]+)\|([^>]+)>")
+LINK = re.compile(r"<(https?://[^>]+)>")
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,11 +86,13 @@ def clean_text(text: str, *, bot_user_id: str, names: dict[str, str]) -> str:
             return ""
         return f"@{names.get(user, user)}"
 
-    text = MENTION.sub(sub, text)
-    text = re.sub(r"<(https?://[^|>]+)\|([^>]+)>", r"[\2](\1)", text)
-    text = re.sub(r"<(https?://[^>]+)>", r"\1", text)
-    text = text.replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
-    return " ".join(text.split(" ")).strip()
+    if "<" in text:
+        text = MENTION.sub(sub, text)
+        text = LABELLED_LINK.sub(r"[\2](\1)", text)
+        text = LINK.sub(r"\1", text)
+    if "&" in text:
+        text = text.replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
+    return text.strip()
 
 
 def parse(envelope: dict[str, Any], *, policy: ChannelPolicy) -> Parsed:

@@ -110,6 +110,13 @@ async def test_a_direct_message_gets_a_reply_to_it(service, emulator):
     assert any(r["emoji_type"] == "OnIt" for r in emulator.reactions())
     with sqlite3.connect(proc.data_dir / "bridge.db") as db:
         payload = json.loads(db.execute("SELECT payload FROM inbound_events").fetchone()[0])
+    # an empty message: stored, nothing to run or answer, so no "working on it" reaction
+    empty = fp.message_event(token=TOKEN, text="", chat_type="p2p", chat_id="oc_dm1")
+    assert (await post_event(proc, empty))[0] == 200
+    await asyncio.sleep(0.5)
+    with sqlite3.connect(proc.data_dir / "bridge.db") as db:
+        assert db.execute("SELECT count(*) FROM inbound_events").fetchone()[0] == 2
+    assert [r for r in emulator.reactions() if r["message_id"] == empty["event"]["message"]["message_id"]] == []
     assert payload["sender"]["name"] == "Alice"
 
 

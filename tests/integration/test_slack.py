@@ -94,6 +94,12 @@ async def test_url_verification_and_a_dm_reply(service, emulator):
     reply = (await wait_until(lambda: replies_with(emulator, "hello-slack", "exit 0"), what="the reply"))[0]
     assert reply["channel"] == "D1" and reply["thread_ts"] is None  # a DM is answered at the top level
     assert any(r["name"] == "eyes" for r in emulator.reactions())
+    # only the bot's mention: stored, nothing to run or answer, so no "working on it" reaction
+    ts = sp.next_ts()
+    await send_event(proc, sp.message_event(text=f"<@{BOT}>", channel="D1", channel_type="im", ts=ts))
+    await wait_until(lambda: inbox_count(proc) == 2, what="the bare mention stored")
+    await asyncio.sleep(0.5)
+    assert [r for r in emulator.reactions() if r["ts"] == ts] == []
 
 
 async def test_a_shared_file_is_downloaded_and_a_file_alone_is_answered(service, emulator):

@@ -67,6 +67,9 @@ class InboundMessage:
     attachments: tuple[Attachment, ...] = ()
     sent_at: float | None = None
     stale: bool = False  # arrived long after it was sent (a redelivery, a backfill): answered, not run
+    # the message's own id when the channel marks it as being worked on (a reaction): the turn's
+    # end is shown there (`react`); in a thread it is not the reply target above
+    marked_message_id: str | None = None
 
     kind: Literal["message"] = "message"
 
@@ -80,6 +83,7 @@ class InboundMessage:
             "attachments": [asdict(a) for a in self.attachments],
             "sent_at": self.sent_at,
             **({"stale": True} if self.stale else {}),
+            **({"marked_message_id": self.marked_message_id} if self.marked_message_id else {}),
         }
 
 
@@ -232,7 +236,11 @@ class ChannelAdapter(Protocol):
     async def update(self, conversation: ConversationKey, platform_message_id: str, reply: Reply) -> None:
         """Edit a message in place."""
 
-    async def react(self, conversation: ConversationKey, platform_message_id: str, emoji: str) -> None: ...
+    async def react(self, conversation: ConversationKey, platform_message_id: str, state: str) -> None:
+        """Show on the person's message how its turn ended: `done` (answered) or `stopped` (failed,
+        stopped or not run). A channel that marked the message as being worked on (a reaction)
+        replaces that mark; one without reactions does nothing. Best effort: a failure is logged,
+        never raised (a reaction must not hold up the replies behind it)."""
 
     def render(self, reply: Reply) -> Any:
         """Neutral reply -> platform payload."""

@@ -29,6 +29,15 @@ class Outbox:
         return repo.update_ops(self.dialect, channel=channel, conversation_key=conversation_key,
                                payload=reply.to_payload(), ref=ref)
 
+    def react_ops(self, channel: str, conversation_key: str, *, platform_message_id: str | None, state: str,
+                  key: str) -> repo.Ops:
+        """The turn's end shown on the person's message; nothing when there is no such message
+        (the web chat's messages, a routine's run)."""
+        if not platform_message_id:
+            return []
+        return repo.react_ops(self.dialect, channel=channel, conversation_key=conversation_key,
+                              platform_message_id=platform_message_id, state=state, key=key)
+
     async def send_in(self, conn, channel: str, conversation_key: str, reply: Reply, *, ref: str) -> None:
         await repo.run(conn, self.send_ops(channel, conversation_key, reply, ref=ref))
 

@@ -154,6 +154,14 @@ class DeliveryWorker:
             log.error("delivery: op {} is dead: channel {!r} is not configured", op.id, op.channel)
             return True, repo.dead(op.id, attempts, f"no channel {op.channel!r}")
         conversation = ConversationKey.parse(op.conversation_key)
+        if op.op == "react":
+            self.metrics.delivery_attempts.labels(op.channel).inc()
+            try:
+                await channel.react(conversation, op.payload["message_id"], op.payload["state"])
+            except Exception as exc:  # noqa: BLE001 - cosmetic: recorded, never retried, never blocks the lane
+                log.warning("delivery: reaction of op {} failed: {}", op.id, exc)
+                return True, repo.dead(op.id, attempts, f"{type(exc).__name__}: {exc}")
+            return True, repo.delivered(op.id, attempts, op.message_ref, None)
         reply = Reply.from_payload(op.payload)
         target = platform_ids.get(op.message_ref) or op.platform_message_id
         if op.op == "update" and target is None:

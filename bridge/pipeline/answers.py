@@ -28,6 +28,10 @@ async def answer(db: Database, outbox: Outbox, row, reply: Reply | None, *, stat
             ops += outbox.update_ops(channel, key, reply, ref=row.reply_ref)
         else:
             ops += outbox.send_ops(channel, key, reply, ref=outbox.new_ref())
+    if reply is not None:
+        # the message was marked as being worked on when it arrived: it is not, after all
+        ops += outbox.react_ops(channel, key, platform_message_id=(row.payload or {}).get("marked_message_id"),
+                                state="stopped", key=f"event:{row.id}")
     ops.append(inbox.finish_op(row.id, status))
     await db.execute(ops)
     if reply is not None:

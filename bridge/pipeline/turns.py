@@ -217,7 +217,7 @@ class TurnRunner:
                 outcome = await self.runtime.run_turn(request, _Context(self, scope, progress))
         except asyncio.CancelledError:
             await asyncio.shield(self._finish(scope, row.id, progress, self._shutdown_outcome(), row.received_at,
-                                              job.accepted_at))
+                                              job.accepted_at, marked=payload.get("marked_message_id")))
             raise
         except Exception as exc:  # noqa: BLE001 - a runtime failure becomes a visible message
             log.exception("turn: runtime failed")
@@ -226,7 +226,8 @@ class TurnRunner:
         finally:
             self.running.pop(row.conversation_key, None)
             self.metrics.turns_running.dec()
-        overhead = await self._finish(scope, row.id, progress, outcome, row.received_at, job.accepted_at)
+        overhead = await self._finish(scope, row.id, progress, outcome, row.received_at, job.accepted_at,
+                                      marked=payload.get("marked_message_id"))
         log.bind(**overhead).info("turn: {}", outcome.status)
 
     def _written(self, conversation_key: str, future: asyncio.Future[None]) -> None:
@@ -241,13 +242,17 @@ class TurnRunner:
         return TurnOutcome("interrupted", presenter.interrupted_by_shutdown().text, error="shutdown")
 
     async def _finish(self, scope: TurnScope, event_id: int, progress: _Progress, outcome: TurnOutcome,
-                      received_at: float, accepted_at: float | None = None) -> dict[str, float]:
+                      received_at: float, accepted_at: float | None = None, *, marked: str | None = None
+                      ) -> dict[str, float]:
         """Write the outcome; returns the bridge's own overhead around the runtime, when measurable."""
         await progress.close()
         reply = Reply(text=outcome.text)
         written = self.db.execute([
             turns.finish_op(scope.turn_id, status=outcome.status, output=outcome.output, error=outcome.error),
             *self._post_ops(scope, progress.ref, reply, sent=progress.sent),
+            *self.outbox.react_ops(scope.channel, scope.conversation_key, platform_message_id=marked,
+                                   state="done" if outcome.status == "completed" else "stopped",
+                                   key=f"turn:{scope.turn_id}"),
             inbox.finish_op(event_id, "done"),
             conversations.touch_op(scope.session_id),
         ])

@@ -84,6 +84,16 @@ def update_ops(dialect: str, *, channel: str, conversation_key: str, payload: di
     return [(ops, _op(channel, conversation_key, "update", ref, payload, key, now))]
 
 
+def react_ops(dialect: str, *, channel: str, conversation_key: str, platform_message_id: str, state: str,
+              key: str) -> Ops:
+    """Queue the mark of how a turn ended on the person's message (see ChannelAdapter.react);
+    delivered in the conversation's order, after the reply queued with it. Idempotent on `key`."""
+    now = time.time()
+    _bot, ops = _inserts(dialect)
+    payload = {"message_id": platform_message_id, "state": state}
+    return [(ops, _op(channel, conversation_key, "react", f"react:{key}", payload, f"react:{key}", now))]
+
+
 async def run(conn: AsyncConnection, ops: Ops) -> None:
     """Execute ops inside a unit that already holds the writer's connection."""
     for stmt, params in ops:

@@ -35,6 +35,7 @@ from aiohttp import web
 from loguru import logger
 
 from channels import files
+from channels.marks import WorkingMarks
 from channels.http import answer
 from channels.base import (
     Attachment,
@@ -51,6 +52,9 @@ from channels.feishu.errors import TooLarge
 from channels.feishu.normalize import ChatPolicy
 
 CHANNEL = "feishu"
+WORKING = "OnIt"  # the reaction on a message whose turn runs
+DONE = "DONE"  # ... and on one that was answered
+MEMORY_WORKING = 50_000  # message ids whose "OnIt" reaction this process remembers
 MAX_BODY = 1024 * 1024
 TIMESTAMP_WINDOW = 300.0
 ACTION_MEMORY = 4096
@@ -104,7 +108,7 @@ class FeishuChannel:
         self._actions: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._last_message: OrderedDict[str, str] = OrderedDict()  # conversation -> latest inbound message id
         self._started_error = ""
-        self._tasks: set[asyncio.Task[Any]] = set()  # reactions in flight (held, so none is collected)
+        self._working = WorkingMarks(MEMORY_WORKING)  # "OnIt" on messages whose turn runs
         self.transport = None  # the long connection, when FEISHU_CONNECTION=websocket
 
     # -- lifecycle
@@ -144,14 +148,8 @@ class FeishuChannel:
     async def stop(self) -> None:
         if self.transport is not None:
             await self.transport.stop()
-        for task in list(self._tasks):
-            task.cancel()
+        self._working.cancel_all()
         self._ingest = None
-
-    def _spawn(self, coro) -> None:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     async def health(self) -> dict[str, Any]:
         detail: dict[str, Any] = {"ok": bool(self.bot_open_id), "connection": self.config.connection,
@@ -281,6 +279,7 @@ class FeishuChannel:
             attachments=attachments,
             sent_at=parsed.create_time,
             stale=stale,
+            marked_message_id=parsed.message_id if self.config.reactions and not stale else None,
         )
         result = await self._ingest.accept(event)
         self._remember(str(conversation), parsed.message_id)
@@ -288,7 +287,7 @@ class FeishuChannel:
             log().warning("feishu: message {} is {:.0f}s old; not run", parsed.message_id,
                         time.time() - (parsed.create_time or 0))
         elif result.answered and not result.duplicate and self.config.reactions:
-            self._spawn(self._react(parsed.chat_id, parsed.message_id, "OnIt"))
+            self._working.add(parsed.message_id, self._react(parsed.chat_id, parsed.message_id, WORKING))
         return 200, {}
 
     async def _download(self, parsed: normalize.Parsed) -> tuple[Attachment, ...]:
@@ -310,11 +309,13 @@ class FeishuChannel:
         # one entry per file, downloaded or not (an empty path): a file is never dropped unseen
         return tuple(Attachment(names[i], saved.get(i, ""), _mime_type(ref)) for i, ref in enumerate(parsed.files))
 
-    async def _react(self, chat_id: str, message_id: str, emoji: str) -> None:
+    async def _react(self, chat_id: str, message_id: str, emoji: str) -> str | None:
+        """Add a reaction; its id (None when it could not be added)."""
         try:
-            await (await self.api()).react(chat_id=chat_id, message_id=message_id, emoji=emoji)
+            return await (await self.api()).react(chat_id=chat_id, message_id=message_id, emoji=emoji)
         except DeliveryError as exc:
             logger.debug("feishu: reaction not added: {}", exc)
+            return None
 
     def _remember(self, conversation: str, message_id: str) -> None:
         self._last_message[conversation] = message_id
@@ -413,8 +414,21 @@ class FeishuChannel:
             for part, card in enumerate(cards[1:], start=1):
                 await self._post(conversation, card, _uuid(key, part), reply_to, in_thread)
 
-    async def react(self, conversation: ConversationKey, platform_message_id: str, emoji: str) -> None:
-        await (await self.api()).react(chat_id=conversation.chat_id, message_id=platform_message_id, emoji=emoji)
+    async def react(self, conversation: ConversationKey, platform_message_id: str, state: str) -> None:
+        """The turn ended: "OnIt" is taken off the person's message (when this process put it there:
+        its id is kept in memory), and "DONE" put on when it was answered."""
+        if not self.config.reactions:
+            return
+        reaction_id = await self._working.take(platform_message_id)
+        api = await self.api()
+        try:
+            if reaction_id:
+                await api.unreact(chat_id=conversation.chat_id, message_id=platform_message_id, reaction_id=reaction_id)
+            if state == "done":
+                await api.react(chat_id=conversation.chat_id, message_id=platform_message_id, emoji=DONE)
+        except DeliveryError as exc:
+            logger.bind(conversation=str(conversation)).info("feishu: the turn's end not shown on {}: {}",
+                                                             platform_message_id, exc)
 
 
 def _mime_type(ref: normalize.FileRef) -> str:

@@ -23,6 +23,7 @@ from lark_oapi.api.contact.v3 import GetUserRequest
 from lark_oapi.api.im.v1 import (
     CreateMessageReactionRequest,
     CreateMessageReactionRequestBody,
+    DeleteMessageReactionRequest,
     CreateMessageRequest,
     CreateMessageRequestBody,
     Emoji,
@@ -218,6 +219,13 @@ class FeishuApi:
 
         resp = await self.call("react", create, chat_id=chat_id)
         return resp.data.reaction_id
+
+    async def unreact(self, *, chat_id: str, message_id: str, reaction_id: str) -> None:
+        async def delete(option):
+            return await self.client.im.v1.message_reaction.adelete(
+                DeleteMessageReactionRequest.builder().message_id(message_id).reaction_id(reaction_id).build(), option)
+
+        await self.call("unreact", delete, chat_id=chat_id)
 
     async def download(self, *, message_id: str, key: str, kind: str) -> bytes:
         async def get(option):

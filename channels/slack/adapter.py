@@ -41,6 +41,7 @@ from slack_sdk.http_retry.builtin_async_handlers import (
 from slack_sdk.web.async_client import AsyncWebClient
 
 from channels import files
+from channels.marks import WorkingMarks
 from channels.http import answer
 from channels.base import (
     Attachment,
@@ -57,6 +58,8 @@ from channels.slack import normalize, render
 from channels.slack.normalize import ChannelPolicy
 
 CHANNEL = "slack"
+WORKING = "eyes"  # the reaction on a message whose turn runs
+DONE = "white_check_mark"  # ... and on one that was answered
 MAX_BODY = 1024 * 1024
 TIMESTAMP_WINDOW = 300
 POST_INTERVAL = 1.0  # chat.postMessage: about one a second per channel
@@ -126,6 +129,7 @@ class SlackChannel:
         self._actions: OrderedDict[str, None] = OrderedDict()
         self._fmt = config.fmt
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._working = WorkingMarks()  # "eyes" on messages whose turn runs
 
     # -- lifecycle
 
@@ -181,6 +185,7 @@ class SlackChannel:
             self._socket = None
         for task in list(self._tasks):
             task.cancel()
+        self._working.cancel_all()
         if self._session is not None:
             await self._session.close()
         self._ingest = None
@@ -306,10 +311,11 @@ class SlackChannel:
             message_key=f"{CHANNEL}:{parsed.channel}:{parsed.ts}",
             is_group=parsed.is_group, mentions_bot=event.get("type") == "app_mention",
             platform_message_id=parsed.reply_root, attachments=attachments,
+            marked_message_id=parsed.ts if self.config.reactions else None,
             sent_at=float(parsed.ts) if parsed.ts.replace(".", "", 1).isdigit() else None,
         ))
         if result.answered and not result.duplicate and self.config.reactions:
-            self._spawn(self._react(parsed.channel, parsed.ts, "eyes"))
+            self._working.add(parsed.ts, self._react(parsed.channel, parsed.ts, WORKING))
         return 200, {}
 
     async def _download(self, parsed: normalize.Parsed) -> tuple[Attachment, ...]:
@@ -462,8 +468,18 @@ class SlackChannel:
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise DeliveryError(f"{what}: {type(exc).__name__}: {exc}", transient=True) from None
 
-    async def react(self, conversation: ConversationKey, platform_message_id: str, emoji: str) -> None:
-        await self._react(conversation.chat_id, platform_message_id, emoji)
+    async def react(self, conversation: ConversationKey, platform_message_id: str, state: str) -> None:
+        """The turn ended: "eyes" is taken off the person's message, "white_check_mark" put on when
+        it was answered."""
+        if not self.config.reactions or self.client is None:
+            return
+        await self._working.take(platform_message_id)  # added (or not) before it is taken off
+        try:
+            await self.client.reactions_remove(channel=conversation.chat_id, name=WORKING, timestamp=platform_message_id)
+        except (SlackApiError, aiohttp.ClientError) as exc:
+            logger.debug("slack: reaction not removed: {}", exc)
+        if state == "done":
+            await self._react(conversation.chat_id, platform_message_id, DONE)
 
     async def _react(self, channel: str, ts: str, emoji: str) -> None:
         try:

@@ -137,7 +137,7 @@ class WebChatChannel:
         if row is not None:
             self.hub.publish(row)
 
-    async def react(self, conversation: ConversationKey, platform_message_id: str, emoji: str) -> None:
+    async def react(self, conversation: ConversationKey, platform_message_id: str, state: str) -> None:
         return None  # the web chat has no reactions
 
     async def health(self) -> dict[str, Any]:

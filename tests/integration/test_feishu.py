@@ -107,7 +107,11 @@ async def test_a_direct_message_gets_a_reply_to_it(service, emulator):
     reply = replies[0]
     assert reply["parent_id"] == event["event"]["message"]["message_id"]  # a reply to the person's message
     assert reply["msg_type"] == "interactive"
-    assert any(r["emoji_type"] == "OnIt" for r in emulator.reactions())
+    # "OnIt" while the turn ran, replaced by "DONE" once it was answered
+    message_id = event["event"]["message"]["message_id"]
+    await wait_until(lambda: any(r["emoji_type"] == "DONE" for r in emulator.reactions()), what="the DONE reaction")
+    marks = sorted((r["emoji_type"], r["deleted"]) for r in emulator.reactions() if r["message_id"] == message_id)
+    assert marks == [("DONE", False), ("OnIt", True)]
     with sqlite3.connect(proc.data_dir / "bridge.db") as db:
         payload = json.loads(db.execute("SELECT payload FROM inbound_events").fetchone()[0])
     # an empty message: stored, nothing to run or answer, so no "working on it" reaction

@@ -93,7 +93,9 @@ async def test_url_verification_and_a_dm_reply(service, emulator):
     assert status == 200 and time.monotonic() - started < 3
     reply = (await wait_until(lambda: replies_with(emulator, "hello-slack", "exit 0"), what="the reply"))[0]
     assert reply["channel"] == "D1" and reply["thread_ts"] is None  # a DM is answered at the top level
-    assert any(r["name"] == "eyes" for r in emulator.reactions())
+    # "eyes" while the turn ran, replaced by a check mark once it was answered
+    await wait_until(lambda: any(r["name"] == "white_check_mark" for r in emulator.reactions()), what="the check mark")
+    assert sorted((r["name"], r["removed"]) for r in emulator.reactions()) == [("eyes", True), ("white_check_mark", False)]
     # only the bot's mention: stored, nothing to run or answer, so no "working on it" reaction
     ts = sp.next_ts()
     await send_event(proc, sp.message_event(text=f"<@{BOT}>", channel="D1", channel_type="im", ts=ts))

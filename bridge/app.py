@@ -43,6 +43,7 @@ from bridge.store.db import Database
 from bridge.web.server import build_app
 from channels.base import ChannelAdapter
 from channels.webchat.adapter import WebChatChannel
+from channels.webchat.uploads import Uploads
 
 
 SWITCH_INTERVAL = 0.0005  # seconds; see Service.start
@@ -126,7 +127,8 @@ class Service:
         self.metrics = Metrics()
         self.db = Database(settings.database_url)
         self.runtime = build_runtime(settings)
-        self.webchat = WebChatChannel(self.db)
+        self.webchat = WebChatChannel(self.db, Uploads(settings.data_dir / "attachments" / "webchat",
+                                                       max_bytes=settings.webchat_max_file_mb * 1024 * 1024))
         self.channels: dict[str, ChannelAdapter] = {self.webchat.name: self.webchat}
         if settings.feishu_enabled:
             feishu = build_feishu(settings)

@@ -36,6 +36,8 @@ class Settings(BaseSettings):
     admins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     log_level: Literal["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     log_format: Literal["text", "json"] = "text"
+    # Web chat: the largest file a person may attach (MiB).
+    webchat_max_file_mb: int = Field(20, gt=0, le=1024)
 
     # Shell runtime.
     shell_timeout: float = Field(600.0, gt=0)

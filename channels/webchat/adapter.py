@@ -7,9 +7,10 @@ import asyncio
 import json
 import re
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
-from aiohttp import web
+from aiohttp import BodyPartReader, web
 from pydantic import BaseModel, Field
 
 from bridge.store.db import Database
@@ -23,11 +24,13 @@ from channels.base import (
     Reply,
     Sender,
 )
-from channels.webchat import transcript
+from channels.webchat import transcript, uploads
+from channels.webchat.uploads import Uploads
 
 CHANNEL = "webchat"
 ID_PATTERN = r"^[A-Za-z0-9_.@-]{1,128}$"
 PAGE_LIMIT = 500
+MAX_FILES = 10  # files one message may carry
 SSE_PING = 15.0
 # the two answers to a posted message, encoded once (they are on every ack's path)
 ACK_BODIES = {dup: json.dumps({"accepted": True, "duplicate": dup}).encode() for dup in (False, True)}
@@ -38,6 +41,8 @@ class PostMessage(BaseModel):
     user_id: str = Field(pattern=ID_PATTERN)
     text: str = Field(max_length=100_000)
     client_msg_id: str = Field(min_length=1, max_length=128)
+    # files uploaded before (POST /chat/api/files) in this conversation; optional
+    file_ids: list[str] = Field(default_factory=list, max_length=MAX_FILES)
 
 
 class PostAction(BaseModel):
@@ -59,10 +64,13 @@ def public_message(row: dict[str, Any]) -> dict[str, Any]:
             "kind": card["kind"], "title": card["title"], "body": card["body"], "status": card.get("status", ""),
             "actions": [{"id": a["id"], "label": a["label"], "style": a.get("style", "default")} for a in card["actions"]],
         }
-    return {
+    message = {
         "seq": row["seq"], "created_seq": row["created_seq"], "id": row["id"], "role": row["role"], "user_id": row["user_id"], "text": row["text"],
         "card": card, "updated_at": row["updated_at"],
     }
+    if row.get("files"):
+        message["files"] = [{"name": f["name"], "mime_type": f["mime_type"]} for f in row["files"]]
+    return message
 
 
 class _Hub:
@@ -97,8 +105,9 @@ class _Hub:
 class WebChatChannel:
     name = CHANNEL
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, uploads: Uploads) -> None:
         self.db = db
+        self.uploads = uploads
         self.hub = _Hub()
         self.transcript = transcript.Transcript()
         self._ingest: Ingest | None = None
@@ -149,6 +158,7 @@ class WebChatChannel:
         return [
             web.get("/chat", self.page),
             web.post("/chat/api/messages", self.post_message),
+            web.post("/chat/api/files", self.post_file),
             web.get("/chat/api/messages", self.list_messages),
             web.post("/chat/api/actions", self.post_action),
             web.get("/chat/api/stream", self.stream),
@@ -162,6 +172,12 @@ class WebChatChannel:
         ingest = self._require_ingest()
         group = is_group(body.conversation_id)
         conversation = ConversationKey(CHANNEL, body.conversation_id)
+        attachments = []
+        for file_id in dict.fromkeys(body.file_ids):
+            found = await self.uploads.find(body.conversation_id, file_id)
+            if found is None:
+                return error(400, f"file_ids: no file {file_id!r} was uploaded in this conversation")
+            attachments.append(found)
         event = InboundMessage(
             conversation=conversation,
             sender=Sender(body.user_id, body.user_id),
@@ -170,14 +186,42 @@ class WebChatChannel:
             is_group=group,
             mentions_bot=True,
             platform_message_id=None,
+            attachments=tuple(attachments),
         )
         # The web chat keeps the person's message, as a platform would: written with the event, in
         # its transaction, and only when the event is new (the client id's dedupe is the event's).
-        result = await ingest.accept(event, Record(
-            self.transcript.insert_many, transcript.NewMessage(body.conversation_id, "user", body.user_id, body.text, None)))
+        shown = [{"name": a.name, "mime_type": a.mime_type} for a in attachments] or None
+        result = await ingest.accept(event, Record(self.transcript.insert_many, transcript.NewMessage(
+            body.conversation_id, "user", body.user_id, body.text, None, files=shown)))
         if result.record is not None:
             self.hub.publish(result.record)
         return web.Response(body=ACK_BODIES[result.duplicate], status=202, content_type="application/json")
+
+    async def post_file(self, request: web.Request) -> web.Response:
+        """One file (multipart/form-data, field `file`) for a message to come; 201 with its id."""
+        conversation_id = request.query.get("conversation_id", "")
+        if not re.match(ID_PATTERN, conversation_id) or not re.match(ID_PATTERN, request.query.get("user_id", "")):
+            return error(400, "conversation_id and user_id (query) are required: letters, digits, _ . @ -")
+        try:
+            self.uploads.folder_of(conversation_id)
+        except ValueError as exc:
+            return error(400, f"conversation_id: {exc}")
+        if not request.content_type.startswith("multipart/"):
+            return error(400, "expected multipart/form-data with a `file` field")
+        try:
+            reader = await request.multipart()
+            part = await reader.next()
+            while part is not None and not (isinstance(part, BodyPartReader) and part.name == "file"):
+                part = await reader.next()
+            if part is None:
+                return error(400, "no `file` field in the form")
+            kept = await self.uploads.receive(conversation_id, part)
+        except uploads.TooLarge as exc:
+            return error(413, str(exc))
+        except ValueError as exc:  # a malformed multipart body
+            return error(400, f"malformed form: {exc}")
+        return web.json_response({"file_id": Path(kept.path).parent.name, "name": kept.name,
+                                  "mime_type": kept.mime_type}, status=201)
 
     async def list_messages(self, request: web.Request) -> web.Response:
         conversation_id, after = self._query(request)

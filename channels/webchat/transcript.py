@@ -29,6 +29,7 @@ webchat_messages = Table(
     Column("user_id", String(255), nullable=False),
     Column("text", Text, nullable=False),
     Column("card", JSON, nullable=True),
+    Column("files", JSON, nullable=True),  # a person's message: the files it carries, [{"name", "mime_type"}]
     # bot messages: the outbox idempotency key; user messages: "user:<id>" (their dedupe is the
     # inbox's: a user message is written with its inbound event, only when that event is new)
     Column("dedupe_key", String(255), nullable=False, unique=True),
@@ -48,6 +49,7 @@ class NewMessage:
     # None: "user:<id>", unique and in insert order, so the index takes it at its end (a key made
     # of the client's id landed on a random page of the index, one more page written a message)
     dedupe_key: str | None = None
+    files: list[dict[str, str]] | None = None  # a person's message: the files it carries
 
 
 @dataclass(slots=True)
@@ -83,7 +85,7 @@ class Transcript:
             message_id = _message_id(now_ns, seq)
             rows.append({
                 "id": message_id, "seq": seq, "created_seq": seq, "conversation_id": item.conversation_id,
-                "role": item.role, "user_id": item.user_id, "text": item.text, "card": item.card,
+                "role": item.role, "user_id": item.user_id, "text": item.text, "card": item.card, "files": item.files,
                 "dedupe_key": item.dedupe_key or f"user:{message_id}", "created_at": now, "updated_at": now,
             })
             seq += 1
@@ -123,8 +125,8 @@ def _insert(dialect: str):
             .returning(*webchat_messages.c))
 
 
-_COLUMNS = ("id", "seq", "created_seq", "conversation_id", "role", "user_id", "text", "card", "dedupe_key",
-            "created_at", "updated_at")
+_COLUMNS = ("id", "seq", "created_seq", "conversation_id", "role", "user_id", "text", "card", "files",
+            "dedupe_key", "created_at", "updated_at")
 
 
 def _insert_sqlite(driver: Any, rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -132,7 +134,8 @@ def _insert_sqlite(driver: Any, rows: list[dict[str, Any]]) -> dict[str, dict[st
     the rows built here are what is returned for those inserted. The same rule as `_insert`."""
     dumps = jsoncodec.dumps
     values = [(r["id"], r["seq"], r["created_seq"], r["conversation_id"], r["role"], r["user_id"], r["text"],
-               None if r["card"] is None else dumps(r["card"]), r["dedupe_key"], r["created_at"], r["updated_at"])
+               None if r["card"] is None else dumps(r["card"]), None if r["files"] is None else dumps(r["files"]),
+               r["dedupe_key"], r["created_at"], r["updated_at"])
               for r in rows]
     returned = sqlite_insert_many(driver, "webchat_messages", _COLUMNS, values,
                                   "ON CONFLICT (dedupe_key) DO NOTHING RETURNING dedupe_key")

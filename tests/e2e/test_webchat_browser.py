@@ -213,3 +213,24 @@ def test_output_with_fences_and_html_renders_as_one_code_block(open_chat, servic
     send(page, "cat notes.md")
     expect(bot_reply(page, "intro\n```\n<b>not bold</b>\n```\nend")).to_contain_text("exit 0")
     expect(page.locator(".msg.bot b")).to_have_count(0)
+
+
+def test_a_file_is_attached_and_sent_with_the_message(open_chat, service, tmp_path):
+    """Attach picks a file; Send uploads it and sends the message naming it; the person's message
+    shows the file and the command sees it (the shell runtime runs the text beside the file)."""
+    picked = tmp_path / "report.txt"
+    picked.write_bytes(b"attached from the page\n")
+    page = open_chat(conversation="c-attach")
+    page.locator("#files").set_input_files(str(picked))
+    expect(page.locator("#chosen")).to_contain_text("report.txt")
+    send(page, "echo sent-with-a-file", button=True)
+    expect(page.locator("#chosen")).to_have_text("")
+    expect(page.locator(".msg.user .files")).to_contain_text("report.txt")
+    expect(bot_reply(page, "sent-with-a-file")).to_have_count(1)
+    kept = list((service.data_dir / "attachments" / "webchat" / "c-attach").glob("*/report.txt"))
+    assert [p.read_bytes() for p in kept] == [b"attached from the page\n"]
+    # a file alone: sent without text, answered with where it was saved
+    page.locator("#files").set_input_files(str(picked))
+    send(page, "", button=True)
+    expect(page.locator(".msg.bot", has_text="takes text only")).to_have_count(1)
+    expect(page.locator(".msg.user .files")).to_have_count(2)

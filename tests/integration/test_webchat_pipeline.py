@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 import time
 import uuid
+from pathlib import Path
 
+import aiohttp
 import pytest
 
 from tests.support.chat import final_texts, finals
@@ -370,3 +373,63 @@ async def test_a_message_with_nothing_to_run_gets_no_turn_and_the_next_one_runs(
     assert turns == [("echo after",)]
     users = [m["text"] for m in await c.messages("c-empty") if m["role"] == "user"]
     assert users == ["   ", "echo after"]
+
+
+async def upload(http, proc, conversation: str, name: str, data: bytes, user: str = "alice"):
+    form = aiohttp.FormData()
+    form.add_field("file", data, filename=name, content_type="application/octet-stream")
+    async with http.post(f"{proc.url}/chat/api/files", params={"conversation_id": conversation, "user_id": user},
+                         data=form) as r:
+        return r.status, await r.json()
+
+
+async def test_a_file_is_uploaded_then_carried_by_a_message(bridge, chat, http):
+    """Uploaded first, named by id in the message: kept in the data dir, shown on the person's
+    message, recorded on the event; the shell runtime takes text only, so a file alone gets a
+    note with where it was saved, and with a command the command runs."""
+    proc = bridge()
+    c = chat(proc)
+    status, kept = await upload(http, proc, "c-files", "notes.txt", b"line one\n")
+    assert status == 201 and kept["name"] == "notes.txt" and kept["mime_type"] == "text/plain"
+    async with http.post(proc.url + "/chat/api/messages", json={
+            "conversation_id": "c-files", "user_id": "alice", "text": "", "client_msg_id": "f1",
+            "file_ids": [kept["file_id"]]}) as r:
+        assert r.status == 202
+    notes = await c.wait_for("c-files", lambda msgs: [m for m in msgs if m["role"] == "bot" and "takes text only" in
+                                                      (m["text"] or "")])
+    saved = Path(notes[0]["text"].split("`")[1])
+    assert saved.read_bytes() == b"line one\n" and saved.is_relative_to(proc.data_dir)
+    person = [m for m in await c.messages("c-files") if m["role"] == "user"][0]
+    assert person["files"] == [{"name": "notes.txt", "mime_type": "text/plain"}]
+    # with a command: the command runs, and sees the file where the event says it is
+    status, other = await upload(http, proc, "c-files", "notes.txt", b"line two\n")
+    async with http.post(proc.url + "/chat/api/messages", json={
+            "conversation_id": "c-files", "user_id": "alice", "text": "echo with-a-file", "client_msg_id": "f2",
+            "file_ids": [other["file_id"]]}) as r:
+        assert r.status == 202
+    await c.wait_for("c-files", lambda msgs: [t for t in final_texts(msgs) if "with-a-file" in t])
+    with sqlite3.connect(proc.data_dir / "bridge.db") as db:
+        payloads = [json.loads(p) for (p,) in db.execute("SELECT payload FROM inbound_events ORDER BY id")]
+    assert [Path(a["path"]).read_bytes() for p in payloads for a in p["attachments"]] == [b"line one\n", b"line two\n"]
+
+
+async def test_bad_uploads_are_refused_and_store_nothing(bridge, http):
+    proc = bridge(BRIDGE_WEBCHAT_MAX_FILE_MB="1")
+    status, body = await upload(http, proc, "c-up", "big.bin", b"x" * (1024 * 1024 + 1))
+    assert status == 413 and "larger than 1 MiB" in body["error"]
+    for bad in ("bad:id", "..", "."):
+        status, body = await upload(http, proc, bad, "a.txt", b"a")
+        assert status == 400
+    async with http.post(f"{proc.url}/chat/api/files", params={"conversation_id": "c-up", "user_id": "a"},
+                         json={"file": "not a form"}) as r:
+        assert r.status == 400 and "multipart" in (await r.json())["error"]
+    # a file of another conversation, or an id never issued, is not carried
+    status, kept = await upload(http, proc, "c-other", "a.txt", b"a")
+    assert status == 201
+    for file_id in (kept["file_id"], "0" * 32, "../../etc"):
+        async with http.post(proc.url + "/chat/api/messages", json={
+                "conversation_id": "c-up", "user_id": "a", "text": "", "client_msg_id": f"m-{file_id[:4]}",
+                "file_ids": [file_id]}) as r:
+            assert r.status == 400 and "file_ids" in (await r.json())["error"]
+    assert db_counts(proc) == {"inbound_events": 0, "webchat_messages": 0, "turns": 0, "outbox": 0}
+    assert not (proc.data_dir / "attachments" / "webchat" / "c-up").exists()

@@ -1,0 +1,69 @@
+"""Files a person attaches in the web chat. Each is uploaded on its own (`POST /chat/api/files`)
+before the message that carries it, and kept under the data dir by conversation and upload id; the
+message names its files by id (`file_ids`), and the pipeline hands them to the runtime like a
+platform's downloaded attachments. A file never sent with a message stays on disk, unused."""
+
+from __future__ import annotations
+
+import asyncio
+import mimetypes
+import re
+import uuid
+from pathlib import Path
+
+from aiohttp import BodyPartReader
+
+from channels import files
+from channels.base import Attachment
+
+MAX_FILE = 20 * 1024 * 1024
+FILE_ID = re.compile(r"^[0-9a-f]{32}$")
+CHUNK = 64 * 1024
+
+
+class TooLarge(ValueError):
+    pass
+
+
+class Uploads:
+    def __init__(self, root: Path, *, max_bytes: int = MAX_FILE) -> None:
+        self.root = root
+        self.max_bytes = max_bytes
+
+    def folder_of(self, conversation_id: str) -> Path:
+        """The conversation's folder; ValueError for an id that is not a plain folder name."""
+        if not conversation_id.strip(".") or "/" in conversation_id:
+            raise ValueError(f"{conversation_id!r} cannot name a folder")
+        return self.root / conversation_id
+
+    async def receive(self, conversation_id: str, part: BodyPartReader) -> Attachment:
+        """Read one file part (at most `max_bytes`, or TooLarge and nothing kept) and keep it."""
+        folder = self.folder_of(conversation_id)
+        data = bytearray()
+        while chunk := await part.read_chunk(CHUNK):
+            data += chunk
+            if len(data) > self.max_bytes:
+                raise TooLarge(f"the file is larger than {self.max_bytes // (1024 * 1024)} MiB")
+        file_id = uuid.uuid4().hex
+        name = files.file_names([part.filename])[0]
+        path = await files.save(folder / file_id / name, bytes(data))
+        return Attachment(name, path, _mime_type(name, part.headers.get("Content-Type")))
+
+    async def find(self, conversation_id: str, file_id: str) -> Attachment | None:
+        """The file uploaded in this conversation under `file_id`, or None."""
+        if not FILE_ID.match(file_id) or not conversation_id.strip("."):
+            return None
+        folder = self.folder_of(conversation_id) / file_id
+        kept = await asyncio.to_thread(lambda: [p for p in folder.iterdir() if p.is_file()] if folder.is_dir() else [])
+        if len(kept) != 1:
+            return None
+        return Attachment(kept[0].name, str(kept[0]), _mime_type(kept[0].name, None))
+
+
+def _mime_type(name: str, given: str | None) -> str:
+    guessed = mimetypes.guess_type(name)[0]
+    if guessed:
+        return guessed
+    if given and given != "application/octet-stream" and "/" in given:
+        return given.split(";")[0].strip()
+    return "application/octet-stream"

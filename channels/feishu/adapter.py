@@ -35,8 +35,6 @@ from aiohttp import web
 from loguru import logger
 
 from channels import files
-from channels.marks import WorkingMarks
-from channels.http import answer
 from channels.base import (
     Attachment,
     ConversationKey,
@@ -50,6 +48,8 @@ from channels.base import (
 from channels.feishu import crypto, normalize, render
 from channels.feishu.errors import TooLarge
 from channels.feishu.normalize import ChatPolicy
+from channels.http import answer
+from channels.marks import WorkingMarks
 
 CHANNEL = "feishu"
 WORKING = "OnIt"  # the reaction on a message whose turn runs

@@ -41,8 +41,6 @@ from slack_sdk.http_retry.builtin_async_handlers import (
 from slack_sdk.web.async_client import AsyncWebClient
 
 from channels import files
-from channels.marks import WorkingMarks
-from channels.http import answer
 from channels.base import (
     Attachment,
     ConversationKey,
@@ -53,6 +51,8 @@ from channels.base import (
     Reply,
     Sender,
 )
+from channels.http import answer
+from channels.marks import WorkingMarks
 from channels.names import NameCache
 from channels.slack import normalize, render
 from channels.slack.normalize import ChannelPolicy

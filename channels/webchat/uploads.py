@@ -51,9 +51,12 @@ class Uploads:
 
     async def find(self, conversation_id: str, file_id: str) -> Attachment | None:
         """The file uploaded in this conversation under `file_id`, or None."""
-        if not FILE_ID.match(file_id) or not conversation_id.strip("."):
+        if not FILE_ID.match(file_id):
             return None
-        folder = self.folder_of(conversation_id) / file_id
+        try:
+            folder = self.folder_of(conversation_id) / file_id
+        except ValueError:
+            return None
         kept = await asyncio.to_thread(lambda: [p for p in folder.iterdir() if p.is_file()] if folder.is_dir() else [])
         if len(kept) != 1:
             return None

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import secrets
 import signal
 import sys
 import time
@@ -21,6 +22,7 @@ from bridge.approvals.gate import HumanGate
 from bridge.config import Settings
 from bridge.delivery.outbox import Outbox
 from bridge.delivery.worker import DeliveryWorker
+from bridge.edge.workers import EdgeWorkers
 from bridge.metrics import Metrics
 from bridge.pipeline.control import ControlCommands
 from bridge.pipeline.dispatcher import Dispatcher
@@ -40,6 +42,7 @@ from bridge.store import approvals as approvals_repo
 from bridge.store import migrate
 from bridge.store import outbox as outbox_repo
 from bridge.store.db import Database
+from bridge.web import webhooks
 from bridge.web.server import build_app
 from channels.base import ChannelAdapter
 from channels.webchat.adapter import WebChatChannel
@@ -172,10 +175,23 @@ class Service:
         self.ingest = Ingestor(self.db, self.dispatcher, self.gate, self.retrier, self.metrics, pacer=self.pacer)
         checks = {"store": self._store_health, "runtime": self.runtime.health}
         checks.update({f"channel:{name}": ch.health for name, ch in self.channels.items()})
+        self.webhooks = [hook for ch in self.channels.values() for hook in ch.webhooks()]
         routes = [route for ch in self.channels.values() for route in ch.routes()]
+        routes += [webhooks.route(hook.check, hook.accept) for hook in self.webhooks]
+        # With edge workers they serve the port; this process's own HTTP server listens on a
+        # local socket, for what they pass through.
+        self.edges: EdgeWorkers | None = None
+        if settings.edge_workers:
+            self.edges = EdgeWorkers(
+                count=settings.edge_workers, host=settings.host, port=settings.port, webhooks=self.webhooks,
+                service_socket=f"\0agent-bridge-{os.getpid()}-{secrets.token_hex(4)}",
+                log_level=settings.log_level, log_format=settings.log_format,
+                shutdown_timeout=min(10.0, settings.shutdown_timeout),
+            )
+            checks["http"] = self.edges.health
         self.app = build_app(self.metrics, checks, routes, self._refresh_metrics)
         self._runner: web.AppRunner | None = None
-        self._site: web.TCPSite | None = None
+        self._site: web.BaseSite | None = None
         self._settled: asyncio.Future[None] | None = None
         self.port: int | None = None
 
@@ -208,10 +224,15 @@ class Service:
         await self.scheduler.start()
         self._runner = web.AppRunner(self.app, access_log=None, handler_cancellation=False)
         await self._runner.setup()
-        self._site = web.TCPSite(self._runner, self.settings.host, self.settings.port)
-        await self._site.start()
-        sockets = self._site._server.sockets if self._site._server else []  # type: ignore[union-attr]
-        self.port = sockets[0].getsockname()[1] if sockets else self.settings.port
+        if self.edges is not None:
+            self._site = web.UnixSite(self._runner, self.edges.config.service_socket)
+            await self._site.start()
+            self.port = await self.edges.start()
+        else:
+            self._site = web.TCPSite(self._runner, self.settings.host, self.settings.port)
+            await self._site.start()
+            sockets = self._site._server.sockets if self._site._server else []  # type: ignore[union-attr]
+            self.port = sockets[0].getsockname()[1] if sockets else self.settings.port
         # Everything built so far lives as long as the process: move it out of the collector's
         # sight, and collect young objects less often. Full collections over a large heap were the
         # main source of ack-latency spikes (p99 56 -> 18 ms in bench/ingest.py, empty messages).
@@ -243,6 +264,8 @@ class Service:
         logger.info("shutting down (deadline {:.0f}s)", self.settings.shutdown_timeout)
         if self._settled is not None:
             self._settled.cancel()
+        if self.edges is not None:
+            await self.edges.stop(timeout=min(10.0, max(1.0, deadline - time.monotonic())))
         if self._site is not None:
             await self._site.stop()
         await self.scheduler.stop()

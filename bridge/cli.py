@@ -33,6 +33,7 @@ def cmd_serve(_args: argparse.Namespace) -> int:
     except RulesError as exc:
         print(f"agent-bridge: {exc}", file=sys.stderr)
         return 2
+    from bridge.edge.workers import EdgeStartError
     from channels.base import ChannelStartError
 
     try:
@@ -40,7 +41,7 @@ def cmd_serve(_args: argparse.Namespace) -> int:
     except ChannelStartError as exc:
         print(f"agent-bridge: cannot start: {exc}", file=sys.stderr)
         return 2
-    except OSError as exc:
+    except (OSError, EdgeStartError) as exc:
         print(f"agent-bridge: cannot start: {exc}", file=sys.stderr)
         return 1
     return 0

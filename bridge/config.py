@@ -7,6 +7,7 @@ into one readable line naming the setting (the CLI exits with code 2 on it).
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -29,6 +30,10 @@ class Settings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = Field(8788, ge=0, le=65535)
+    # HTTP edge workers: processes that serve the port, check webhooks (signatures, decryption)
+    # and hand them to the service, so HTTP uses more than one core. 0: the service serves HTTP
+    # itself; auto: 1 when this process may run on two or more CPUs, else 0.
+    http_workers: int | Literal["auto"] = "auto"
     data_dir: Path = Path("./data")
     database_url: str = ""
     runtime: Literal["shell", "codex", "claude"] = "shell"
@@ -202,6 +207,13 @@ class Settings(BaseSettings):
                 raise ValueError(f"{line!r} is not key=value (one Codex config override per line)")
         return value
 
+    @field_validator("http_workers")
+    @classmethod
+    def _workers(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and not 0 <= value <= 32:
+            raise ValueError("must be auto or a number from 0 to 32")
+        return value
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper_level(cls, value: object) -> object:
@@ -239,6 +251,13 @@ class Settings(BaseSettings):
         if bool(self.feishu_app_id) != bool(self.feishu_app_secret.get_secret_value()):
             raise ValueError("FEISHU_APP_ID and FEISHU_APP_SECRET must be set together")
         return self
+
+    @property
+    def edge_workers(self) -> int:
+        """How many HTTP edge workers to run (BRIDGE_HTTP_WORKERS, `auto` resolved)."""
+        if self.http_workers == "auto":
+            return 1 if len(os.sched_getaffinity(0)) >= 2 else 0
+        return int(self.http_workers)
 
     @property
     def is_sqlite(self) -> bool:

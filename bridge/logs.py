@@ -15,7 +15,7 @@ TEXT_FORMAT = (
 
 def _ids(record) -> bool:
     extra = record["extra"]
-    keys = [k for k in ("conversation", "session", "turn", "event", "outbox") if k in extra]
+    keys = [k for k in ("edge", "conversation", "session", "turn", "event", "outbox") if k in extra]
     extra["ids"] = (" | " + " ".join(f"{k}={extra[k]}" for k in keys)) if keys else ""
     return True
 

@@ -8,7 +8,7 @@ payloads. Channels know nothing of runtimes; the pipeline knows nothing of platf
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -202,6 +202,44 @@ class Ingest(Protocol):
         """Apply a card action. A store write plus a wake-up; never waits on a running turn."""
 
 
+@dataclass(frozen=True, slots=True)
+class Forward:
+    """A webhook request that passed its checks: what the pipeline side needs of it. `body` is
+    what crosses to the service when the checks ran in an HTTP edge worker (JSON bytes);
+    `parsed` is the same, already decoded, when they ran in the service's own process."""
+
+    body: bytes
+    parsed: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """A webhook's answer: a status and a JSON body."""
+
+    status: int
+    body: bytes
+
+
+class WebhookCheck(Protocol):
+    """The stateless half of a webhook: size, signature, timestamp, decryption, schema. No store,
+    no network, no channel state, only its own settings; picklable, because an HTTP edge worker
+    (another process) runs it before anything reaches the service."""
+
+    path: str
+
+    def check(self, body: bytes, headers: Mapping[str, str]) -> Forward | Answer:
+        """Refuse (an `Answer`: 400, 401, ...), answer at once (a challenge), or pass it on."""
+
+
+@dataclass(frozen=True, slots=True)
+class Webhook:
+    """A POST route of a channel, in two halves: `check` (anywhere) and `accept` (in the service:
+    normalize, persist, answer). The platform's answer is sent only after `accept` returns."""
+
+    check: WebhookCheck
+    accept: Callable[[Forward], Awaitable[Answer]]
+
+
 class ChannelStartError(RuntimeError):
     """A channel cannot start (its credentials were refused): the service stops with this message."""
 
@@ -246,7 +284,11 @@ class ChannelAdapter(Protocol):
         """Neutral reply -> platform payload."""
 
     def routes(self) -> list[Any]:
-        """The HTTP routes the channel serves (aiohttp route definitions: webhooks, pages)."""
+        """The other HTTP routes the channel serves (aiohttp route definitions: pages, streams)."""
+
+    def webhooks(self) -> list[Webhook]:
+        """The POST routes whose requests a platform (or the web chat page) sends and the bridge
+        must check, persist and acknowledge."""
 
     async def health(self) -> dict[str, Any]:
         """{"ok": bool, ...detail}"""

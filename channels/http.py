@@ -1,17 +1,22 @@
-"""What the webhook channels answer a platform with."""
+"""What the webhook channels answer a platform (or the web chat page) with: JSON `Answer`s."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from aiohttp import web
+import orjson
 
-_EMPTY_OBJECT = b"{}"
+from channels.base import Answer
+
+OK_EMPTY = Answer(200, b"{}")  # how a platform's event is usually answered: encoded once
 
 
-def answer(data: dict[str, Any], status: int = 200) -> web.Response:
-    """A JSON answer. `{}`, how a platform's event is usually answered, is encoded once: it is on
-    every event's ack path."""
-    if not data:
-        return web.Response(body=_EMPTY_OBJECT, status=status, content_type="application/json")
-    return web.json_response(data, status=status)
+def json_answer(data: dict[str, Any], status: int = 200) -> Answer:
+    if not data and status == 200:
+        return OK_EMPTY
+    return Answer(status, orjson.dumps(data))
+
+
+def refusal(status: int, message: str, **extra: Any) -> Answer:
+    """A 4xx (or 5xx) with a message saying what is wrong."""
+    return Answer(status, orjson.dumps({"error": message, **extra}))

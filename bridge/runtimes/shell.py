@@ -19,6 +19,7 @@ from typing import Any
 
 from loguru import logger
 
+from bridge.processes import exited
 from bridge.runtimes.base import Approval, ApprovalRequest, Decision, TurnContext, TurnOutcome, TurnRequest
 
 KEEP_BYTES = 4 * 1024 * 1024
@@ -118,23 +119,6 @@ class ShellRuntime:
         await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), process.stdout)
         return process, reader
 
-    @staticmethod
-    async def _exited(process: subprocess.Popen[bytes]) -> int:
-        """Wait for the process without blocking a thread: its pidfd becomes readable on exit."""
-        if process.poll() is not None:
-            return process.returncode
-        loop = asyncio.get_running_loop()
-        fd = os.pidfd_open(process.pid)
-        done = loop.create_future()
-        loop.add_reader(fd, lambda: done.done() or done.set_result(None))
-        try:
-            if process.poll() is None:
-                await done
-        finally:
-            loop.remove_reader(fd)
-            os.close(fd)
-        return process.wait()
-
     async def _execute(self, request: TurnRequest, command: str, ctx: TurnContext) -> TurnOutcome:
         os.makedirs(request.workspace, exist_ok=True)
         process, reader = await self._spawn(command, request.workspace)
@@ -155,11 +139,11 @@ class ShellRuntime:
                         del buffer[:cut]
                         dropped += cut
                     await ctx.progress(self._render(command, buffer, running=True))
-                await self._exited(process)
+                await exited(process)
         except TimeoutError:
             timed_out = True
             self._kill(process)
-            await self._exited(process)
+            await exited(process)
         finally:
             self._runs.pop(request.session_id, None)
             if process.returncode is None:

@@ -2,7 +2,8 @@
 
 Inbound, `POST /feishu/events`: the signature (when an encrypt key is set, constant-time) and the
 timestamp window are checked on the raw body, the body decrypted, the verification token
-compared; then a message is normalized and persisted through the pipeline's `Ingest` before the
+compared (`checks.EventsCheck`, which runs in an HTTP edge worker when there is one); then, in
+the service, a message is normalized and persisted through the pipeline's `Ingest` before the
 200 goes back, well inside Feishu's 3 s. A redelivered event, or the same message under a new
 event id, is a duplicate by the inbox's keys. Every other subscribed event type gets a 200 and a
 log line, never a 500 that Feishu would retry for hours.
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import hmac
 import json
 import mimetypes
 import time
@@ -36,27 +36,28 @@ from loguru import logger
 
 from channels import files
 from channels.base import (
+    Answer,
     Attachment,
     ConversationKey,
     DeliveryError,
     InboundAction,
+    Forward,
     InboundMessage,
     Ingest,
     Reply,
     Sender,
+    Webhook,
 )
-from channels.feishu import crypto, normalize, render
+from channels.feishu import checks, normalize, render
 from channels.feishu.errors import TooLarge
 from channels.feishu.normalize import ChatPolicy
-from channels.http import answer
+from channels.http import json_answer
 from channels.marks import WorkingMarks
 
 CHANNEL = "feishu"
 WORKING = "OnIt"  # the reaction on a message whose turn runs
 DONE = "DONE"  # ... and on one that was answered
 MEMORY_WORKING = 50_000  # message ids whose "OnIt" reaction this process remembers
-MAX_BODY = 1024 * 1024
-TIMESTAMP_WINDOW = 300.0
 ACTION_MEMORY = 4096
 DOWNLOAD_BUDGET = 1.5  # seconds for attachments before the ack (Feishu waits 3 s)
 LOAD_WAIT = 30.0  # seconds an event or a reply waits for the client to load at start-up
@@ -80,13 +81,6 @@ class FeishuConfig:
 
     def policy_for(self, chat_id: str) -> ChatPolicy:
         return self.chat_policies.get(chat_id, self.default_policy)
-
-
-class Refused(Exception):
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
 
 
 def _uuid(key: str, part: int = 0) -> str:
@@ -167,64 +161,18 @@ class FeishuChannel:
         return detail
 
     def routes(self) -> list[web.RouteDef]:
-        return [web.post("/feishu/events", self._webhook)]
+        return []
 
-    # -- inbound: the webhook
+    def webhooks(self) -> list[Webhook]:
+        check = checks.EventsCheck(self.config.encrypt_key, self.config.verification_token)
+        return [Webhook(check, self.accept_event)]
 
-    async def _webhook(self, request: web.Request) -> web.Response:
-        if request.content_length is not None and request.content_length > MAX_BODY:
-            return web.json_response({"error": "body too large"}, status=413)
-        body = await request.read()
-        if len(body) > MAX_BODY:
-            return web.json_response({"error": "body too large"}, status=413)
-        try:
-            payload = self.open_envelope(body, request.headers)
-        except Refused as exc:
-            logger.warning("feishu: refused a webhook request: {}", exc.reason)
-            return web.json_response({"error": exc.reason}, status=exc.status)
-        status, body_out = await self.handle(payload)
-        return answer(body_out, status)
+    # -- inbound: the webhook (checked by checks.EventsCheck) and the long connection
 
-    def open_envelope(self, body: bytes, headers) -> dict[str, Any]:
-        """Verify and decrypt a webhook body; raises Refused (4xx) for anything not from Feishu."""
-        key = self.config.encrypt_key
-        try:
-            outer = orjson.loads(body)
-        except ValueError:
-            raise Refused(400, "malformed JSON") from None
-        if not isinstance(outer, dict):
-            raise Refused(400, "malformed body")
-        if key:
-            timestamp = headers.get("X-Lark-Request-Timestamp", "")
-            nonce = headers.get("X-Lark-Request-Nonce", "")
-            given = headers.get("X-Lark-Signature", "")
-            is_challenge = "encrypt" not in outer and outer.get("type") == "url_verification"
-            if not is_challenge:
-                if not (timestamp and given):
-                    raise Refused(401, "missing signature headers")
-                if not crypto.signature_ok(timestamp, nonce, key, body, given):
-                    raise Refused(401, "bad signature")
-            if timestamp:
-                try:
-                    skew = abs(time.time() - int(timestamp))
-                except ValueError:
-                    raise Refused(401, "bad timestamp") from None
-                if skew > TIMESTAMP_WINDOW:
-                    raise Refused(401, "stale timestamp")
-        if "encrypt" in outer:
-            if not key:
-                raise Refused(400, "encrypted body but FEISHU_ENCRYPT_KEY is not set")
-            try:
-                outer = orjson.loads(crypto.decrypt(key, str(outer["encrypt"])))
-            except (crypto.DecryptError, ValueError):
-                raise Refused(400, "cannot decrypt the body") from None
-            if not isinstance(outer, dict):
-                raise Refused(400, "malformed body")
-        token = outer.get("token") if "schema" not in outer else (outer.get("header") or {}).get("token")
-        expected = self.config.verification_token
-        if expected and not hmac.compare_digest(str(token or ""), expected):
-            raise Refused(401, "wrong verification token")
-        return outer
+    async def accept_event(self, forward: Forward) -> Answer:
+        payload = forward.parsed if forward.parsed is not None else orjson.loads(forward.body)
+        status, body = await self.handle(payload)
+        return json_answer(body, status)
 
     async def handle(self, payload: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         """A verified, decrypted event (from the webhook or the long connection) -> (status, body)."""

@@ -1,8 +1,8 @@
 """The Slack channel: Events API and interactivity over HTTP, or Socket Mode; Block Kit out.
 
 Inbound (`POST /slack/events`, `POST /slack/interactions`): the v0 signature is checked over the
-raw body with a 5-minute window (401 otherwise, nothing stored); events are normalized and
-persisted through the pipeline's `Ingest` before the 200. Retries (`X-Slack-Retry-Num`) reuse the
+raw body with a 5-minute window (401 otherwise, nothing stored: `checks.py`, run in an HTTP edge
+worker when there is one); in the service, events are normalized and persisted through the pipeline's `Ingest` before the 200. Retries (`X-Slack-Retry-Num`) reuse the
 event id, and the `message` + `app_mention` pair of one post share channel + ts: both are inbox
 keys, so each post runs once. Button clicks go to the gate, which never waits on the turn; the
 card is then updated in place by the outbox (`chat.update`).
@@ -19,17 +19,15 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import hmac
 import json
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import parse_qs
 
-import orjson
 import aiohttp
+import orjson
 from aiohttp import web
 from loguru import logger
 from slack_sdk.errors import SlackApiError
@@ -42,26 +40,27 @@ from slack_sdk.web.async_client import AsyncWebClient
 
 from channels import files
 from channels.base import (
+    Answer,
     Attachment,
     ConversationKey,
     DeliveryError,
+    Forward,
     InboundAction,
     InboundMessage,
     Ingest,
     Reply,
     Sender,
+    Webhook,
 )
-from channels.http import answer
+from channels.http import json_answer
 from channels.marks import WorkingMarks
 from channels.names import NameCache
-from channels.slack import normalize, render
+from channels.slack import checks, normalize, render
 from channels.slack.normalize import ChannelPolicy
 
 CHANNEL = "slack"
 WORKING = "eyes"  # the reaction on a message whose turn runs
 DONE = "white_check_mark"  # ... and on one that was answered
-MAX_BODY = 1024 * 1024
-TIMESTAMP_WINDOW = 300
 POST_INTERVAL = 1.0  # chat.postMessage: about one a second per channel
 NAME_TTL = 3600.0
 MEMORY = 10_000
@@ -200,63 +199,23 @@ class SlackChannel:
         return detail
 
     def routes(self) -> list[web.RouteDef]:
-        return [web.post("/slack/events", self._events), web.post("/slack/interactions", self._interactions)]
+        return []
 
-    # -- inbound over HTTP
-
-    def _verify(self, request: web.Request, body: bytes) -> str | None:
-        """Why the request is refused (None: it is Slack's)."""
+    def webhooks(self) -> list[Webhook]:
         secret = self.config.signing_secret
-        if not secret:
-            return "SLACK_SIGNING_SECRET is not set: HTTP events are refused"
-        timestamp = request.headers.get("X-Slack-Request-Timestamp", "")
-        given = request.headers.get("X-Slack-Signature", "")
-        if not timestamp.isdigit() or not given:
-            return "missing or malformed signature headers"
-        if abs(time.time() - int(timestamp)) > TIMESTAMP_WINDOW:
-            return "stale timestamp"
-        expected = "v0=" + hmac.new(secret.encode(), b"v0:" + timestamp.encode() + b":" + body,
-                                    hashlib.sha256).hexdigest()
-        if not hmac.compare_digest(expected, given):
-            return "bad signature"
-        return None
+        return [Webhook(checks.EventsCheck(secret), self.accept_event),
+                Webhook(checks.InteractionsCheck(secret), self.accept_interaction)]
 
-    async def _read(self, request: web.Request) -> bytes | web.Response:
-        if request.content_length is not None and request.content_length > MAX_BODY:
-            return web.json_response({"error": "body too large"}, status=413)
-        body = await request.read()
-        if len(body) > MAX_BODY:
-            return web.json_response({"error": "body too large"}, status=413)
-        refused = self._verify(request, body)
-        if refused:
-            logger.warning("slack: refused a request: {}", refused)
-            return web.json_response({"error": "invalid request"}, status=401)
-        return body
+    # -- inbound over HTTP (checked by channels/slack/checks.py)
 
-    async def _events(self, request: web.Request) -> web.Response:
-        body = await self._read(request)
-        if isinstance(body, web.Response):
-            return body
-        try:
-            payload = orjson.loads(body)
-        except ValueError:
-            return web.json_response({"error": "malformed JSON"}, status=400)
-        if not isinstance(payload, dict):
-            return web.json_response({"error": "malformed body"}, status=400)
-        if payload.get("type") == "url_verification":
-            return web.json_response({"challenge": payload.get("challenge", "")})
+    async def accept_event(self, forward: Forward) -> Answer:
+        payload = forward.parsed if forward.parsed is not None else orjson.loads(forward.body)
         status, body = await self.handle_event(payload)
-        return answer(body, status)
+        return json_answer(body, status)
 
-    async def _interactions(self, request: web.Request) -> web.Response:
-        body = await self._read(request)
-        if isinstance(body, web.Response):
-            return body
-        try:
-            payload = json.loads(parse_qs(body.decode("utf-8"))["payload"][0])
-        except (KeyError, IndexError, ValueError, UnicodeDecodeError):
-            return web.json_response({"error": "expected a form field `payload` holding JSON"}, status=400)
-        return answer(await self.handle_interaction(payload))
+    async def accept_interaction(self, forward: Forward) -> Answer:
+        payload = forward.parsed if forward.parsed is not None else orjson.loads(forward.body)
+        return json_answer(await self.handle_interaction(payload))
 
     # -- inbound over Socket Mode
 

@@ -11,45 +11,32 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import BodyPartReader, web
-from pydantic import BaseModel, Field
 
 from bridge.store.db import Database
-from bridge.web.http import error, read_model
+from bridge.web.http import error
 from channels.base import (
+    Answer,
     ConversationKey,
+    Forward,
     InboundAction,
     InboundMessage,
     Ingest,
     Record,
     Reply,
     Sender,
+    Webhook,
 )
+from channels.http import json_answer, refusal
 from channels.webchat import transcript, uploads
+from channels.webchat.checks import ACTIONS, ID_PATTERN, MESSAGES, PostAction, PostMessage
 from channels.webchat.uploads import Uploads
 
 CHANNEL = "webchat"
-ID_PATTERN = r"^[A-Za-z0-9_.@-]{1,128}$"
 PAGE_LIMIT = 500
-MAX_FILES = 10  # files one message may carry
 SSE_PING = 15.0
 # the two answers to a posted message, encoded once (they are on every ack's path)
-ACK_BODIES = {dup: json.dumps({"accepted": True, "duplicate": dup}).encode() for dup in (False, True)}
-
-
-class PostMessage(BaseModel):
-    conversation_id: str = Field(pattern=ID_PATTERN)
-    user_id: str = Field(pattern=ID_PATTERN)
-    text: str = Field(max_length=100_000)
-    client_msg_id: str = Field(min_length=1, max_length=128)
-    # files uploaded before (POST /chat/api/files) in this conversation; optional
-    file_ids: list[str] = Field(default_factory=list, max_length=MAX_FILES)
-
-
-class PostAction(BaseModel):
-    conversation_id: str = Field(pattern=ID_PATTERN)
-    message_id: str = Field(min_length=1, max_length=64)
-    action_id: str = Field(min_length=1, max_length=64)
-    user_id: str = Field(pattern=ID_PATTERN)
+ACKS = {dup: Answer(202, json.dumps({"accepted": True, "duplicate": dup}).encode()) for dup in (False, True)}
+NOT_STARTED = refusal(503, "web chat is not started")
 
 
 def is_group(conversation_id: str) -> bool:
@@ -157,26 +144,29 @@ class WebChatChannel:
     def routes(self) -> list[web.RouteDef]:
         return [
             web.get("/chat", self.page),
-            web.post("/chat/api/messages", self.post_message),
             web.post("/chat/api/files", self.post_file),
             web.get("/chat/api/messages", self.list_messages),
-            web.post("/chat/api/actions", self.post_action),
             web.get("/chat/api/stream", self.stream),
         ]
+
+    def webhooks(self) -> list[Webhook]:
+        return [Webhook(MESSAGES, self.post_message), Webhook(ACTIONS, self.post_action)]
 
     async def page(self, request: web.Request) -> web.Response:
         return web.Response(body=self._page, content_type="text/html", charset="utf-8")
 
-    async def post_message(self, request: web.Request) -> web.Response:
-        body = await read_model(request, PostMessage)
-        ingest = self._require_ingest()
+    async def post_message(self, forward: Forward) -> Answer:
+        body: PostMessage = MESSAGES.parsed(forward)  # type: ignore[assignment]
+        ingest = self._ingest
+        if ingest is None:
+            return NOT_STARTED
         group = is_group(body.conversation_id)
         conversation = ConversationKey(CHANNEL, body.conversation_id)
         attachments = []
         for file_id in dict.fromkeys(body.file_ids):
             found = await self.uploads.find(body.conversation_id, file_id)
             if found is None:
-                return error(400, f"file_ids: no file {file_id!r} was uploaded in this conversation")
+                return refusal(400, f"file_ids: no file {file_id!r} was uploaded in this conversation")
             attachments.append(found)
         event = InboundMessage(
             conversation=conversation,
@@ -195,7 +185,7 @@ class WebChatChannel:
             body.conversation_id, "user", body.user_id, body.text, None, files=shown)))
         if result.record is not None:
             self.hub.publish(result.record)
-        return web.Response(body=ACK_BODIES[result.duplicate], status=202, content_type="application/json")
+        return ACKS[result.duplicate]
 
     async def post_file(self, request: web.Request) -> web.Response:
         """One file (multipart/form-data, field `file`) for a message to come; 201 with its id."""
@@ -228,16 +218,18 @@ class WebChatChannel:
         rows = await self.db.read(lambda c: transcript.list_after(c, conversation_id, after, PAGE_LIMIT))
         return web.json_response({"messages": [public_message(r) for r in rows]})
 
-    async def post_action(self, request: web.Request) -> web.Response:
-        body = await read_model(request, PostAction)
-        ingest = self._require_ingest()
+    async def post_action(self, forward: Forward) -> Answer:
+        body: PostAction = ACTIONS.parsed(forward)  # type: ignore[assignment]
+        ingest = self._ingest
+        if ingest is None:
+            return NOT_STARTED
         row = await self.db.read(lambda c: transcript.get(c, body.message_id))
         if row is None or row["conversation_id"] != body.conversation_id:
-            return error(404, "no such message in this conversation")
+            return refusal(404, "no such message in this conversation")
         card = row.get("card") or {}
         button = next((a for a in card.get("actions", ()) if a["id"] == body.action_id), None)
         if button is None:
-            return error(409, "this card is no longer actionable", card_status=card.get("status"))
+            return refusal(409, "this card is no longer actionable", card_status=card.get("status"))
         action = InboundAction(
             conversation=ConversationKey(CHANNEL, body.conversation_id),
             actor=Sender(body.user_id, body.user_id),
@@ -248,9 +240,9 @@ class WebChatChannel:
         )
         result = await ingest.act(action)
         if result.status == "ok":
-            return web.json_response({"ok": True, "toast": result.toast})
+            return json_answer({"ok": True, "toast": result.toast})
         status = {"forbidden": 403, "conflict": 409, "not_found": 409}[result.status]
-        return web.json_response({"ok": False, "reason": result.toast, "toast": result.toast}, status=status)
+        return json_answer({"ok": False, "reason": result.toast, "toast": result.toast}, status)
 
     async def stream(self, request: web.Request) -> web.StreamResponse:
         conversation_id, after = self._query(request)
@@ -276,11 +268,6 @@ class WebChatChannel:
         return response
 
     # -- helpers -----------------------------------------------------------------------------
-
-    def _require_ingest(self) -> Ingest:
-        if self._ingest is None:
-            raise web.HTTPServiceUnavailable(text='{"error": "web chat is not started"}', content_type="application/json")
-        return self._ingest
 
     @staticmethod
     def _query(request: web.Request) -> tuple[str, int]:

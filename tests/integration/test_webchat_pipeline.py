@@ -23,8 +23,14 @@ def db_counts(proc) -> dict[str, int]:
         }
 
 
-async def test_echo_replies_once(bridge, chat):
-    proc = bridge()
+# The acceptance scenarios run both ways: HTTP served by an edge worker process (the default on
+# two or more CPUs) and by the service's own process.
+HTTP_MODES = pytest.mark.parametrize("workers", ["1", "0"], ids=["edge", "in-process"])
+
+
+@HTTP_MODES
+async def test_echo_replies_once(bridge, chat, workers):
+    proc = bridge(BRIDGE_HTTP_WORKERS=workers)
     c = chat(proc)
     status, body = await c.post("c-echo", "alice", "echo hello")
     assert (status, body) == (202, {"accepted": True, "duplicate": False})
@@ -34,8 +40,9 @@ async def test_echo_replies_once(bridge, chat):
     assert len(final_texts(await c.bot_messages("c-echo"))) == 1
 
 
-async def test_same_client_msg_id_three_times_concurrently_is_one_turn(bridge, chat):
-    proc = bridge()
+@HTTP_MODES
+async def test_same_client_msg_id_three_times_concurrently_is_one_turn(bridge, chat, workers):
+    proc = bridge(BRIDGE_HTTP_WORKERS=workers)
     c = chat(proc)
     results = await asyncio.gather(*(c.post("c-dup", "alice", "echo once", client_msg_id="same") for _ in range(3)))
     assert all(status == 202 for status, _ in results)
@@ -48,8 +55,9 @@ async def test_same_client_msg_id_three_times_concurrently_is_one_turn(bridge, c
     assert db_counts(proc)["turns"] == 1
 
 
-async def test_malformed_and_oversized_bodies_store_nothing(bridge, http):
-    proc = bridge()
+@HTTP_MODES
+async def test_malformed_and_oversized_bodies_store_nothing(bridge, http, workers):
+    proc = bridge(BRIDGE_HTTP_WORKERS=workers)
     url = proc.url + "/chat/api/messages"
     async with http.post(url, data=b'{"conversation_id": "c-1", "user_id":', headers={"Content-Type": "application/json"}) as r:
         assert r.status == 400
@@ -151,8 +159,9 @@ async def test_stop_kills_a_long_command_within_a_second(bridge, chat):
     await c.wait_for("c-stop", lambda msgs: [t for t in final_texts(msgs) if "after-stop" in t])
 
 
-async def test_hundred_conversations_times_ten_messages_keep_order(bridge, chat):
-    proc = bridge()
+@HTTP_MODES
+async def test_hundred_conversations_times_ten_messages_keep_order(bridge, chat, workers):
+    proc = bridge(BRIDGE_HTTP_WORKERS=workers)
     c = chat(proc)
 
     async def conversation(n: int) -> None:
@@ -172,8 +181,9 @@ async def test_hundred_conversations_times_ten_messages_keep_order(bridge, chat)
         assert len(final_texts(await c.bot_messages(f"c-load-{n}"))) == 10
 
 
-async def test_kill_minus_nine_after_accept_then_restart_gives_exactly_one_outcome(bridge, chat):
-    proc = bridge()
+@HTTP_MODES
+async def test_kill_minus_nine_after_accept_then_restart_gives_exactly_one_outcome(bridge, chat, workers):
+    proc = bridge(BRIDGE_HTTP_WORKERS=workers)
     c = chat(proc)
     await c.post("c-crash", "alice", "echo survived")
     proc.kill()
@@ -237,14 +247,16 @@ async def test_long_output_is_truncated_in_chat_and_kept_whole(bridge, chat):
 
 
 async def test_health_readiness_and_metrics(bridge, chat, http):
-    proc = bridge()
+    proc = bridge(BRIDGE_HTTP_WORKERS="1")
     c = chat(proc)
     async with http.get(proc.url + "/healthz") as r:
         assert r.status == 200
     async with http.get(proc.url + "/readyz") as r:
         body = await r.json()
         assert r.status == 200 and body["ok"] is True
-        assert set(body["checks"]) == {"store", "runtime", "channel:webchat"}
+        assert set(body["checks"]) == {"store", "runtime", "channel:webchat", "http"}
+        workers = body["checks"]["http"]["edge_workers"]
+        assert len(workers) == 1 and workers[0]["up"] and workers[0]["pid"] != proc.pid
     await c.post("c-m", "alice", "echo metric")
     await c.post("c-m", "alice", "echo metric", client_msg_id="dup")
     await c.post("c-m", "alice", "echo metric", client_msg_id="dup")

@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,16 @@ def test_defaults(tmp_path, monkeypatch):
     assert s.workspace == (tmp_path / "data" / "workspace").resolve()
 
 
+def test_http_workers(monkeypatch):
+    monkeypatch.setenv("BRIDGE_HTTP_WORKERS", "3")
+    assert load_settings().edge_workers == 3
+    monkeypatch.setenv("BRIDGE_HTTP_WORKERS", "0")
+    assert load_settings().edge_workers == 0
+    monkeypatch.setenv("BRIDGE_HTTP_WORKERS", "auto")
+    cpus = len(os.sched_getaffinity(0))
+    assert load_settings().edge_workers == (1 if cpus >= 2 else 0)
+
+
 def test_admins_are_split_and_qualified(monkeypatch):
     monkeypatch.setenv("BRIDGE_ADMINS", "webchat:alice, feishu:ou_1")
     s = load_settings()
@@ -28,6 +39,7 @@ def test_admins_are_split_and_qualified(monkeypatch):
 @pytest.mark.parametrize("name,value", [
     ("BRIDGE_PORT", "eighty"), ("BRIDGE_PORT", "70000"), ("BRIDGE_RUNTIME", "gpt"),
     ("BRIDGE_DATABASE_URL", "mysql://x"), ("BRIDGE_LOG_LEVEL", "loud"),
+    ("BRIDGE_HTTP_WORKERS", "many"), ("BRIDGE_HTTP_WORKERS", "-1"), ("BRIDGE_HTTP_WORKERS", "33"),
 ])
 def test_invalid_setting_names_the_setting(monkeypatch, name, value):
     monkeypatch.setenv(name, value)

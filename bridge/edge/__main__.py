@@ -1,0 +1,27 @@
+"""`python -m bridge.edge <link fd> <service pid>`: one HTTP edge worker, started by the service."""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import os
+import signal
+import sys
+
+PR_SET_PDEATHSIG = 1
+
+
+def main(argv: list[str]) -> int:
+    link_fd, service_pid = int(argv[0]), int(argv[1])
+    # Die with the service, whatever kills it (kill -9 included): a worker must never outlive it
+    # and keep answering on its port.
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != service_pid:
+        return 1  # it died before we asked
+    from bridge.edge.worker import serve
+
+    return asyncio.run(serve(link_fd))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

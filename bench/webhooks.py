@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.launcher import ServerProcess, bridge_process, pin_prefix
+from bench.procs import memory_kb, proc_times, service_pids
 from tests.support.waiting import wait_ready
 
 LUA = Path(__file__).with_name("signed_post.lua")
@@ -47,8 +48,12 @@ def parser(description: str) -> argparse.ArgumentParser:
                    help="seconds of load (other events, same chats) before each measured run")
     p.add_argument("--conns", type=int, default=32)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--server-cpu", type=int, default=1)
-    p.add_argument("--client-cpu", type=int, default=0)
+    p.add_argument("--server-cpu", type=int, default=None,
+                   help="pin the servers to this CPU (default: not pinned; the service's edge workers use the "
+                        "other cores, and a pinned service runs with none: BRIDGE_HTTP_WORKERS=auto)")
+    p.add_argument("--client-cpu", type=int, default=None, help="pin wrk to this CPU (default: not pinned)")
+    p.add_argument("--http-workers", default=None,
+                   help="BRIDGE_HTTP_WORKERS for the benchmarked service (default: the service's own, auto)")
     return p
 
 
@@ -75,11 +80,10 @@ def run_wrk(url: str, hook: Webhook, requests: Path, *, duration: float, conns: 
             "p90_ms": lat["p90"] / 1000, "p99_ms": lat["p99"] / 1000, "max_ms": lat["max"] / 1000}
 
 
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+def memory_mb(pid: int) -> tuple[float, float]:
+    """(RSS, PSS) of the service's processes, summed, in MB."""
+    rss, pss = memory_kb(service_pids(pid)) or (0, 0)
+    return rss / 1024, pss / 1024
 
 
 def _stored(data: Path) -> int:
@@ -91,19 +95,25 @@ def compare(hook: Webhook, args: argparse.Namespace, work: Path) -> dict[str, An
     runs: list[dict[str, Any]] = []
     startup: list[float] = []
     idle_rss: list[float] = []
+    idle_pss: list[float] = []
+    env = dict(hook.bridge_env)
+    if args.http_workers is not None:
+        env["BRIDGE_HTTP_WORKERS"] = str(args.http_workers)
     for rep in range(args.reps):
         for kind in ("sdk", "bridge"):
             requests = work / f"requests-{rep}-{kind}.txt"
             hook.write_requests(requests, int(args.duration * 12_000) + 10_000)  # never replayed
             data = work / f"data-{rep}"
             if kind == "bridge":
-                proc = bridge_process(data, cpu=args.server_cpu, env=hook.bridge_env)
+                proc = bridge_process(data, cpu=args.server_cpu, env=env)
                 started = time.monotonic()
                 proc.start()
                 startup.append(time.monotonic() - started)  # until /healthz answers
                 wait_ready(proc.url)  # the channel's client loaded and its identity read
                 time.sleep(0.5)
-                idle_rss.append(rss_mb(proc.proc.pid))  # type: ignore[union-attr]
+                rss, pss = memory_mb(proc.pid)
+                idle_rss.append(rss)
+                idle_pss.append(pss)
             else:
                 proc = hook.baseline(work, args.server_cpu).start()
             try:
@@ -114,9 +124,15 @@ def compare(hook: Webhook, args: argparse.Namespace, work: Path) -> dict[str, An
                     run_wrk(proc.url, hook, warm, duration=args.warmup, conns=args.conns, threads=args.threads,
                             cpu=args.client_cpu)
                     warmed = _stored(data) if kind == "bridge" else 0
+                pids = service_pids(proc.pid)
+                cpu0, t0 = [proc_times(pid) for pid in pids], time.monotonic()
                 result = run_wrk(proc.url, hook, requests, duration=args.duration, conns=args.conns,
                                  threads=args.threads, cpu=args.client_cpu)
-                result["peak_rss_mb"] = rss_mb(proc.proc.pid)  # type: ignore[union-attr]
+                cpu1, wall = [proc_times(pid) for pid in pids], time.monotonic() - t0
+                # CPU % of each of the service's processes (the service first, then its edge workers)
+                result["cpu_pct"] = [round(100 * (b[0] - a[0]) / wall) if a and b else None for a, b in zip(cpu0, cpu1)]
+                result["rss_mb_after"], result["pss_mb_after"] = memory_mb(proc.pid)
+                result["processes"] = len(service_pids(proc.pid))
             finally:
                 proc.stop()
             if kind == "bridge":
@@ -138,6 +154,9 @@ def compare(hook: Webhook, args: argparse.Namespace, work: Path) -> dict[str, An
         "bridge_per_s": round(med("bridge", "per_s")), "bridge_p99_ms": round(med("bridge", "p99_ms"), 1),
         "ratio": round(med("bridge", "per_s") / med("sdk", "per_s"), 2),
         "bridge_lost": sum(r.get("lost", 0) for r in runs if r["kind"] == "bridge"),
-        "startup_s": round(statistics.median(startup), 2), "idle_rss_mb": round(statistics.median(idle_rss), 1),
-        "bridge_peak_rss_mb": round(med("bridge", "peak_rss_mb"), 1),
+        "bridge_processes": max(r.get("processes", 1) for r in runs if r["kind"] == "bridge"),
+        "startup_s": round(statistics.median(startup), 2),
+        "idle_rss_mb": round(statistics.median(idle_rss), 1), "idle_pss_mb": round(statistics.median(idle_pss), 1),
+        "bridge_rss_mb_after_load": round(med("bridge", "rss_mb_after"), 1),
+        "bridge_pss_mb_after_load": round(med("bridge", "pss_mb_after"), 1),
     }

@@ -290,7 +290,7 @@ def verify_ingest(path: Path, runs: list[dict[str, Any]], load_end_epoch: float)
     """After the service stopped: every acked message of each generator run must have its row."""
     conn = db_connect(path, read_only=False)
     try:
-        keys = [k for (k,) in conn.execute("SELECT event_key FROM inbound_events")]
+        keys = [k for (k,) in conn.execute("SELECT dedupe_key FROM inbound_events")]
         user_rows = conn.execute("SELECT count(*) FROM webchat_messages WHERE role = 'user'").fetchone()[0]
         turn_delays = [d for (d,) in conn.execute(
             "SELECT finished_at - received_at FROM turns WHERE finished_at IS NOT NULL")]
@@ -457,7 +457,7 @@ def exact_phase(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         server.stop(timeout=args.shutdown_timeout + 30)
     conn = db_connect(db_path(data_dir), read_only=False)
     try:
-        keys = {k for (k,) in conn.execute("SELECT event_key FROM inbound_events")}
+        keys = {k for (k,) in conn.execute("SELECT dedupe_key FROM inbound_events")}
         # each acked message's transcript row: the exact phase's texts are unique per message
         user_rows = Counter(conn.execute("SELECT conversation_id, text FROM webchat_messages WHERE role = 'user'"))
         integrity = conn.execute("PRAGMA quick_check").fetchone()[0]

@@ -100,7 +100,7 @@ def _poll(db: Path, event_key: str) -> tuple[str | None, int]:
     """The event's status and the pending outbox count, read with a separate (unhooked) sqlite3 connection."""
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
     try:
-        row = conn.execute("SELECT status FROM inbound_events WHERE event_key = ?", (event_key,)).fetchone()
+        row = conn.execute("SELECT status FROM inbound_events WHERE dedupe_key = ?", (event_key,)).fetchone()
         pending = conn.execute("SELECT count(*) FROM outbox WHERE status = 'pending'").fetchone()[0]
     finally:
         conn.close()

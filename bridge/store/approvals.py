@@ -73,7 +73,7 @@ async def pending_in(conn: AsyncConnection, conversation_id: int):
 
 async def latest_retryable(conn: AsyncConnection, conversation_id: int):
     """The conversation's most recent expired or interrupted approval not retried yet."""
-    retried = select(inbound_events.c.id).where(inbound_events.c.event_key == "retry:" + approvals.c.id)
+    retried = select(inbound_events.c.id).where(inbound_events.c.dedupe_key == "retry:" + approvals.c.id)
     return (
         await conn.execute(
             select(approvals)

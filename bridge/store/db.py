@@ -109,12 +109,19 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
 
 def _sqlite_writer_pragmas(dbapi_conn: Any, _record: Any) -> None:
     """The on-loop writer: the driver never begins transactions itself (the writer says BEGIN
-    IMMEDIATE), SQLite never busy-waits (that would block the loop), never checkpoints inline."""
+    IMMEDIATE), SQLite never busy-waits (that would block the loop), never checkpoints inline.
+
+    Statement journals stay in memory (`temp_store=MEMORY`): a multi-row INSERT ... ON CONFLICT
+    inside a group transaction keeps one, so that the statement alone can be undone, and past
+    64 KiB SQLite spills it to a temporary file: created, written page by page and unlinked for
+    about every other commit. In memory, an inbox row with two random keys costs 18 us of SQLite
+    instead of 29 (bench/accept.py, docs/benchmarks.md); nothing durable lives there."""
     _sqlite_pragmas(dbapi_conn, _record)
     dbapi_conn.isolation_level = None
     cursor = dbapi_conn.cursor()
     cursor.execute("PRAGMA busy_timeout=0")
     cursor.execute("PRAGMA wal_autocheckpoint=0")
+    cursor.execute("PRAGMA temp_store=MEMORY")
     cursor.close()
 
 

@@ -23,7 +23,7 @@ class NewEvent:
     channel: str
     kind: str
     event_key: str
-    message_key: str | None
+    message_key: str | None  # the platform's message id, when the event carries one: its dedupe key
     conversation_key: str
     sender_id: str
     payload: dict[str, Any]
@@ -31,6 +31,11 @@ class NewEvent:
     # "accepted" (to be processed), or "skipped" for an event known at once to need no turn and
     # no answer (stored for dedupe and the record, closed on arrival: nothing dispatches it)
     status: str = "accepted"
+
+    @property
+    def dedupe_key(self) -> str:
+        """What makes two events one: the message, when there is one, else the event."""
+        return self.message_key or self.event_key
 
 
 RecordWrite = Callable[[AsyncConnection, Sequence[Any]], Awaitable[Sequence[Any]]]
@@ -58,7 +63,7 @@ async def insert_with_records(conn: AsyncConnection,
 
 
 async def insert_many(conn: AsyncConnection, items: Sequence[NewEvent]) -> list[int | None]:
-    """Insert events, ignoring any whose event or message key is already stored.
+    """Insert events, ignoring any whose dedupe key is already stored.
 
     Returns, per item, the new row id, or None when the item was a duplicate (of a stored event
     or of an earlier item in the same batch).
@@ -67,11 +72,11 @@ async def insert_many(conn: AsyncConnection, items: Sequence[NewEvent]) -> list[
     fresh_items: list[NewEvent] = []
     fresh: list[bool] = []
     for item in items:
-        keys = (item.event_key, item.message_key) if item.message_key else (item.event_key,)
-        if not seen.isdisjoint(keys):
+        key = item.dedupe_key
+        if key in seen:
             fresh.append(False)
             continue
-        seen.update(keys)
+        seen.add(key)
         fresh.append(True)
         fresh_items.append(item)
     inserted: dict[str, int] = {}
@@ -81,20 +86,20 @@ async def insert_many(conn: AsyncConnection, items: Sequence[NewEvent]) -> list[
             inserted = _insert_sqlite(driver, fresh_items)
         else:
             result = await conn.execute(_insert(conn.dialect.name), [_row(item) for item in fresh_items])
-            inserted = {row.event_key: row.id for row in result}
-    return [inserted.get(item.event_key) if ok else None for item, ok in zip(items, fresh)]
+            inserted = {row.dedupe_key: row.id for row in result}
+    return [inserted.get(item.dedupe_key) if ok else None for item, ok in zip(items, fresh)]
 
 
 def _row(item: NewEvent) -> dict[str, Any]:
     return {
-        "channel": item.channel, "kind": item.kind, "event_key": item.event_key, "message_key": item.message_key,
+        "channel": item.channel, "kind": item.kind, "event_key": item.event_key, "dedupe_key": item.dedupe_key,
         "conversation_key": item.conversation_key, "sender_id": item.sender_id, "payload": item.payload,
         "status": item.status, "received_at": item.received_at,
         "processed_at": item.received_at if item.status != "accepted" else None,
     }
 
 
-_COLUMNS = ("channel", "kind", "event_key", "message_key", "conversation_key", "sender_id", "payload", "status",
+_COLUMNS = ("channel", "kind", "event_key", "dedupe_key", "conversation_key", "sender_id", "payload", "status",
             "received_at", "processed_at")
 
 
@@ -103,18 +108,18 @@ def _insert_sqlite(driver: Any, items: Sequence[NewEvent]) -> dict[str, int]:
     the driver (the Core statement's per-row parameter processing cost more than SQLite's own
     work). The same rows and conflict rule as `_insert`."""
     dumps = jsoncodec.dumps
-    rows = [(item.channel, item.kind, item.event_key, item.message_key, item.conversation_key, item.sender_id,
+    rows = [(item.channel, item.kind, item.event_key, item.dedupe_key, item.conversation_key, item.sender_id,
              dumps(item.payload), item.status, item.received_at,
              item.received_at if item.status != "accepted" else None) for item in items]
     returned = sqlite_insert_many(driver, "inbound_events", _COLUMNS, rows,
-                                  "ON CONFLICT DO NOTHING RETURNING id, event_key")
-    return {event_key: event_id for event_id, event_key in returned}
+                                  "ON CONFLICT DO NOTHING RETURNING id, dedupe_key")
+    return {dedupe_key: event_id for event_id, dedupe_key in returned}
 
 
 @functools.cache
 def _insert(dialect: str):
     return (upsert(dialect, inbound_events).on_conflict_do_nothing()
-            .returning(inbound_events.c.id, inbound_events.c.event_key))
+            .returning(inbound_events.c.id, inbound_events.c.dedupe_key))
 
 
 CLAIM = (

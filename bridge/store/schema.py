@@ -30,16 +30,18 @@ metadata = MetaData(
 )
 
 # Every inbound event a channel accepted, persisted before the platform is acknowledged.
-# `event_key` dedupes platform redeliveries; `message_key` dedupes the same message arriving
-# under a new event id. Status: accepted -> processing -> done | skipped | failed.
+# `dedupe_key` makes it unique: the platform's message id when the event carries one (a message
+# runs once, whether it is redelivered under its event id or re-sent under a new one), else the
+# event id. `event_key` (the event id) is kept for the record, unindexed: one unique key, one
+# random index page written per message. Status: accepted -> processing -> done | skipped | failed.
 inbound_events = Table(
     "inbound_events",
     metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("channel", String(32), nullable=False),
     Column("kind", String(16), nullable=False),
-    Column("event_key", String(255), nullable=False, unique=True),
-    Column("message_key", String(255), nullable=True, unique=True),
+    Column("event_key", String(255), nullable=False),
+    Column("dedupe_key", String(255), nullable=False, unique=True),
     Column("conversation_key", String(255), nullable=False),
     Column("sender_id", String(255), nullable=False),
     Column("payload", JSON, nullable=False),

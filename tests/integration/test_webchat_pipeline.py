@@ -204,8 +204,9 @@ async def test_accepted_but_unprocessed_event_is_run_after_restart(bridge, chat)
     proc.stop()
     with sqlite3.connect(proc.data_dir / "bridge.db") as conn:
         conn.execute(
-            "INSERT INTO inbound_events (channel, kind, event_key, conversation_key, sender_id, payload, status,"
-            " received_at) VALUES ('webchat', 'message', 'webchat:c-left/1', 'webchat:c-left', 'alice', ?, 'accepted', ?)",
+            "INSERT INTO inbound_events (channel, kind, event_key, dedupe_key, conversation_key, sender_id, payload,"
+            " status, received_at) VALUES ('webchat', 'message', 'webchat:c-left/1', 'webchat:c-left/1',"
+            " 'webchat:c-left', 'alice', ?, 'accepted', ?)",
             ('{"text": "echo left-behind", "sender": {"id": "alice", "name": "alice", "is_bot": false}}', time.time()),
         )
     proc.start()

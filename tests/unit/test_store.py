@@ -77,11 +77,45 @@ async def test_inbox_dedupes_within_a_batch_and_across_batches(db):
     ]))
     assert first[0] is not None and first[2] is not None
     assert first[1] is None and first[3] is None  # same event id; same message under a new event id
-    again = await asyncio.gather(db.write_batched(inbox.insert_many, event("e1")),
+    again = await asyncio.gather(db.write_batched(inbox.insert_many, event("e1", "m1")),
                                  db.write_batched(inbox.insert_many, event("e9", "m2")),
-                                 db.write_batched(inbox.insert_many, event("e4", "m4")))
+                                 db.write_batched(inbox.insert_many, event("e4", "m4")),
+                                 db.write_batched(inbox.insert_many, event("e5")),
+                                 db.write_batched(inbox.insert_many, event("e5")))
+    # a redelivery (same event, same message), the same message under a new event id: duplicates;
+    # an event without a message is unique on its event key
     assert again[0] is None and again[1] is None and again[2] is not None
-    assert await db.read(inbox.count_by_status) == {"accepted": 3}
+    assert sorted(x is None for x in again[3:]) == [False, True]
+    assert await db.read(inbox.count_by_status) == {"accepted": 4}
+    rows = await db.read(lambda c: c.execute(text("SELECT event_key, dedupe_key FROM inbound_events ORDER BY id")))
+    assert [tuple(r) for r in rows.all()] == [("e1", "m1"), ("e2", "m2"), ("e4", "m4"), ("e5", "e5")]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_events_stored_before_the_one_key_migration_still_dedupe(backend, tmp_path):
+    """0010 folds (event key, message key) into one dedupe key: an event stored before it, then
+    redelivered or re-sent after the upgrade, is still a duplicate."""
+    async with database_url(backend, tmp_path) as url:
+        database = Database(url)
+        try:
+            await migrate.upgrade(database.writer_engine, "0009")
+            async with database.writer_engine.begin() as conn:
+                await conn.execute(text(
+                    "INSERT INTO inbound_events (channel, kind, event_key, message_key, conversation_key, sender_id,"
+                    " payload, status, received_at) VALUES ('slack', 'message', 'slack:Ev1', 'slack:D1:1.0',"
+                    " 'slack:D1', 'U1', '{}', 'done', 1.0), ('webchat', 'message', 'webchat:c/1', NULL, 'webchat:c',"
+                    " 'a', '{}', 'done', 1.0)"))
+            await migrate.upgrade(database.writer_engine)
+            await database.start()
+            results = await asyncio.gather(*(database.write_batched(inbox.insert_many, e) for e in [
+                inbox.NewEvent("slack", "message", "slack:Ev1", "slack:D1:1.0", "slack:D1", "U1", {}, 2.0),
+                inbox.NewEvent("slack", "message", "slack:Ev2", "slack:D1:1.0", "slack:D1", "U1", {}, 2.0),
+                inbox.NewEvent("webchat", "message", "webchat:c/1", None, "webchat:c", "a", {}, 2.0),
+                inbox.NewEvent("webchat", "message", "webchat:c/2", None, "webchat:c", "a", {}, 2.0),
+            ]))
+            assert results[:3] == [None, None, None] and results[3] is not None
+        finally:
+            await database.close()
 
 
 async def test_group_commit_coalesces_and_isolates_a_failing_unit(db):

@@ -1,5 +1,5 @@
 """The service's processes as the benchmarks measure them: the service itself plus its HTTP edge
-workers (`python -m bridge.edge`), read from /proc. Memory is reported two ways: the sum of their
+workers (`python -m bridge.edge`, named `bridge-edge`), read from /proc. Memory is reported two ways: the sum of their
 RSS (counts pages they share, such as the interpreter and libraries, once per process) and the
 sum of their PSS (each shared page split between the processes that map it: the total the
 service really holds)."""
@@ -22,16 +22,24 @@ def children(pid: int) -> list[int]:
     return out
 
 
+def _ours(pid: int) -> bool:
+    try:
+        comm = Path(f"/proc/{pid}/comm").read_bytes().strip()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return comm == b"bridge-edge" or b"bridge.edge" in cmdline
+
+
 def service_pids(pid: int) -> list[int]:
-    """The service and its edge workers (not the short-lived commands its turns run)."""
+    """The service and its edge workers (not the commands its turns run)."""
     pids = [pid]
-    for child in children(pid):
-        try:
-            cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if b"bridge.edge" in cmdline:
+    pending = children(pid)
+    while pending:
+        child = pending.pop()
+        if _ours(child):
             pids.append(child)
+            pending.extend(children(child))
     return pids
 
 

@@ -198,6 +198,9 @@ class Ingest(Protocol):
         """Persist (dedupe) the event, and the channel's record of it if given; returns once both
         are durable. Ack the platform after this."""
 
+    async def accept_many(self, events: Sequence[tuple[InboundMessage, Record | None]]) -> list[AcceptResult]:
+        """`accept` for several events at once (one write); results in order."""
+
     async def act(self, action: InboundAction) -> ActionResult:
         """Apply a card action. A store write plus a wake-up; never waits on a running turn."""
 
@@ -234,10 +237,15 @@ class WebhookCheck(Protocol):
 @dataclass(frozen=True, slots=True)
 class Webhook:
     """A POST route of a channel, in two halves: `check` (anywhere) and `accept` (in the service:
-    normalize, persist, answer). The platform's answer is sent only after `accept` returns."""
+    normalize, persist, answer). The platform's answer is sent only after `accept` returns.
+
+    `accept_many`, when given, takes several requests that arrived together (an edge worker's
+    link delivers them so) and answers each, in order: one store write for all of them instead
+    of one each."""
 
     check: WebhookCheck
     accept: Callable[[Forward], Awaitable[Answer]]
+    accept_many: Callable[[Sequence[Forward]], Awaitable[list[Answer]]] | None = None
 
 
 class ChannelStartError(RuntimeError):

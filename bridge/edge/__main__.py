@@ -8,14 +8,16 @@ import os
 import signal
 import sys
 
-PR_SET_PDEATHSIG = 1
+PR_SET_NAME, PR_SET_PDEATHSIG = 15, 1
 
 
 def main(argv: list[str]) -> int:
     link_fd, service_pid = int(argv[0]), int(argv[1])
     # Die with the service, whatever kills it (kill -9 included): a worker must never outlive it
     # and keep answering on its port.
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    libc.prctl(PR_SET_NAME, ctypes.c_char_p(b"bridge-edge"), 0, 0, 0)  # `ps -o comm`, top
     if os.getppid() != service_pid:
         return 1  # it died before we asked
     from bridge.edge.worker import serve

@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from loguru import logger
 
-from channels.base import Answer, Forward
+from channels.base import Answer, Forward, Webhook
 from channels.http import refusal
 
 HEADER = struct.Struct(">IBIH")
@@ -102,34 +102,63 @@ class _Frames(asyncio.Protocol):
 class ServiceEnd(_Frames):
     """The service's end: runs each forwarded request through its webhook's `accept` and answers."""
 
-    def __init__(self, accepts: Sequence[Callable[[Forward], Awaitable[Answer]]], name: str) -> None:
+    def __init__(self, hooks: Sequence[Webhook], name: str) -> None:
         super().__init__()
-        self.accepts = accepts
+        self.hooks = hooks
         self.name = name
+        self._arrived: dict[int, list[tuple[int, bytes]]] = {}  # route -> requests of this read
         self.ready: asyncio.Future[None] = self.loop.create_future()
         self._tasks: set[asyncio.Task[None]] = set()
 
     def configure(self, config: bytes) -> None:
         self.send(CONFIG, 0, 0, config)
 
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        # The requests of one read, per route: a webhook that takes several at once gets them in
+        # one call (one store write), the others one task each.
+        arrived, self._arrived = self._arrived, {}
+        for route, requests in arrived.items():
+            hook = self.hooks[route] if route < len(self.hooks) else None
+            if hook is not None and hook.accept_many is not None and len(requests) > 1:
+                self._start(self._serve_many(hook, requests))
+            else:
+                for ident, body in requests:
+                    self._start(self._serve(hook, ident, body))
+
+    def _start(self, work: Awaitable[None]) -> None:
+        task = self.loop.create_task(work)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     def frame(self, kind: int, ident: int, code: int, body: bytes) -> None:
         if kind == REQUEST:
-            task = self.loop.create_task(self._serve(ident, code, body))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._arrived.setdefault(code, []).append((ident, body))
         elif kind == READY:
             if not self.ready.done():
                 self.ready.set_result(None)
         else:
             logger.warning("edge link {}: unexpected frame kind {}", self.name, kind)
 
-    async def _serve(self, ident: int, route: int, body: bytes) -> None:
+    async def _serve(self, hook: Webhook | None, ident: int, body: bytes) -> None:
         try:
-            answer = await self.accepts[route](Forward(body))
+            if hook is None:
+                raise LinkError("a request for a route this service does not have")
+            answer = await hook.accept(Forward(body))
         except Exception:
             logger.exception("edge link {}: a forwarded request failed", self.name)
             answer = INTERNAL_ERROR
         self.send(RESPONSE, ident, answer.status, answer.body)
+
+    async def _serve_many(self, hook: Webhook, requests: list[tuple[int, bytes]]) -> None:
+        assert hook.accept_many is not None
+        try:
+            answers = await hook.accept_many([Forward(body) for _, body in requests])
+        except Exception:
+            logger.exception("edge link {}: {} forwarded requests failed", self.name, len(requests))
+            answers = [INTERNAL_ERROR] * len(requests)
+        for (ident, _), answer in zip(requests, answers, strict=True):
+            self.send(RESPONSE, ident, answer.status, answer.body)
 
     async def drain(self) -> None:
         """Wait for the requests being accepted now (their events persist whatever the worker does)."""

@@ -110,8 +110,8 @@ class EdgeWorkers:
         finally:
             theirs.close()
         worker.started_at = time.monotonic()
-        accepts = [hook.accept for hook in self.webhooks]
-        _, worker.link = await loop.create_connection(lambda: ServiceEnd(accepts, f"edge {worker.index}"), sock=ours)
+        _, worker.link = await loop.create_connection(lambda: ServiceEnd(self.webhooks, f"edge {worker.index}"),
+                                                      sock=ours)
         worker.link.configure(pickle.dumps(replace(self.config, index=worker.index)))
         worker.watcher = asyncio.ensure_future(self._watch(worker))
 

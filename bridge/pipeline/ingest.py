@@ -3,10 +3,13 @@ straight to the human gate."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import sys
 import time
 import uuid
+from collections.abc import Sequence
+from typing import Any
 
 from bridge import presenter
 from bridge.approvals.gate import HumanGate
@@ -31,6 +34,28 @@ class Ingestor:
         self.pacer = pacer
 
     async def accept(self, event: InboundMessage, record: Record | None = None) -> AcceptResult:
+        item = self._item(event, record)
+        event_id, kept = await self.db.write_batched(inbox.insert_with_records, item, urgent=True)
+        return self._accepted(event, item[0], event_id, kept)
+
+    async def accept_many(self, events: Sequence[tuple[InboundMessage, Record | None]]) -> list[AcceptResult]:
+        """`accept` for requests that arrived together: one write unit for all of them. Should
+        that unit fail, each is tried alone, so one bad event fails by itself."""
+        items = [self._item(event, record) for event, record in events]
+        try:
+            stored = await self.db.write_batched_many(inbox.insert_with_records, items, urgent=True)
+        except Exception:  # noqa: BLE001 - isolated below: each alone
+            stored = await asyncio.gather(*(self.db.write_batched(inbox.insert_with_records, item, urgent=True)
+                                            for item in items), return_exceptions=True)
+        results: list[AcceptResult] = []
+        for (event, _), item, outcome in zip(events, items, stored):
+            if isinstance(outcome, BaseException):
+                raise outcome
+            results.append(self._accepted(event, item[0], *outcome))
+        return results
+
+    @staticmethod
+    def _item(event: InboundMessage, record: Record | None) -> tuple[inbox.NewEvent, Any]:
         key = sys.intern(str(event.conversation))  # held by every waiting job of the conversation
         payload = event.to_payload()
         # An event that will have no turn and no answer (no text and no file, a bot's) is stored
@@ -48,16 +73,19 @@ class Ingestor:
             received_at=time.time(),
             status="skipped" if closed else "accepted",
         )
-        event_id, kept = await self.db.write_batched(
-            inbox.insert_with_records, (item, None if record is None else (record.write, record.item)), urgent=True)
+        return item, None if record is None else (record.write, record.item)
+
+    def _accepted(self, event: InboundMessage, item: inbox.NewEvent, event_id: int | None, kept: Any) -> AcceptResult:
         if event_id is None:
             self.metrics.duplicates.labels(item.channel).inc()
             return AcceptResult(None, True)
         self._inbound(item.channel, item.kind).inc()
         if self.pacer is not None:
             self.pacer.note()
+        closed = item.status != "accepted"
         if not closed:
-            self.dispatcher.submit(Job(event_id, key, event.text, is_group=event.is_group, accepted_at=time.time()))
+            self.dispatcher.submit(Job(event_id, item.conversation_key, event.text, is_group=event.is_group,
+                                       accepted_at=time.time()))
         return AcceptResult(event_id, False, kept, answered=not closed)
 
     async def act(self, action: InboundAction) -> ActionResult:

@@ -54,12 +54,16 @@ class BurstPacer:
 
     @property
     def bursting(self) -> bool:
+        """The last complete window's rate was above the threshold, or the window under way has
+        already had more arrivals than the threshold allows in a whole window: a burst starts
+        being paced within its first few dozen messages, not a window later (by then a burst
+        over a thousand conversations had started a turn in each)."""
         if self.burst_rate <= 0:
             return False
         now = self._clock()
         if now - self._window_start >= WINDOW:
             self._roll(now)  # a quiet window ends the burst
-        return self._rate > self.burst_rate
+        return self._rate > self.burst_rate or self._count > self.burst_rate * WINDOW
 
     @property
     def waiting(self) -> int:

@@ -85,6 +85,7 @@ class _Unit:
     batch: BatchFn | None = None
     item: Any = None
     statements: Statements | None = None
+    many: bool = False  # `item` is a list of items of `batch`; the result, a list of theirs
 
 
 @dataclass
@@ -315,6 +316,12 @@ class Database:
         """
         return self._put(_Unit(asyncio.get_running_loop().create_future(), batch=batch, item=item), urgent)
 
+    def write_batched_many(self, batch: BatchFn, items: Sequence[Any], *, urgent: bool = False) -> Awaitable[list[Any]]:
+        """`write_batched` for several items at once: one unit, one future (a batch of requests
+        that arrived together); resolves to their results, in order."""
+        return self._put(_Unit(asyncio.get_running_loop().create_future(), batch=batch, item=items, many=True),
+                         urgent)
+
     def execute(self, statements: Statements, *, urgent: bool = False) -> Awaitable[None]:
         """Run parameterized statements in the next group transaction; resolves after COMMIT.
 
@@ -443,7 +450,7 @@ class Database:
             await self._commit_group(units[half:])
             return
         self.stats.commits += 1
-        self.stats.units += len(units)
+        self.stats.units += sum(len(u.item) if u.many else 1 for u in units)
         for unit, result in zip(units, results):
             if not unit.future.done():
                 unit.future.set_result(result)
@@ -479,9 +486,23 @@ class Database:
                 await conn.execute(ref, values if len(values) > 1 else values[0])
             else:
                 indexes = batches[ref]
-                out = await _call(conn, ref(conn, [units[i].item for i in indexes]))
-                for i, value in zip(indexes, out, strict=True):
-                    results[i] = value
+                items: list[Any] = []
+                for i in indexes:
+                    if units[i].many:
+                        items.extend(units[i].item)
+                    else:
+                        items.append(units[i].item)
+                out = await _call(conn, ref(conn, items))
+                if len(out) != len(items):
+                    raise ValueError(f"{ref.__qualname__} returned {len(out)} results for {len(items)} items")
+                at = 0
+                for i in indexes:
+                    if units[i].many:
+                        results[i] = list(out[at:at + len(units[i].item)])
+                        at += len(units[i].item)
+                    else:
+                        results[i] = out[at]
+                        at += 1
         return results
 
     async def _rollback(self, conn: AsyncConnection) -> None:

@@ -8,6 +8,7 @@ import json
 import re
 from importlib import resources
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 from aiohttp import BodyPartReader, web
@@ -150,42 +151,57 @@ class WebChatChannel:
         ]
 
     def webhooks(self) -> list[Webhook]:
-        return [Webhook(MESSAGES, self.post_message), Webhook(ACTIONS, self.post_action)]
+        return [Webhook(MESSAGES, self.post_message, self.post_messages), Webhook(ACTIONS, self.post_action)]
 
     async def page(self, request: web.Request) -> web.Response:
         return web.Response(body=self._page, content_type="text/html", charset="utf-8")
 
     async def post_message(self, forward: Forward) -> Answer:
-        body: PostMessage = MESSAGES.parsed(forward)  # type: ignore[assignment]
+        return (await self.post_messages([forward]))[0]
+
+    async def post_messages(self, forwards: Sequence[Forward]) -> list[Answer]:
+        """Messages that arrived together: persisted in one write, answered in order."""
         ingest = self._ingest
         if ingest is None:
-            return NOT_STARTED
-        group = is_group(body.conversation_id)
-        conversation = ConversationKey(CHANNEL, body.conversation_id)
-        attachments = []
-        for file_id in dict.fromkeys(body.file_ids):
-            found = await self.uploads.find(body.conversation_id, file_id)
-            if found is None:
-                return refusal(400, f"file_ids: no file {file_id!r} was uploaded in this conversation")
-            attachments.append(found)
-        event = InboundMessage(
-            conversation=conversation,
-            sender=Sender(body.user_id, body.user_id),
-            text=body.text,
-            event_key=f"{CHANNEL}:{body.conversation_id}/{body.client_msg_id}",
-            is_group=group,
-            mentions_bot=True,
-            platform_message_id=None,
-            attachments=tuple(attachments),
-        )
-        # The web chat keeps the person's message, as a platform would: written with the event, in
-        # its transaction, and only when the event is new (the client id's dedupe is the event's).
-        shown = [{"name": a.name, "mime_type": a.mime_type} for a in attachments] or None
-        result = await ingest.accept(event, Record(self.transcript.insert_many, transcript.NewMessage(
-            body.conversation_id, "user", body.user_id, body.text, None, files=shown)))
-        if result.record is not None:
-            self.hub.publish(result.record)
-        return ACKS[result.duplicate]
+            return [NOT_STARTED] * len(forwards)
+        answers: list[Answer | None] = [None] * len(forwards)
+        accepted: list[int] = []
+        events: list[tuple[InboundMessage, Record]] = []
+        for index, forward in enumerate(forwards):
+            body: PostMessage = MESSAGES.parsed(forward)  # type: ignore[assignment]
+            attachments = []
+            for file_id in dict.fromkeys(body.file_ids):
+                found = await self.uploads.find(body.conversation_id, file_id)
+                if found is None:
+                    answers[index] = refusal(400, f"file_ids: no file {file_id!r} was uploaded in this conversation")
+                    break
+                attachments.append(found)
+            if answers[index] is not None:
+                continue
+            event = InboundMessage(
+                conversation=ConversationKey(CHANNEL, body.conversation_id),
+                sender=Sender(body.user_id, body.user_id),
+                text=body.text,
+                event_key=f"{CHANNEL}:{body.conversation_id}/{body.client_msg_id}",
+                is_group=is_group(body.conversation_id),
+                mentions_bot=True,
+                platform_message_id=None,
+                attachments=tuple(attachments),
+            )
+            # The web chat keeps the person's message, as a platform would: written with the
+            # event, in its transaction, and only when the event is new (the client id's dedupe
+            # is the event's).
+            shown = [{"name": a.name, "mime_type": a.mime_type} for a in attachments] or None
+            events.append((event, Record(self.transcript.insert_many, transcript.NewMessage(
+                body.conversation_id, "user", body.user_id, body.text, None, files=shown))))
+            accepted.append(index)
+        if events:
+            results = await ingest.accept_many(events)
+            for index, result in zip(accepted, results, strict=True):
+                if result.record is not None:
+                    self.hub.publish(result.record)
+                answers[index] = ACKS[result.duplicate]
+        return answers  # type: ignore[return-value]
 
     async def post_file(self, request: web.Request) -> web.Response:
         """One file (multipart/form-data, field `file`) for a message to come; 201 with its id."""

@@ -8,13 +8,21 @@ import socket
 import pytest
 
 from bridge.edge import link
-from channels.base import Answer, Forward
+from channels.base import Answer, Forward, Webhook
 
 
-async def _pair(accepts, **worker_options):
+class _Check:
+    path = "/test"
+
+    def check(self, body, headers):  # pragma: no cover - the link never calls it
+        raise AssertionError
+
+
+async def _pair(accepts, many=None, **worker_options):
     loop = asyncio.get_running_loop()
     a, b = socket.socketpair()
-    _, service = await loop.create_connection(lambda: link.ServiceEnd(accepts, "test"), sock=a)
+    hooks = [Webhook(_Check(), accept, (many or {}).get(i)) for i, accept in enumerate(accepts)]
+    _, service = await loop.create_connection(lambda: link.ServiceEnd(hooks, "test"), sock=a)
     _, worker = await loop.create_connection(lambda: link.WorkerEnd(**worker_options), sock=b)
     return service, worker
 
@@ -101,3 +109,35 @@ async def test_a_frame_larger_than_the_limit_closes_the_link():
     service, worker = await _pair([])
     with pytest.raises(link.LinkError):
         service.data_received(link.HEADER.pack(link.MAX_FRAME + 1, link.REQUEST, 1, 0))
+
+
+async def test_requests_of_one_read_go_to_accept_many_together():
+    calls: list[list[bytes]] = []
+
+    async def one(forward: Forward) -> Answer:
+        return Answer(200, b"one:" + forward.body)
+
+    async def many(forwards) -> list[Answer]:
+        calls.append([f.body for f in forwards])
+        return [Answer(202, b"many:" + f.body) for f in forwards]
+
+    service, worker = await _pair([one], many={0: many})
+    # three requests written before the service reads: one read, one call
+    futures = [worker.forward(0, body) for body in (b"a", b"b", b"c")]
+    answers = await asyncio.wait_for(asyncio.gather(*futures), 2)
+    assert answers == [Answer(202, b"many:a"), Answer(202, b"many:b"), Answer(202, b"many:c")]
+    assert calls == [[b"a", b"b", b"c"]]
+    # a lone request goes to `accept`
+    assert await worker.forward(0, b"d") == Answer(200, b"one:d")
+
+
+async def test_a_failing_accept_many_answers_each_request_with_a_500():
+    async def one(forward: Forward) -> Answer:
+        return Answer(200, b"{}")
+
+    async def many(forwards) -> list[Answer]:
+        raise RuntimeError("boom")
+
+    _, worker = await _pair([one], many={0: many})
+    answers = await asyncio.gather(*(worker.forward(0, b"x") for _ in range(3)))
+    assert [a.status for a in answers] == [500, 500, 500]

@@ -35,6 +35,21 @@ async def test_outside_a_burst_turns_start_at_once():
     assert not pacer.bursting
 
 
+async def test_a_burst_is_paced_from_its_first_few_dozen_messages():
+    """No need to wait for a whole window: past the threshold's share of one, starts are paced."""
+    clock = [100.0]
+    pacer = BurstPacer(burst_rate=200, burst_starts=20, clock=lambda: clock[0])
+    for _ in range(int(200 * WINDOW)):
+        pacer.note()
+    assert not pacer.bursting  # 50 messages in a quarter second: at the threshold, not above it
+    pacer.note()
+    assert pacer.bursting
+    clock[0] += WINDOW  # the window closes at 204/s: still a burst
+    assert pacer.bursting
+    clock[0] += WINDOW * 1.01  # a quiet window: over
+    assert not pacer.bursting
+
+
 async def test_during_a_burst_starts_are_spaced_and_in_order_then_all_go_when_it_ends():
     pacer = BurstPacer(burst_rate=200, burst_starts=20)  # one start per 50 ms while bursting
     stop, pouring = await burst(pacer, 2000)

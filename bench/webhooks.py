@@ -102,7 +102,7 @@ def compare(hook: Webhook, args: argparse.Namespace, work: Path) -> dict[str, An
     for rep in range(args.reps):
         for kind in ("sdk", "bridge"):
             requests = work / f"requests-{rep}-{kind}.txt"
-            hook.write_requests(requests, int(args.duration * 12_000) + 10_000)  # never replayed
+            hook.write_requests(requests, int(args.duration * 25_000) + 10_000)  # never replayed
             data = work / f"data-{rep}"
             if kind == "bridge":
                 proc = bridge_process(data, cpu=args.server_cpu, env=env)
@@ -120,7 +120,7 @@ def compare(hook: Webhook, args: argparse.Namespace, work: Path) -> dict[str, An
                 if args.warmup > 0:
                     # same treatment for both servers: lazy set-up done, the chats' conversations exist
                     warm = work / f"warmup-{rep}-{kind}.txt"
-                    hook.write_requests(warm, int(args.warmup * 12_000) + 2_000, prefix="w")
+                    hook.write_requests(warm, int(args.warmup * 25_000) + 2_000, prefix="w")
                     run_wrk(proc.url, hook, warm, duration=args.warmup, conns=args.conns, threads=args.threads,
                             cpu=args.client_cpu)
                     warmed = _stored(data) if kind == "bridge" else 0
@@ -154,6 +154,8 @@ def compare(hook: Webhook, args: argparse.Namespace, work: Path) -> dict[str, An
         "bridge_per_s": round(med("bridge", "per_s")), "bridge_p99_ms": round(med("bridge", "p99_ms"), 1),
         "ratio": round(med("bridge", "per_s") / med("sdk", "per_s"), 2),
         "bridge_lost": sum(r.get("lost", 0) for r in runs if r["kind"] == "bridge"),
+        # requests wrk sent again after the file ran out (duplicates: cheaper): must be 0
+        "wrapped": sum(r["wrapped"] for r in runs),
         "bridge_processes": max(r.get("processes", 1) for r in runs if r["kind"] == "bridge"),
         "startup_s": round(statistics.median(startup), 2),
         "idle_rss_mb": round(statistics.median(idle_rss), 1), "idle_pss_mb": round(statistics.median(idle_pss), 1),

@@ -270,6 +270,9 @@ class Database:
 
     async def close(self) -> None:
         self._closed = True  # later writes fail at once instead of waiting for a writer that is gone
+        if self.stats.commits:
+            logger.info("store: {} commits of {} writes ({:.1f} a commit), {} failed batches", self.stats.commits,
+                        self.stats.units, self.stats.units / self.stats.commits, self.stats.failed_batches)
         if self._task is not None:
             # Everything already queued is written before the writer stops.
             await self._drained.wait()

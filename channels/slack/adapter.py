@@ -22,6 +22,7 @@ import hashlib
 import json
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -203,15 +204,17 @@ class SlackChannel:
 
     def webhooks(self) -> list[Webhook]:
         secret = self.config.signing_secret
-        return [Webhook(checks.EventsCheck(secret), self.accept_event),
+        return [Webhook(checks.EventsCheck(secret), self.accept_event, self.accept_events),
                 Webhook(checks.InteractionsCheck(secret), self.accept_interaction)]
 
     # -- inbound over HTTP (checked by channels/slack/checks.py)
 
     async def accept_event(self, forward: Forward) -> Answer:
-        payload = forward.parsed if forward.parsed is not None else orjson.loads(forward.body)
-        status, body = await self.handle_event(payload)
-        return json_answer(body, status)
+        return (await self.accept_events([forward]))[0]
+
+    async def accept_events(self, forwards: Sequence[Forward]) -> list[Answer]:
+        payloads = [f.parsed if f.parsed is not None else orjson.loads(f.body) for f in forwards]
+        return [json_answer(body, status) for status, body in await self.handle_events(payloads)]
 
     async def accept_interaction(self, forward: Forward) -> Answer:
         payload = forward.parsed if forward.parsed is not None else orjson.loads(forward.body)
@@ -238,9 +241,29 @@ class SlackChannel:
     # -- events
 
     async def handle_event(self, payload: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        return (await self.handle_events([payload]))[0]
+
+    async def handle_events(self, payloads: Sequence[dict[str, Any]]) -> list[tuple[int, dict[str, Any]]]:
+        """Events that arrived together: each normalized, the messages persisted in one write."""
+        answers: list[tuple[int, dict[str, Any]]] = [(200, {})] * len(payloads)
+        messages: list[tuple[InboundMessage, normalize.Parsed]] = []
+        for payload in payloads:
+            message = await self._message(payload)
+            if message is not None:
+                messages.append(message)
+        if messages:
+            assert self._ingest is not None, "channel not started"
+            results = await self._ingest.accept_many([(event, None) for event, _ in messages])
+            for (_, parsed), result in zip(messages, results, strict=True):
+                if result.answered and not result.duplicate and self.config.reactions:
+                    self._working.add(parsed.ts, self._react(parsed.channel, parsed.ts, WORKING))
+        return answers
+
+    async def _message(self, payload: dict[str, Any]) -> tuple[InboundMessage, normalize.Parsed] | None:
+        """The message an event carries for the pipeline, or None when it is not one to act on."""
         if payload.get("type") != "event_callback":
             logger.info("slack: ignoring a {!r} request", payload.get("type"))
-            return 200, {}
+            return None
         event = payload.get("event") or {}
         channel = event.get("channel", "")
         why = normalize.acted_on(event, bot_user_id=self.bot_user_id, bot_id=self.bot_id,
@@ -251,20 +274,19 @@ class SlackChannel:
 
         if why is not None:
             log().debug("slack: not acting on {}: {}", event.get("type"), why)
-            return 200, {}
+            return None
         parsed = normalize.parse(payload, policy=self.config.policy_for(channel))
         if self.config.allowed_channels and parsed.channel not in self.config.allowed_channels:
             log().info("slack: channel {} is not allowed", parsed.channel)
-            return 200, {}
+            return None
         if self.config.allowed_users and parsed.user not in self.config.allowed_users:
             log().info("slack: user {} is not allowed", parsed.user)
-            return 200, {}
-        assert self._ingest is not None, "channel not started"
+            return None
         names = {u: await self.user_name(u) for u in {parsed.user, *parsed.mentions} if u != self.bot_user_id}
         text = normalize.clean_text(parsed.text, bot_user_id=self.bot_user_id, names=names)
         conversation = ConversationKey(CHANNEL, parsed.channel, parsed.thread_key)
         attachments = await self._download(parsed)
-        result = await self._ingest.accept(InboundMessage(
+        return InboundMessage(
             conversation=conversation, sender=Sender(parsed.user, names.get(parsed.user, "")), text=text,
             event_key=f"{CHANNEL}:{parsed.event_id or parsed.channel + ':' + parsed.ts}",
             message_key=f"{CHANNEL}:{parsed.channel}:{parsed.ts}",
@@ -272,10 +294,7 @@ class SlackChannel:
             platform_message_id=parsed.reply_root, attachments=attachments,
             marked_message_id=parsed.ts if self.config.reactions else None,
             sent_at=float(parsed.ts) if parsed.ts.replace(".", "", 1).isdigit() else None,
-        ))
-        if result.answered and not result.duplicate and self.config.reactions:
-            self._working.add(parsed.ts, self._react(parsed.channel, parsed.ts, WORKING))
-        return 200, {}
+        ), parsed
 
     async def _download(self, parsed: normalize.Parsed) -> tuple[Attachment, ...]:
         shared = [f for f in parsed.files if f.get("url_private_download") or f.get("url_private")]

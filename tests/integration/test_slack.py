@@ -180,6 +180,29 @@ async def test_retries_are_deduplicated_and_noise_is_ignored(service, emulator):
     assert inbox_count(proc) == 1
 
 
+async def test_a_burst_through_the_edge_worker_is_stored_once_per_message(service, emulator):
+    """Events that reach the service together (an edge worker's link hands them over in one
+    call) are persisted in one write: each message once, whatever its copies, retries and noise."""
+    proc = service(BRIDGE_HTTP_WORKERS="1")
+    sends = []
+    for n in range(20):
+        event = sp.message_event(text=f"echo burst-{n}", channel=f"D{100 + n % 4}", channel_type="im")
+        event_id = f"Ev{uuid.uuid4().hex[:10]}"
+        sends.append(send_event(proc, event, event_id=event_id))
+        if n % 5 == 0:  # a retry of the same event, and the same message under another event id
+            sends.append(send_event(proc, event, event_id=event_id, extra={"X-Slack-Retry-Num": "1"}))
+            sends.append(send_event(proc, event))
+    sends.append(send_event(proc, sp.message_event(text="echo from-a-bot", channel="D100", channel_type="im",
+                                                   bot_id="B9", subtype="bot_message")))
+    results = await asyncio.gather(*sends)
+    assert all(status == 200 for status, _ in results)
+    assert inbox_count(proc) == 20
+    for n in range(20):
+        await wait_until(lambda n=n: replies_with(emulator, f"burst-{n}\n", "exit 0"), what=f"reply {n}")
+    await asyncio.sleep(0.5)
+    assert all(len(replies_with(emulator, f"burst-{n}\n")) == 1 for n in range(20))
+
+
 async def test_bad_or_stale_signatures_are_refused_and_nothing_is_stored(service, emulator):
     proc = service()
     body = json.dumps(sp.event_callback(sp.message_event(text="echo forged", channel="D4"))).encode()

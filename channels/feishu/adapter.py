@@ -25,7 +25,7 @@ import json
 import mimetypes
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -165,57 +165,84 @@ class FeishuChannel:
 
     def webhooks(self) -> list[Webhook]:
         check = checks.EventsCheck(self.config.encrypt_key, self.config.verification_token)
-        return [Webhook(check, self.accept_event)]
+        return [Webhook(check, self.accept_event, self.accept_events)]
 
     # -- inbound: the webhook (checked by checks.EventsCheck) and the long connection
 
     async def accept_event(self, forward: Forward) -> Answer:
-        payload = forward.parsed if forward.parsed is not None else orjson.loads(forward.body)
-        status, body = await self.handle(payload)
-        return json_answer(body, status)
+        return (await self.accept_events([forward]))[0]
+
+    async def accept_events(self, forwards: Sequence[Forward]) -> list[Answer]:
+        payloads = [f.parsed if f.parsed is not None else orjson.loads(f.body) for f in forwards]
+        return [json_answer(body, status) for status, body in await self.handle_many(payloads)]
 
     async def handle(self, payload: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         """A verified, decrypted event (from the webhook or the long connection) -> (status, body)."""
-        if payload.get("type") == "url_verification":
-            return 200, {"challenge": payload.get("challenge", "")}
-        header = payload.get("header") or {}
-        event_type = header.get("event_type") or (payload.get("event") or {}).get("type") or ""
-        if event_type == "im.message.receive_v1":
-            return await self._on_message(payload)
-        if event_type == "card.action.trigger":
-            return 200, await self._on_card_action(payload)
-        logger.info("feishu: ignoring event type {!r} (event {})", event_type, header.get("event_id"))
-        return 200, {}
+        return (await self.handle_many([payload]))[0]
 
-    async def _on_message(self, payload: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    async def handle_many(self, payloads: Sequence[dict[str, Any]]) -> list[tuple[int, dict[str, Any]]]:
+        """Events that arrived together: messages normalized one by one and persisted in one
+        write; card clicks and the rest answered each on its own."""
+        answers: list[tuple[int, dict[str, Any]]] = [(200, {})] * len(payloads)
+        messages: list[tuple[int, InboundMessage, normalize.Parsed]] = []
+        for index, payload in enumerate(payloads):
+            if payload.get("type") == "url_verification":
+                answers[index] = (200, {"challenge": payload.get("challenge", "")})
+                continue
+            header = payload.get("header") or {}
+            event_type = header.get("event_type") or (payload.get("event") or {}).get("type") or ""
+            if event_type == "im.message.receive_v1":
+                try:
+                    message = await self._message(payload)
+                except normalize.NotAMessage as exc:
+                    answers[index] = (400, {"error": str(exc)})
+                    continue
+                if message is not None:
+                    messages.append((index, *message))
+            elif event_type == "card.action.trigger":
+                answers[index] = (200, await self._on_card_action(payload))
+            else:
+                logger.info("feishu: ignoring event type {!r} (event {})", event_type, header.get("event_id"))
+        if messages:
+            assert self._ingest is not None, "channel not started"
+            results = await self._ingest.accept_many([(event, None) for _, event, _ in messages])
+            for (_, event, parsed), result in zip(messages, results, strict=True):
+                self._remember(str(event.conversation), parsed.message_id)
+                if event.stale:
+                    logger.bind(conversation=str(event.conversation), event=parsed.event_id).warning(
+                        "feishu: message {} is {:.0f}s old; not run", parsed.message_id,
+                        time.time() - (parsed.create_time or 0))
+                elif result.answered and not result.duplicate and self.config.reactions:
+                    self._working.add(parsed.message_id, self._react(parsed.chat_id, parsed.message_id, WORKING))
+        return answers
+
+    async def _message(self, payload: dict[str, Any]) -> tuple[InboundMessage, normalize.Parsed] | None:
+        """The message an event carries for the pipeline; None when it is not one to act on.
+        Raises normalize.NotAMessage for a malformed one."""
         api = await self.api()
-        try:
-            parsed = normalize.parse(payload, bot_open_id=self.bot_open_id, policy_for=self.config.policy_for)
-        except normalize.NotAMessage as exc:
-            return 400, {"error": str(exc)}
+        parsed = normalize.parse(payload, bot_open_id=self.bot_open_id, policy_for=self.config.policy_for)
 
         def log():  # bound only when a record is written: binding costs on every event
             return logger.bind(conversation=f"{CHANNEL}:{parsed.chat_id}", event=parsed.event_id)
 
         if parsed.sender_type != "user" or (self.bot_open_id and parsed.sender_open_id == self.bot_open_id):
             log().debug("feishu: ignoring a message from a bot")
-            return 200, {}
+            return None
         if self.config.allowed_chats and parsed.chat_id not in self.config.allowed_chats:
             log().info("feishu: chat {} is not allowed", parsed.chat_id)
-            return 200, {}
+            return None
         if self.config.allowed_users and parsed.sender_open_id not in self.config.allowed_users:
             log().info("feishu: user {} is not allowed", parsed.sender_open_id)
-            return 200, {}
+            return None
         policy = self.config.policy_for(parsed.chat_id)
         if parsed.is_group and policy.trigger == "mention" and not parsed.mentions_bot:
             log().debug("feishu: group message without a mention of the bot; not for us")
-            return 200, {}
-        assert self._ingest is not None, "channel not started"
+            return None
         conversation = ConversationKey(CHANNEL, parsed.chat_id, parsed.thread_key)
         stale = parsed.create_time is not None and time.time() - parsed.create_time > self.config.stale_after
         attachments = () if stale else await self._download(parsed)
         name = await api.user_name(parsed.sender_open_id) if parsed.sender_open_id else ""
-        event = InboundMessage(
+        return InboundMessage(
             conversation=conversation,
             sender=Sender(parsed.sender_open_id, name),
             text=parsed.text,
@@ -228,15 +255,7 @@ class FeishuChannel:
             sent_at=parsed.create_time,
             stale=stale,
             marked_message_id=parsed.message_id if self.config.reactions and not stale else None,
-        )
-        result = await self._ingest.accept(event)
-        self._remember(str(conversation), parsed.message_id)
-        if stale:
-            log().warning("feishu: message {} is {:.0f}s old; not run", parsed.message_id,
-                        time.time() - (parsed.create_time or 0))
-        elif result.answered and not result.duplicate and self.config.reactions:
-            self._working.add(parsed.message_id, self._react(parsed.chat_id, parsed.message_id, WORKING))
-        return 200, {}
+        ), parsed
 
     async def _download(self, parsed: normalize.Parsed) -> tuple[Attachment, ...]:
         if not parsed.files:

@@ -60,8 +60,8 @@ def open_envelope(body: bytes, headers: Mapping[str, str], *, encrypt_key: str,
         if not encrypt_key:
             raise Refused(400, "encrypted body but FEISHU_ENCRYPT_KEY is not set")
         try:
-            plain = crypto.decrypt(encrypt_key, str(outer["encrypt"])).encode()
-            outer = orjson.loads(plain)
+            plain = crypto.decrypt_bytes(encrypt_key, str(outer["encrypt"]))
+            outer = orjson.loads(plain)  # not UTF-8: refused here too
         except (crypto.DecryptError, ValueError):
             raise Refused(400, "cannot decrypt the body") from None
         if not isinstance(outer, dict):

@@ -129,3 +129,20 @@ def test_signature_and_decryption():
         crypto.decrypt("wrong", fp.aes_encrypt("k", "hello"))
     with pytest.raises(crypto.DecryptError):
         crypto.decrypt("k", "not base64!")
+
+
+def test_cbc_decryption_matches_the_librarys_cbc_mode():
+    """The cached-ECB decryption is CBC: the same bytes as pycryptodome's own CBC mode, for
+    random keys, IVs and lengths (one block up to 64)."""
+    import os
+    import random
+
+    from Crypto.Cipher import AES
+
+    rng = random.Random(7)
+    for _ in range(200):
+        key = f"key-{rng.random()}"
+        iv = os.urandom(16)
+        data = os.urandom(16 * rng.randint(1, 64))
+        expected = AES.new(crypto.body_key(key), AES.MODE_CBC, iv).decrypt(data)
+        assert crypto.cbc_decrypt(key, iv, data) == expected

@@ -91,7 +91,7 @@ class _Frames(asyncio.Protocol):
     def _flush(self) -> None:
         self._flush_pending = False
         out, self._out = self._out, []
-        if self.transport is not None and not self.transport.is_closing():
+        if out and self.transport is not None and not self.transport.is_closing():
             self.transport.write(b"".join(out))
 
     def close(self) -> None:
@@ -159,6 +159,7 @@ class ServiceEnd(_Frames):
             answers = [INTERNAL_ERROR] * len(requests)
         for (ident, _), answer in zip(requests, answers, strict=True):
             self.send(RESPONSE, ident, answer.status, answer.body)
+        self._flush()  # the batch's answers at once: the worker is waiting for all of them
 
     async def drain(self) -> None:
         """Wait for the requests being accepted now (their events persist whatever the worker does)."""

@@ -1,4 +1,4 @@
-"""Python load clients for bench/ingest.py, each run as its own process (pinned by the caller).
+"""Python load clients for bench/ingest.py, each run as its own process (pinned by the caller when asked).
 
   python -m bench.clients closed  --url URL --out FILE [--duration S | --requests N] ...
       Closed loop: C connections, each sends its next POST when the previous one is answered.

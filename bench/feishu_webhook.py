@@ -1,6 +1,7 @@
 """Feishu webhook benchmark (on demand only; never run in CI). Results: docs/benchmarks.md.
 
-Compares, on one pinned core each and in alternating runs:
+Compares, in alternating runs on the same machine (unpinned by default: the service's edge
+worker takes the second core; `--server-cpu` pins each server to one core):
 
 - bridge: the real service with Feishu on (webhook, encrypt key and token set) handling
   `POST /feishu/events`: signature, timestamp window, decryption, token, normalization and the

@@ -4,9 +4,10 @@ Phases, each against a fresh service (`python -m bridge serve`, new data dir, BR
 
 1. Ingest: closed loop of POST /chat/api/messages (unique client_msg_id, ~1000 conversations,
    text "echo <n>") for --duration seconds after a --warmup, alternating with a bare aiohttp
-   server (reads the body, returns 200) on the same core. Servers run under `taskset -c
-   --server-cpu`, the load generator (wrk, or the Python client) under `taskset -c --client-cpu`.
-   Per run: accepted/s, ack latency, peak VmRSS (sampled every 0.25 s), CPU of server, of its
+   server (reads the body, returns 200). Unpinned by default (the service's edge worker takes
+   the second core); with --server-cpu / --client-cpu the servers and the load generator (wrk,
+   or the Python client) run under `taskset -c`. Per run: accepted/s, ack latency, peak memory of
+   the service's processes (RSS and PSS summed, sampled every 0.25 s), CPU of server, of its
    bash children, of the generator, host steal. After each bridge run the turn backlog is watched
    for --drain-watch seconds, then the DB is checked: every acked message must have its row in
    inbound_events.

@@ -1,6 +1,7 @@
 """Slack events benchmark (on demand only; never run in CI). Results: docs/benchmarks.md.
 
-Compares, on one pinned core each and in alternating runs:
+Compares, in alternating runs on the same machine (unpinned by default: the service's edge
+worker takes the second core; `--server-cpu` pins each server to one core):
 
 - bridge: the real service with Slack on (HTTP mode) handling `POST /slack/events`: v0
   signature and window, normalization and the inbox insert committed before the 200. Each event

@@ -38,6 +38,15 @@ def refused(secret: str, body: bytes, headers: Mapping[str, str]) -> str | None:
     return None
 
 
+def unsigned(secret: str, body: bytes, headers: Mapping[str, str]) -> Answer | None:
+    """The 401 for a request that is not Slack's (logged with the reason), or None."""
+    why = refused(secret, body, headers)
+    if why:
+        logger.warning("slack: refused a request: {}", why)
+        return INVALID
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class EventsCheck:
     """`POST /slack/events`: event callbacks; a URL verification is answered here."""
@@ -46,10 +55,8 @@ class EventsCheck:
     path: str = "/slack/events"
 
     def check(self, body: bytes, headers: Mapping[str, str]) -> Forward | Answer:
-        why = refused(self.signing_secret, body, headers)
-        if why:
-            logger.warning("slack: refused a request: {}", why)
-            return INVALID
+        if (denied := unsigned(self.signing_secret, body, headers)) is not None:
+            return denied
         try:
             payload = orjson.loads(body)
         except ValueError:
@@ -69,10 +76,8 @@ class InteractionsCheck:
     path: str = "/slack/interactions"
 
     def check(self, body: bytes, headers: Mapping[str, str]) -> Forward | Answer:
-        why = refused(self.signing_secret, body, headers)
-        if why:
-            logger.warning("slack: refused a request: {}", why)
-            return INVALID
+        if (denied := unsigned(self.signing_secret, body, headers)) is not None:
+            return denied
         try:
             raw = parse_qs(body.decode("utf-8"))["payload"][0]
             payload = orjson.loads(raw)

@@ -3,8 +3,8 @@
 A `Webhook` says how to sign requests for one platform, which path takes them, how to start the
 baseline server and how to configure the bridge; `compare()` runs the two servers in alternating
 reps (unpinned by default, or each on one core with `--server-cpu`), with wrk
-(bench/signed_post.lua) replaying distinct signed events after --warmup seconds of other events to the same chats (both servers alike),
-counts the bridge's inbox after each run (every 200 must have its row), and prints one JSON line
+(bench/signed_post.lua) replaying distinct signed events after --warmup seconds of other events
+to the same chats (both servers alike), counts the bridge's inbox after each run (every 200 must have its row), and prints one JSON line
 per run and a summary.
 """
 

@@ -18,10 +18,17 @@ from tests.support.chat import final_texts
 from tests.support.service import BridgeProcess
 
 
-async def _workers(http: aiohttp.ClientSession, proc) -> list[dict]:
-    async with http.get(proc.url + "/readyz") as r:
-        body = await r.json()
-    return body["checks"]["http"]["edge_workers"]
+async def _workers(http: aiohttp.ClientSession, proc, *, settled: bool = True) -> list[dict]:
+    """The workers as /readyz reports them. `/healthz` answers as soon as one worker listens,
+    while the others may still be starting: `settled` waits (up to 10 s) for start-up to end."""
+    deadline = time.monotonic() + 10
+    while True:
+        async with http.get(proc.url + "/readyz") as r:
+            body = await r.json()
+        workers = body["checks"]["http"]["edge_workers"]
+        if not settled or all(w["up"] for w in workers) or time.monotonic() > deadline:
+            return workers
+        await asyncio.sleep(0.05)
 
 
 def _alive(pid: int) -> bool:
@@ -78,7 +85,7 @@ async def test_a_killed_worker_is_started_again(bridge, chat, http):
 
     async def replaced() -> bool:
         try:
-            [now] = await _workers(http, proc)
+            [now] = await _workers(http, proc, settled=False)
         except (aiohttp.ClientError, OSError):
             return False  # between the old worker's death and the new one's start: nobody listens
         return now["up"] and now["pid"] != worker["pid"] and now["restarts"] == 1

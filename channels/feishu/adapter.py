@@ -94,7 +94,7 @@ class FeishuChannel:
 
     def __init__(self, config: FeishuConfig, api_factory: Callable[[], Any]) -> None:
         self.config = config
-        self._api_factory = api_factory  # builds the FeishuApi (importing lark-oapi: ~2 s, done off the loop)
+        self._api_factory = api_factory  # builds the FeishuApi (imports lark-oapi's messaging API: done off the loop)
         self._api: Any = None
         self._loading: asyncio.Future[None] | None = None
         self.bot_open_id = ""

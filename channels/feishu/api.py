@@ -18,27 +18,31 @@ import time
 from collections import OrderedDict
 from typing import Any
 
-import lark_oapi as lark
-from lark_oapi.api.contact.v3 import GetUserRequest
-from lark_oapi.api.im.v1 import (
-    CreateMessageReactionRequest,
-    CreateMessageReactionRequestBody,
-    DeleteMessageReactionRequest,
-    CreateMessageRequest,
-    CreateMessageRequestBody,
-    Emoji,
-    GetMessageResourceRequest,
-    PatchMessageRequest,
-    PatchMessageRequestBody,
-    ReplyMessageRequest,
-    ReplyMessageRequestBody,
-)
-from lark_oapi.core.token.manager import TokenManager
 from loguru import logger
 
 from channels.base import DeliveryError
 from channels.names import NameCache
 from channels.feishu.errors import TooLarge
+from channels.feishu.sdk import (
+    AccessTokenType,
+    BaseRequest,
+    CreateMessageReactionRequest,
+    CreateMessageReactionRequestBody,
+    CreateMessageRequest,
+    CreateMessageRequestBody,
+    DeleteMessageReactionRequest,
+    Emoji,
+    GetMessageResourceRequest,
+    GetUserRequest,
+    HttpMethod,
+    OpenApi,
+    PatchMessageRequest,
+    PatchMessageRequestBody,
+    ReplyMessageRequest,
+    ReplyMessageRequestBody,
+    RequestOption,
+    TokenManager,
+)
 
 TOKEN_ERRORS = (99991663, 99991661)
 RATE_LIMITED = 99991400
@@ -90,8 +94,7 @@ class FeishuApi:
     def __init__(self, *, app_id: str, app_secret: str, domain: str, timeout: float = 10.0,
                  chat_qps: float = 5.0, app_qps: float = 50.0) -> None:
         self.app_id = app_id
-        self.client = (lark.Client.builder().app_id(app_id).app_secret(app_secret).domain(domain)
-                       .timeout(timeout).enable_set_token(True).log_level(lark.LogLevel.ERROR).build())
+        self.client = OpenApi(app_id=app_id, app_secret=app_secret, domain=domain, timeout=timeout)
         self._app_bucket = TokenBucket(app_qps)
         self._chat_qps = chat_qps
         self._chat_buckets: OrderedDict[str, TokenBucket] = OrderedDict()
@@ -117,14 +120,14 @@ class FeishuApi:
                 return self._token
             loop = asyncio.get_running_loop()
             try:
-                token = await loop.run_in_executor(None, TokenManager.get_self_tenant_token, self.client._config)
+                token = await loop.run_in_executor(None, TokenManager.get_self_tenant_token, self.client.config)
             except Exception as exc:  # noqa: BLE001 - the SDK raises its own types and requests' errors
                 raise DeliveryError(f"cannot get a tenant token: {type(exc).__name__}: {exc}", transient=True) from exc
             self._token, self._token_until = token, time.monotonic() + TOKEN_HOLD
             return token
 
-    async def _option(self, *, force: bool = False) -> lark.RequestOption:
-        return lark.RequestOption.builder().tenant_access_token(await self.token(force=force)).build()
+    async def _option(self, *, force: bool = False) -> RequestOption:
+        return RequestOption.builder().tenant_access_token(await self.token(force=force)).build()
 
     async def _bucket(self, chat_id: str | None) -> None:
         await self._app_bucket.take()
@@ -188,7 +191,7 @@ class FeishuApi:
             async def reply(option):
                 body = (ReplyMessageRequestBody.builder().msg_type("interactive").content(card).uuid(uuid)
                         .reply_in_thread(in_thread).build())
-                return await self.client.im.v1.message.areply(
+                return await self.client.im.message.areply(
                     ReplyMessageRequest.builder().message_id(reply_to).request_body(body).build(), option)
 
             resp = await self.call("reply", reply, chat_id=chat_id)
@@ -196,7 +199,7 @@ class FeishuApi:
             async def create(option):
                 body = (CreateMessageRequestBody.builder().receive_id(chat_id).msg_type("interactive")
                         .content(card).uuid(uuid).build())
-                return await self.client.im.v1.message.acreate(
+                return await self.client.im.message.acreate(
                     CreateMessageRequest.builder().receive_id_type("chat_id").request_body(body).build(), option)
 
             resp = await self.call("send", create, chat_id=chat_id)
@@ -205,7 +208,7 @@ class FeishuApi:
     async def patch_card(self, *, chat_id: str, message_id: str, card: str) -> None:
         async def patch(option):
             body = PatchMessageRequestBody.builder().content(card).build()
-            return await self.client.im.v1.message.apatch(
+            return await self.client.im.message.apatch(
                 PatchMessageRequest.builder().message_id(message_id).request_body(body).build(), option)
 
         await self.call("patch", patch, chat_id=chat_id)
@@ -214,7 +217,7 @@ class FeishuApi:
         async def create(option):
             body = (CreateMessageReactionRequestBody.builder()
                     .reaction_type(Emoji.builder().emoji_type(emoji).build()).build())
-            return await self.client.im.v1.message_reaction.acreate(
+            return await self.client.im.message_reaction.acreate(
                 CreateMessageReactionRequest.builder().message_id(message_id).request_body(body).build(), option)
 
         resp = await self.call("react", create, chat_id=chat_id)
@@ -222,14 +225,14 @@ class FeishuApi:
 
     async def unreact(self, *, chat_id: str, message_id: str, reaction_id: str) -> None:
         async def delete(option):
-            return await self.client.im.v1.message_reaction.adelete(
+            return await self.client.im.message_reaction.adelete(
                 DeleteMessageReactionRequest.builder().message_id(message_id).reaction_id(reaction_id).build(), option)
 
         await self.call("unreact", delete, chat_id=chat_id)
 
     async def download(self, *, message_id: str, key: str, kind: str) -> bytes:
         async def get(option):
-            return await self.client.im.v1.message_resource.aget(
+            return await self.client.im.message_resource.aget(
                 GetMessageResourceRequest.builder().message_id(message_id).file_key(key).type(kind).build(), option)
 
         resp = await self.call("download", get)
@@ -239,8 +242,8 @@ class FeishuApi:
 
     async def bot_open_id(self) -> str:
         async def info(option):
-            request = (lark.BaseRequest.builder().http_method(lark.HttpMethod.GET).uri("/open-apis/bot/v3/info")
-                       .token_types({lark.AccessTokenType.TENANT}).build())
+            request = (BaseRequest.builder().http_method(HttpMethod.GET).uri("/open-apis/bot/v3/info")
+                       .token_types({AccessTokenType.TENANT}).build())
             return await self.client.arequest(request, option)
 
         resp = await self.call("bot info", info)
@@ -253,7 +256,7 @@ class FeishuApi:
 
     async def _user_name(self, open_id: str) -> str:
         async def get(option):
-            return await self.client.contact.v3.user.aget(
+            return await self.client.contact.user.aget(
                 GetUserRequest.builder().user_id(open_id).user_id_type("open_id").build(), option)
 
         async with asyncio.timeout(2.0):

@@ -83,8 +83,8 @@ class LongConnection:
     # -- the ws thread
 
     def _run(self) -> None:
-        import lark_oapi as lark
-        import lark_oapi.ws.client as ws_module
+        from channels.feishu.sdk import LogLevel  # first: then the next line loads the ws client alone
+        import lark_oapi.ws.client as ws_module  # noqa: I001
 
         failures = 0
         while not self._stopping.is_set():
@@ -92,8 +92,8 @@ class LongConnection:
             asyncio.set_event_loop(loop)
             ws_module.loop = loop  # the SDK's module-level loop: this thread's
             self._ws_loop = loop
-            client = lark.ws.Client(self.config.app_id, self.config.app_secret, event_handler=_Handler(self),
-                                    domain=self.config.domain, auto_reconnect=True, log_level=lark.LogLevel.WARNING)
+            client = ws_module.Client(self.config.app_id, self.config.app_secret, event_handler=_Handler(self),
+                                    domain=self.config.domain, auto_reconnect=True, log_level=LogLevel.WARNING)
             client.on_reconnected = self._connected
             self._client = client
             try:

@@ -29,9 +29,10 @@ async def answer(db: Database, outbox: Outbox, row, reply: Reply | None, *, stat
         else:
             ops += outbox.send_ops(channel, key, reply, ref=outbox.new_ref())
     if reply is not None:
-        # the message was marked as being worked on when it arrived: it is not, after all
+        # the message was marked as being worked on when it arrived: answered without a turn (a
+        # command), it is done; skipped or cancelled, it stopped
         ops += outbox.react_ops(channel, key, platform_message_id=(row.payload or {}).get("marked_message_id"),
-                                state="stopped", key=f"event:{row.id}")
+                                state="done" if status == "done" else "stopped", key=f"event:{row.id}")
     ops.append(inbox.finish_op(row.id, status))
     await db.execute(ops)
     if reply is not None:

@@ -102,6 +102,13 @@ async def test_url_verification_and_a_dm_reply(service, emulator):
     await wait_until(lambda: inbox_count(proc) == 2, what="the bare mention stored")
     await asyncio.sleep(0.5)
     assert [r for r in emulator.reactions() if r["ts"] == ts] == []
+    # a command answered without a turn is done too: its "eyes" make way for the check mark
+    ts = sp.next_ts()
+    await send_event(proc, sp.message_event(text="/help", channel="D1", channel_type="im", ts=ts))
+    await wait_until(lambda: any(r["ts"] == ts and r["name"] == "white_check_mark" for r in emulator.reactions()),
+                     what="the check mark on a command")
+    assert sorted((r["name"], r["removed"]) for r in emulator.reactions() if r["ts"] == ts) == [
+        ("eyes", True), ("white_check_mark", False)]
 
 
 async def test_a_shared_file_is_downloaded_and_a_file_alone_is_answered(service, emulator):

@@ -231,7 +231,7 @@ class WebChatChannel:
 
     async def list_messages(self, request: web.Request) -> web.Response:
         conversation_id, after = self._query(request)
-        rows = await self.db.read(lambda c: transcript.list_after(c, conversation_id, after, PAGE_LIMIT))
+        rows = await self.db.read(lambda c: transcript.list_after(c, conversation_id, after, PAGE_LIMIT), offload=True)
         return web.json_response({"messages": [public_message(r) for r in rows]})
 
     async def post_action(self, forward: Forward) -> Answer:
@@ -266,7 +266,8 @@ class WebChatChannel:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
         try:
-            backlog = await self.db.read(lambda c: transcript.list_after(c, conversation_id, after, PAGE_LIMIT))
+            backlog = await self.db.read(lambda c: transcript.list_after(c, conversation_id, after, PAGE_LIMIT),
+                                          offload=True)
             for row in backlog:
                 await response.write(_sse(public_message(row)))
             while True:

@@ -25,10 +25,11 @@ from bridge.delivery.worker import DeliveryWorker
 from bridge.edge.workers import EdgeWorkers
 from bridge.metrics import Metrics
 from bridge.pipeline.control import ControlCommands
-from bridge.pipeline.dispatcher import Dispatcher
+from bridge.pipeline.dispatcher import Dispatcher, JobSink
 from bridge.pipeline.ingest import Ingestor
+from bridge.pipeline.ownership import Ownership
 from bridge.pipeline.pacing import BurstPacer
-from bridge.pipeline.recovery import recover
+from bridge.pipeline.recovery import interrupt_and_reset, recover
 from bridge.pipeline.retry import Retrier
 from bridge.pipeline.session_commands import SessionCommands
 from bridge.pipeline.sessions import SessionResolver
@@ -160,7 +161,17 @@ class Service:
             process=self.runner.process, control=self._control, notify_queued=self.runner.notify_queued,
             intercepts=self.gate.intercepts, pacer=self.pacer, notify_backlog=self.runner.notify_backlog,
         )
-        self.retrier = Retrier(self.db, self.gate, self.dispatcher)
+        # Several replicas (PostgreSQL): events reach the dispatcher of their conversation's owner.
+        self.ownership: Ownership | None = None
+        sink: JobSink = self.dispatcher
+        if not self.db.is_sqlite:
+            self.ownership = Ownership(
+                self.db, self.dispatcher, owner=settings.replica_id, take_over=self._take_over,
+                in_delivery=self.delivery.in_delivery, kick_delivery=self.delivery.kick, ttl=settings.lease_ttl,
+            )
+            self.delivery.owns = self.ownership.owns
+            sink = self.ownership
+        self.retrier = Retrier(self.db, self.gate, sink)
         self.routine_runner = RoutineRunner(self.db, self.outbox, self.runtime, self.gate,
                                             workspace=str(settings.workspace))
         assert settings.routines_dir is not None
@@ -172,7 +183,7 @@ class Service:
                                        routines=self.scheduler)
         if settings.busy_policy != "queue":
             self.dispatcher.on_busy = self.control.on_busy
-        self.ingest = Ingestor(self.db, self.dispatcher, self.gate, self.retrier, self.metrics, pacer=self.pacer)
+        self.ingest = Ingestor(self.db, sink, self.gate, self.retrier, self.metrics, pacer=self.pacer)
         checks = {"store": self._store_health, "runtime": self.runtime.health}
         checks.update({f"channel:{name}": ch.health for name, ch in self.channels.items()})
         self.webhooks = [hook for ch in self.channels.values() for hook in ch.webhooks()]
@@ -198,6 +209,9 @@ class Service:
     async def _control(self, job) -> None:
         await self.control.handle(job)
 
+    async def _take_over(self, conversation_key: str, keep) -> int:
+        return await interrupt_and_reset(self.db, self.outbox, self.gate, conversation_key, keep=keep)
+
     async def _store_health(self) -> dict[str, Any]:
         await self.db.ping()
         return {"ok": True, "backend": "sqlite" if self.db.is_sqlite else "postgresql"}
@@ -220,7 +234,10 @@ class Service:
         for channel in self.channels.values():
             await channel.start(self.ingest)
         await self.delivery.start()
-        await recover(self.db, self.outbox, self.gate, self.dispatcher)
+        if self.ownership is None:
+            await recover(self.db, self.outbox, self.gate, self.dispatcher)
+        else:
+            await self.ownership.start()  # its sweep takes over what stopped replicas left
         await self.scheduler.start()
         self._runner = web.AppRunner(self.app, access_log=None, handler_cancellation=False)
         await self._runner.setup()
@@ -270,10 +287,14 @@ class Service:
             await self._site.stop()
         await self.scheduler.stop()
         await self.dispatcher.close(timeout=max(0.0, deadline - time.monotonic()))
+        if self.ownership is not None:
+            await self.ownership.close()
         drained = await self.delivery.flush(deadline=max(deadline, time.monotonic() + 2.0))
         if not drained:
             logger.warning("shutdown: some outbound messages are still pending; they are sent on the next start")
         await self.delivery.stop()
+        if self.ownership is not None:
+            await self.ownership.release_all()  # another replica takes the conversations over at once
         for channel in self.channels.values():
             await channel.stop()
         await self.runtime.stop()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -36,6 +37,12 @@ class Settings(BaseSettings):
     http_workers: int | Literal["auto"] = "auto"
     data_dir: Path = Path("./data")
     database_url: str = ""
+    # This replica's name among several on one PostgreSQL database (its conversation leases carry
+    # it). Default: the host name and the data dir, so a restarted replica knows its own leases.
+    replica_id: str = Field("", max_length=128)
+    # Seconds a conversation's lease lasts unless renewed: how long the conversations of a replica
+    # that died wait before another replica takes them over.
+    lease_ttl: float = Field(15.0, ge=1.0, le=600.0)
     runtime: Literal["shell", "codex", "claude"] = "shell"
     workspace: Path | None = None
     admins: Annotated[list[str], NoDecode] = Field(default_factory=list)
@@ -236,6 +243,8 @@ class Settings(BaseSettings):
             self.routines_dir = self.data_dir / "routines"
         self.workspace = self.workspace.resolve()
         self.allowed_roots = [Path(p).expanduser().resolve() for p in self.allowed_roots] or [self.workspace]
+        if not self.replica_id:
+            self.replica_id = f"{socket.gethostname()}:{self.data_dir.resolve()}"[-128:]
         return self
 
     @property

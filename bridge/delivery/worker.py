@@ -18,6 +18,7 @@ import asyncio
 import random
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 
 from loguru import logger
 
@@ -48,6 +49,14 @@ class DeliveryWorker:
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        # Several replicas: deliver only the conversations this replica holds (Ownership.owns);
+        # None: one process delivers everything.
+        self.owns: Callable[[str], bool] | None = None
+        self._pending_here: set[str] = set()  # conversations with pending operations, last round
+
+    def in_delivery(self) -> set[str]:
+        """Conversations whose operations this process is delivering or has yet to deliver."""
+        return set(self._inflight) | self._pending_here
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="delivery")
@@ -60,14 +69,20 @@ class DeliveryWorker:
         while time.monotonic() < deadline:
             try:
                 async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
-                    counts = await self.db.read(repo.count_by_status)
+                    pending = await self._any_pending()
             except TimeoutError:
                 return False
-            if not self._inflight and not counts.get("pending", 0):
+            if not self._inflight and not pending:
                 return True
             self._wake.set()
             await asyncio.sleep(0.02)
         return False
+
+    async def _any_pending(self) -> bool:
+        if self.owns is None:
+            return bool((await self.db.read(repo.count_by_status)).get("pending", 0))
+        ops = await self.db.read(lambda c: repo.pending(c, self.page))
+        return any(self.owns(op.conversation_key) for op in ops)
 
     async def stop(self) -> None:
         tasks = list(self._inflight.values()) + ([self._task] if self._task else [])
@@ -100,7 +115,9 @@ class DeliveryWorker:
         ops = await self.db.read(lambda c: repo.pending(c, self.page))
         lanes: OrderedDict[str, list] = OrderedDict()
         for op in ops:
-            lanes.setdefault(op.conversation_key, []).append(op)
+            if self.owns is None or self.owns(op.conversation_key):
+                lanes.setdefault(op.conversation_key, []).append(op)
+        self._pending_here = set(lanes)
         now = time.time()
         self._settled = {k: t for k, t in self._settled.items() if t >= read_at}
         started = 0

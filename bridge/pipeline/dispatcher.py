@@ -13,6 +13,7 @@ import asyncio
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from loguru import logger
 
@@ -55,6 +56,12 @@ QUEUED_NOTICE_DELAY = 0.5  # a message that starts sooner gets no "queued" notic
 Process = Callable[[Job], Awaitable[None]]
 Notify = Callable[[Job, int], Awaitable[None]]  # returns the pending write (no task per message)
 NotifyBacklog = Callable[[str, int], None]  # one notice for a conversation's messages held in a burst
+
+
+class JobSink(Protocol):
+    """Where accepted events go: the dispatcher, or (several replicas) the conversation's owner."""
+
+    def submit(self, job: Job) -> None: ...
 
 
 class Dispatcher:

@@ -14,7 +14,7 @@ from typing import Any
 from bridge import presenter
 from bridge.approvals.gate import HumanGate
 from bridge.metrics import Metrics
-from bridge.pipeline.dispatcher import Dispatcher, Job
+from bridge.pipeline.dispatcher import Job, JobSink
 from bridge.pipeline.pacing import BurstPacer
 from bridge.pipeline.retry import Retrier
 from bridge.store import approvals, inbox, turns
@@ -23,7 +23,7 @@ from channels.base import AcceptResult, ActionResult, InboundAction, InboundMess
 
 
 class Ingestor:
-    def __init__(self, db: Database, dispatcher: Dispatcher, gate: HumanGate, retrier: Retrier,
+    def __init__(self, db: Database, dispatcher: JobSink, gate: HumanGate, retrier: Retrier,
                  metrics: Metrics, *, pacer: BurstPacer | None = None) -> None:
         self.db = db
         self.dispatcher = dispatcher

@@ -1,12 +1,18 @@
-"""Start-up recovery: what a previous process left unfinished.
+"""Recovery: what a process that stopped left unfinished.
 
 - Turns still `running` died with that process: they become `interrupted`, their pending
   approvals too (the card says so), and the conversation gets a visible message.
 - Inbound events accepted but never finished are dispatched again, oldest first.
 - Pending outbox operations are left to the delivery worker's sweep.
+
+One process (SQLite) recovers everything at start-up. With several replicas, a replica recovers
+one conversation at a time, when it takes over the conversation's lease from a replica that
+stopped (bridge/pipeline/ownership.py); it then dispatches the events itself.
 """
 
 from __future__ import annotations
+
+from collections.abc import Collection
 
 from loguru import logger
 from sqlalchemy import update
@@ -23,17 +29,9 @@ from channels.base import ConversationKey
 
 
 async def recover(db: Database, outbox: Outbox, gate: HumanGate, dispatcher: Dispatcher) -> dict[str, int]:
-    stale = await db.read(turns.list_active)
-    for turn in stale:
-        await _interrupt(db, outbox, gate, turn)
+    """Everything (one process, at start-up): interrupt, reset, and dispatch again."""
+    stale = await interrupt_and_reset(db, outbox, gate)
     open_events = await db.read(inbox.list_open, offload=True)  # up to 10,000 rows
-
-    async def _reset(conn) -> None:
-        await conn.execute(
-            update(inbound_events).where(inbound_events.c.status == "processing").values(status="accepted")
-        )
-
-    await db.write(_reset)
     resubmitted = 0
     for event in open_events:
         payload = event.payload or {}
@@ -41,8 +39,30 @@ async def recover(db: Database, outbox: Outbox, gate: HumanGate, dispatcher: Dis
                               is_group=bool(payload.get("is_group"))))
         resubmitted += 1
     if stale or resubmitted:
-        logger.warning("recovery: {} interrupted turn(s), {} event(s) dispatched again", len(stale), resubmitted)
-    return {"interrupted_turns": len(stale), "redispatched_events": resubmitted}
+        logger.warning("recovery: {} interrupted turn(s), {} event(s) dispatched again", stale, resubmitted)
+    return {"interrupted_turns": stale, "redispatched_events": resubmitted}
+
+
+async def interrupt_and_reset(db: Database, outbox: Outbox, gate: HumanGate, conversation_key: str | None = None,
+                              *, keep: Collection[int] = ()) -> int:
+    """Turns left running become interrupted, and events left in processing are accepted again
+    (all, or one conversation's; not the events in `keep`, which this process runs). The number of
+    turns interrupted."""
+    stale = [turn for turn in await db.read(lambda c: turns.list_active(c, conversation_key))
+             if turn.inbound_event_id not in keep]
+    for turn in stale:
+        await _interrupt(db, outbox, gate, turn)
+
+    async def _reset(conn) -> None:
+        stmt = update(inbound_events).where(inbound_events.c.status == "processing")
+        if conversation_key is not None:
+            stmt = stmt.where(inbound_events.c.conversation_key == conversation_key)
+        if keep:
+            stmt = stmt.where(inbound_events.c.id.not_in(list(keep)))
+        await conn.execute(stmt.values(status="accepted"))
+
+    await db.write(_reset)
+    return len(stale)
 
 
 async def _interrupt(db: Database, outbox: Outbox, gate: HumanGate, turn) -> None:

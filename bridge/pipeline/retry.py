@@ -11,7 +11,7 @@ import time
 from loguru import logger
 
 from bridge.approvals.gate import HumanGate
-from bridge.pipeline.dispatcher import Dispatcher, Job
+from bridge.pipeline.dispatcher import Job, JobSink
 from bridge.store import approvals, inbox
 from bridge.store.db import Database
 from channels.base import ActionResult, ConversationKey
@@ -20,7 +20,7 @@ RETRYABLE = ("expired", "interrupted")
 
 
 class Retrier:
-    def __init__(self, db: Database, gate: HumanGate, dispatcher: Dispatcher) -> None:
+    def __init__(self, db: Database, gate: HumanGate, dispatcher: JobSink) -> None:
         self.db = db
         self.gate = gate
         self.dispatcher = dispatcher

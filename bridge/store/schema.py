@@ -206,6 +206,17 @@ routine_state = Table(
     Column("updated_at", Float, nullable=False),
 )
 
+# Which replica runs a conversation (several replicas on one PostgreSQL database): its turns, its
+# queue and its deliveries belong to the lease's owner until the lease runs out unrenewed
+# (bridge/pipeline/ownership.py). Empty on SQLite, where one process runs everything.
+conversation_leases = Table(
+    "conversation_leases",
+    metadata,
+    Column("conversation_key", String(255), primary_key=True),
+    Column("owner", String(128), nullable=False),
+    Column("expires_at", Float, nullable=False),
+)
+
 routine_runs = Table(
     "routine_runs",
     metadata,

@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bridge.store import inbox
 from bridge.store.dialect import upsert
-from bridge.store.schema import turns
+from bridge.store.schema import conversations, turns
 
 ACTIVE = ("running",)
 TERMINAL = ("completed", "failed", "interrupted", "stopped")
@@ -110,8 +110,13 @@ async def by_event(conn: AsyncConnection, inbound_event_id: int):
     return (await conn.execute(BY_EVENT, {"b_event": inbound_event_id})).first()
 
 
-async def list_active(conn: AsyncConnection):
-    return (await conn.execute(select(turns).where(turns.c.status.in_(ACTIVE)).order_by(turns.c.id))).all()
+async def list_active(conn: AsyncConnection, conversation_key: str | None = None):
+    """Running turns, oldest first: all of them, or one conversation's."""
+    stmt = select(turns).where(turns.c.status.in_(ACTIVE)).order_by(turns.c.id)
+    if conversation_key is not None:
+        stmt = stmt.where(turns.c.conversation_id == select(conversations.c.id)
+                          .where(conversations.c.key == conversation_key).scalar_subquery())
+    return (await conn.execute(stmt)).all()
 
 
 async def count_by_status(conn: AsyncConnection) -> dict[str, int]:

@@ -301,3 +301,38 @@ async def test_urgent_writes_overtake_background_work_which_still_progresses(db)
     # the urgent unit commits after at most one bounded background cycle, not after all 600
     assert done.index("urgent") <= 256
     assert len(done) == 601
+
+
+async def test_a_conversation_lease_has_one_holder_until_it_runs_out(db):
+    from bridge.store import leases
+
+    now = time.time()
+    got = await db.write(lambda c: leases.acquire(c, ["k1", "k2"], owner="a", until=now + 10, now=now))
+    assert got == {"k1", "k2"}
+    # held by a: b gets neither; a renews its own
+    assert await db.write(lambda c: leases.acquire(c, ["k1"], owner="b", until=now + 10, now=now)) == set()
+    assert await db.write(lambda c: leases.acquire(c, ["k1"], owner="a", until=now + 20, now=now)) == {"k1"}
+    assert await db.read(lambda c: leases.holder(c, "k1", now=now + 15)) == "a"
+    # run out: b takes it; released: anyone does
+    later = now + 30
+    assert await db.write(lambda c: leases.acquire(c, ["k1", "k2"], owner="b", until=later + 10, now=later)) == {
+        "k1", "k2"}
+    await db.write(lambda c: leases.release(c, ["k2"], owner="a"))  # not a's any more: no effect
+    assert await db.read(lambda c: leases.holder(c, "k2", now=later)) == "b"
+    await db.write(lambda c: leases.release(c, ["k2"], owner="b"))
+    assert await db.read(lambda c: leases.holder(c, "k2", now=later)) is None
+    # a restarted owner's leases pass on at once
+    assert await db.write(lambda c: leases.expire_all(c, owner="b")) == 1
+    assert await db.write(lambda c: leases.acquire(c, ["k1"], owner="c", until=later + 10, now=later)) == {"k1"}
+
+
+async def test_work_without_a_live_holder_is_found(db):
+    from bridge.store import leases
+
+    await db.write(lambda c: inbox.insert_many(c, [event("e1", conv="webchat:free"), event("e2", conv="webchat:held")]))
+    now = time.time()
+    await db.write(lambda c: leases.acquire(c, ["webchat:held"], owner="other", until=now + 10, now=now))
+    assert await db.read(lambda c: leases.unowned_work(c, owner="me", now=now)) == ["webchat:free"]
+    assert await db.read(lambda c: leases.unowned_work(c, owner="other", now=now)) == ["webchat:free", "webchat:held"]
+    assert await db.read(lambda c: leases.unowned_work(c, owner="me", now=now + 20)) == ["webchat:free", "webchat:held"]
+    assert [r.status for r in await db.read(lambda c: leases.open_events(c, "webchat:held"))] == ["accepted"]

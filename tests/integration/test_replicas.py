@@ -1,0 +1,110 @@
+"""Two replicas of the service on one PostgreSQL database (the real server on 127.0.0.1): each
+conversation runs on one replica at a time, in order, once; a replica that dies hands its
+conversations to the other when its leases run out."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import asyncpg
+import pytest
+
+from tests.support.chat import ChatClient, final_texts, finals
+from tests.support.databases import postgres_database
+from tests.support.service import BridgeProcess
+
+pytestmark = pytest.mark.postgres
+
+TTL = "2"
+
+
+@pytest.fixture
+def replicas(tmp_path):
+    started: list[BridgeProcess] = []
+
+    def _start(url: str, count: int = 2) -> list[BridgeProcess]:
+        workspace = tmp_path / "workspace"
+        for index in range(count):
+            started.append(BridgeProcess(tmp_path / f"replica{index}", env={
+                "BRIDGE_DATABASE_URL": url, "BRIDGE_WORKSPACE": str(workspace), "BRIDGE_LEASE_TTL": TTL,
+                "BRIDGE_REPLICA_ID": f"replica-{index}", "BRIDGE_HTTP_WORKERS": "0",
+            }).start())
+        return started[-count:]
+
+    yield _start
+    for proc in started:
+        proc.kill()
+
+
+async def rows(url: str, sql: str, *args):
+    conn = await asyncpg.connect(url.replace("postgresql+asyncpg://", "postgresql://"))
+    try:
+        return await conn.fetch(sql, *args)
+    finally:
+        await conn.close()
+
+
+async def test_messages_sent_to_either_replica_run_on_one_in_order(replicas, http):
+    async with postgres_database() as url:
+        a, b = replicas(url)
+        chats = [ChatClient(http, a.url), ChatClient(http, b.url)]
+        for n in range(8):  # each one acked before the next is sent, alternating replicas
+            status, body = await chats[n % 2].post("g-team", f"user{n % 3}", f"echo reply-{n}")
+            assert status == 202 and body == {"accepted": True, "duplicate": False}
+        texts = await chats[0].wait_for("g-team", finals(8), timeout=30)
+        assert [t for t in texts if "reply-" in t] == texts
+        assert [int(t.split("reply-")[1].split()[0]) for t in texts] == list(range(8))
+        await asyncio.sleep(1.0)
+        assert len(final_texts(await chats[1].bot_messages("g-team"))) == 8  # exactly once, seen from both
+        turns = await rows(url, "SELECT started_at, finished_at, status FROM turns ORDER BY id")
+        assert [t["status"] for t in turns] == ["completed"] * 8
+        for earlier, later in zip(turns, turns[1:]):
+            assert earlier["finished_at"] <= later["started_at"]  # one turn of the conversation at a time
+        owners = await rows(url, "SELECT owner FROM conversation_leases WHERE conversation_key = 'webchat:g-team'")
+        assert len(owners) <= 1
+        # a second conversation may go to the other replica; both answer
+        await chats[1].post("d-other", "alice", "echo other")
+        assert "other" in (await chats[0].wait_for("d-other", finals(1)))[0]
+
+
+async def test_a_replica_that_dies_hands_its_conversations_over(replicas, http):
+    async with postgres_database() as url:
+        a, b = replicas(url)
+        chat_a, chat_b = ChatClient(http, a.url), ChatClient(http, b.url)
+        await chat_a.post("d-fail", "alice", "echo first")
+        await chat_a.wait_for("d-fail", finals(1))
+        await chat_a.post("d-fail", "alice", "touch handed-over.txt")  # waits on a person's approval
+        card = await chat_a.wait_card("d-fail", "pending")
+        owner = await rows(url, "SELECT owner FROM conversation_leases WHERE conversation_key = 'webchat:d-fail'")
+        assert [r["owner"] for r in owner] == ["replica-0"]
+        a.kill()  # kill -9: its leases are left to run out
+        # sent to the survivor while the dead replica's lease still holds: accepted, run after takeover
+        status, _ = await chat_b.post("d-fail", "alice", "echo after", client_msg_id=uuid.uuid4().hex)
+        assert status == 202
+        texts = await chat_b.wait_for("d-fail", lambda msgs: (t := final_texts(msgs)) and "after" in t[-1] and t,
+                                      timeout=20)
+        assert any("interrupted" in t.lower() for t in texts)  # the dead replica's turn, said so
+        assert not (b.data_dir.parent / "workspace" / "handed-over.txt").exists()
+        assert (await chat_b.wait_card("d-fail", "interrupted"))["id"] == card["id"]
+        turns = await rows(url, "SELECT input_text, status FROM turns ORDER BY id")
+        assert [(t["input_text"], t["status"]) for t in turns] == [
+            ("echo first", "completed"), ("touch handed-over.txt", "interrupted"), ("echo after", "completed")]
+        owner = await rows(url, "SELECT owner FROM conversation_leases WHERE conversation_key = 'webchat:d-fail'")
+        assert [r["owner"] for r in owner] == ["replica-1"]
+
+
+async def test_stop_reaches_the_replica_that_runs_the_turn(replicas, http):
+    async with postgres_database() as url:
+        a, b = replicas(url)
+        chat_a, chat_b = ChatClient(http, a.url), ChatClient(http, b.url)
+        await chat_a.post("d-stop", "alice", "touch stopped.txt")
+        await chat_a.wait_card("d-stop", "pending")
+        await chat_b.post("d-stop", "alice", "/stop")  # to the other replica
+        await chat_b.wait_for("d-stop", lambda msgs: any(m["card"] and m["card"]["status"] != "pending"
+                                                         for m in msgs), timeout=10)
+        turns = await rows(url, "SELECT status FROM turns ORDER BY id")
+        assert [t["status"] for t in turns] == ["stopped"]
+        # a clean stop passes the leases on at once
+        a.stop()
+        assert await rows(url, "SELECT * FROM conversation_leases WHERE owner = 'replica-0'") == []

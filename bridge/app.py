@@ -186,6 +186,8 @@ class Service:
         self.ingest = Ingestor(self.db, sink, self.gate, self.retrier, self.metrics, pacer=self.pacer)
         checks = {"store": self._store_health, "runtime": self.runtime.health}
         checks.update({f"channel:{name}": ch.health for name, ch in self.channels.items()})
+        if self.ownership is not None:
+            checks["replica"] = self.ownership.health
         self.webhooks = [hook for ch in self.channels.values() for hook in ch.webhooks()]
         routes = [route for ch in self.channels.values() for route in ch.routes()]
         routes += [webhooks.route(hook.check, hook.accept) for hook in self.webhooks]

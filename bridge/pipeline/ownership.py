@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Collection
+from typing import Any
 
 from loguru import logger
 
@@ -64,6 +65,7 @@ class Ownership:
         self._loop_task: asyncio.Task[None] | None = None
         self._closing = False
         self.taken_over = 0
+        self._swept_at = time.monotonic()
 
     # -- the pipeline's entry (in place of Dispatcher.submit)
 
@@ -146,6 +148,16 @@ class Ownership:
             self._known[row.id] = key
             self.dispatcher.submit(job)
 
+    async def health(self) -> dict[str, Any]:
+        """For /readyz: not ready while the sweep has not run for a lease's time (the store is away:
+        this replica's conversations pass to others)."""
+        stale = time.monotonic() - self._swept_at > self.ttl
+        out: dict[str, Any] = {"ok": not stale, "replica": self.owner, "conversations": len(self.held),
+                               "taken_over": self.taken_over}
+        if stale:
+            out["error"] = f"no sweep for {time.monotonic() - self._swept_at:.0f}s (is the store reachable?)"
+        return out
+
     # -- renewals and the sweep
 
     async def start(self) -> None:
@@ -198,6 +210,7 @@ class Ownership:
 
     async def _sweep(self) -> None:
         keys = await self.db.read(lambda c: leases.unowned_work(c, owner=self.owner, now=time.time()))
+        self._swept_at = time.monotonic()
         for key in keys:
             if key not in self._routing and not self._closing:
                 self._route_soon(key, [])

@@ -63,6 +63,9 @@ async def test_messages_sent_to_either_replica_run_on_one_in_order(replicas, htt
             assert earlier["finished_at"] <= later["started_at"]  # one turn of the conversation at a time
         owners = await rows(url, "SELECT owner FROM conversation_leases WHERE conversation_key = 'webchat:g-team'")
         assert len(owners) <= 1
+        async with http.get(f"{b.url}/readyz") as resp:
+            replica = (await resp.json())["checks"]["replica"]
+        assert resp.status == 200 and replica["ok"] and replica["replica"] == "replica-1"
         # a second conversation may go to the other replica; both answer
         await chats[1].post("d-other", "alice", "echo other")
         assert "other" in (await chats[0].wait_for("d-other", finals(1)))[0]

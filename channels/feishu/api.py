@@ -23,26 +23,7 @@ from loguru import logger
 from channels.base import DeliveryError
 from channels.names import NameCache
 from channels.feishu.errors import TooLarge
-from channels.feishu.sdk import (
-    AccessTokenType,
-    BaseRequest,
-    CreateMessageReactionRequest,
-    CreateMessageReactionRequestBody,
-    CreateMessageRequest,
-    CreateMessageRequestBody,
-    DeleteMessageReactionRequest,
-    Emoji,
-    GetMessageResourceRequest,
-    GetUserRequest,
-    HttpMethod,
-    OpenApi,
-    PatchMessageRequest,
-    PatchMessageRequestBody,
-    ReplyMessageRequest,
-    ReplyMessageRequestBody,
-    RequestOption,
-    TokenManager,
-)
+from channels.feishu import sdk
 
 TOKEN_ERRORS = (99991663, 99991661)
 RATE_LIMITED = 99991400
@@ -94,7 +75,7 @@ class FeishuApi:
     def __init__(self, *, app_id: str, app_secret: str, domain: str, timeout: float = 10.0,
                  chat_qps: float = 5.0, app_qps: float = 50.0) -> None:
         self.app_id = app_id
-        self.client = OpenApi(app_id=app_id, app_secret=app_secret, domain=domain, timeout=timeout)
+        self.client = sdk.OpenApi(app_id=app_id, app_secret=app_secret, domain=domain, timeout=timeout)
         self._app_bucket = TokenBucket(app_qps)
         self._chat_qps = chat_qps
         self._chat_buckets: OrderedDict[str, TokenBucket] = OrderedDict()
@@ -113,21 +94,21 @@ class FeishuApi:
             return self._token
         async with self._token_lock:
             if force:
-                TokenManager.cache.set(f"self_tenant_token:{self.app_id}", "", 0)
+                sdk.TokenManager.cache.set(f"self_tenant_token:{self.app_id}", "", 0)
                 self._token = ""
                 self.token_refreshes += 1
             elif self._token and time.monotonic() < self._token_until:
                 return self._token
             loop = asyncio.get_running_loop()
             try:
-                token = await loop.run_in_executor(None, TokenManager.get_self_tenant_token, self.client.config)
+                token = await loop.run_in_executor(None, sdk.TokenManager.get_self_tenant_token, self.client.config)
             except Exception as exc:  # noqa: BLE001 - the SDK raises its own types and requests' errors
                 raise DeliveryError(f"cannot get a tenant token: {type(exc).__name__}: {exc}", transient=True) from exc
             self._token, self._token_until = token, time.monotonic() + TOKEN_HOLD
             return token
 
-    async def _option(self, *, force: bool = False) -> RequestOption:
-        return RequestOption.builder().tenant_access_token(await self.token(force=force)).build()
+    async def _option(self, *, force: bool = False) -> sdk.RequestOption:
+        return sdk.RequestOption.builder().tenant_access_token(await self.token(force=force)).build()
 
     async def _bucket(self, chat_id: str | None) -> None:
         await self._app_bucket.take()
@@ -189,51 +170,51 @@ class FeishuApi:
     async def send_card(self, *, chat_id: str, card: str, uuid: str, reply_to: str | None, in_thread: bool) -> str:
         if reply_to:
             async def reply(option):
-                body = (ReplyMessageRequestBody.builder().msg_type("interactive").content(card).uuid(uuid)
+                body = (sdk.ReplyMessageRequestBody.builder().msg_type("interactive").content(card).uuid(uuid)
                         .reply_in_thread(in_thread).build())
                 return await self.client.im.message.areply(
-                    ReplyMessageRequest.builder().message_id(reply_to).request_body(body).build(), option)
+                    sdk.ReplyMessageRequest.builder().message_id(reply_to).request_body(body).build(), option)
 
             resp = await self.call("reply", reply, chat_id=chat_id)
         else:
             async def create(option):
-                body = (CreateMessageRequestBody.builder().receive_id(chat_id).msg_type("interactive")
+                body = (sdk.CreateMessageRequestBody.builder().receive_id(chat_id).msg_type("interactive")
                         .content(card).uuid(uuid).build())
                 return await self.client.im.message.acreate(
-                    CreateMessageRequest.builder().receive_id_type("chat_id").request_body(body).build(), option)
+                    sdk.CreateMessageRequest.builder().receive_id_type("chat_id").request_body(body).build(), option)
 
             resp = await self.call("send", create, chat_id=chat_id)
         return resp.data.message_id
 
     async def patch_card(self, *, chat_id: str, message_id: str, card: str) -> None:
         async def patch(option):
-            body = PatchMessageRequestBody.builder().content(card).build()
+            body = sdk.PatchMessageRequestBody.builder().content(card).build()
             return await self.client.im.message.apatch(
-                PatchMessageRequest.builder().message_id(message_id).request_body(body).build(), option)
+                sdk.PatchMessageRequest.builder().message_id(message_id).request_body(body).build(), option)
 
         await self.call("patch", patch, chat_id=chat_id)
 
     async def react(self, *, chat_id: str, message_id: str, emoji: str) -> str:
         async def create(option):
-            body = (CreateMessageReactionRequestBody.builder()
-                    .reaction_type(Emoji.builder().emoji_type(emoji).build()).build())
+            body = (sdk.CreateMessageReactionRequestBody.builder()
+                    .reaction_type(sdk.Emoji.builder().emoji_type(emoji).build()).build())
             return await self.client.im.message_reaction.acreate(
-                CreateMessageReactionRequest.builder().message_id(message_id).request_body(body).build(), option)
+                sdk.CreateMessageReactionRequest.builder().message_id(message_id).request_body(body).build(), option)
 
         resp = await self.call("react", create, chat_id=chat_id)
         return resp.data.reaction_id
 
     async def unreact(self, *, chat_id: str, message_id: str, reaction_id: str) -> None:
         async def delete(option):
-            return await self.client.im.message_reaction.adelete(
-                DeleteMessageReactionRequest.builder().message_id(message_id).reaction_id(reaction_id).build(), option)
+            request = sdk.DeleteMessageReactionRequest.builder().message_id(message_id).reaction_id(reaction_id).build()
+            return await self.client.im.message_reaction.adelete(request, option)
 
         await self.call("unreact", delete, chat_id=chat_id)
 
     async def download(self, *, message_id: str, key: str, kind: str) -> bytes:
         async def get(option):
             return await self.client.im.message_resource.aget(
-                GetMessageResourceRequest.builder().message_id(message_id).file_key(key).type(kind).build(), option)
+                sdk.GetMessageResourceRequest.builder().message_id(message_id).file_key(key).type(kind).build(), option)
 
         resp = await self.call("download", get)
         return resp.file.read()
@@ -242,8 +223,8 @@ class FeishuApi:
 
     async def bot_open_id(self) -> str:
         async def info(option):
-            request = (BaseRequest.builder().http_method(HttpMethod.GET).uri("/open-apis/bot/v3/info")
-                       .token_types({AccessTokenType.TENANT}).build())
+            request = (sdk.BaseRequest.builder().http_method(sdk.HttpMethod.GET).uri("/open-apis/bot/v3/info")
+                       .token_types({sdk.AccessTokenType.TENANT}).build())
             return await self.client.arequest(request, option)
 
         resp = await self.call("bot info", info)
@@ -257,7 +238,7 @@ class FeishuApi:
     async def _user_name(self, open_id: str) -> str:
         async def get(option):
             return await self.client.contact.user.aget(
-                GetUserRequest.builder().user_id(open_id).user_id_type("open_id").build(), option)
+                sdk.GetUserRequest.builder().user_id(open_id).user_id_type("open_id").build(), option)
 
         async with asyncio.timeout(2.0):
             resp = await self.call("user", get)

@@ -111,3 +111,16 @@ async def test_stop_reaches_the_replica_that_runs_the_turn(replicas, http):
         # a clean stop passes the leases on at once
         a.stop()
         assert await rows(url, "SELECT * FROM conversation_leases WHERE owner = 'replica-0'") == []
+
+
+async def test_a_card_clicked_on_the_other_replica_lets_the_turn_go_on(replicas, http):
+    async with postgres_database() as url:
+        a, b = replicas(url)
+        chat_a, chat_b = ChatClient(http, a.url), ChatClient(http, b.url)
+        await chat_a.post("d-card", "alice", "touch approved-elsewhere.txt")
+        card = await chat_a.wait_card("d-card", "pending")
+        status, body = await chat_b.act("d-card", card["id"], "approve", "alice")
+        assert status == 200 and body["ok"]
+        texts = await chat_a.wait_for("d-card", finals(1), timeout=15)
+        assert "exit 0" in texts[0]
+        assert (a.data_dir.parent / "workspace" / "approved-elsewhere.txt").exists()

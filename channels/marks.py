@@ -12,8 +12,9 @@ class WorkingMarks:
     """Marks being added or added, by message id: the task adding each (its result is what
     taking the mark off needs, e.g. the reaction's id; None when it was not added). The turn's end
     waits for that task, so a turn that ends before the platform answered the reaction still
-    takes the right mark off, instead of racing it. Held in memory only: after a restart, a mark
-    put on before it is left in place."""
+    takes the right mark off, instead of racing it. Held in memory only: a mark put on by another
+    process (a replica, or this service before a restart) is for the channel to find (Feishu looks
+    its reactions up; Slack removes a reaction by name)."""
 
     def __init__(self, limit: int = 50_000) -> None:
         self._limit = limit

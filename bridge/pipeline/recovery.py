@@ -79,6 +79,11 @@ async def _interrupt(db: Database, outbox: Outbox, gate: HumanGate, turn) -> Non
             await outbox.update_in(conn, channel, key, reply, ref=turn.reply_ref)
         else:
             await outbox.send_in(conn, channel, key, reply, ref=turn.reply_ref or outbox.new_ref())
+        # the person's message may still show the "working on it" mark put on before the restart
+        event = await inbox.get(conn, turn.inbound_event_id)
+        marked = ((event.payload if event is not None else None) or {}).get("marked_message_id")
+        await outbox_repo.run(conn, outbox.react_ops(channel, key, platform_message_id=marked, state="stopped",
+                                                     key=f"turn:{turn.id}"))
         await inbox.finish(conn, turn.inbound_event_id, "done")
         return key
 

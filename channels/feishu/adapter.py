@@ -382,20 +382,26 @@ class FeishuChannel:
                 await self._post(conversation, card, _uuid(key, part), reply_to, in_thread)
 
     async def react(self, conversation: ConversationKey, platform_message_id: str, state: str) -> None:
-        """The turn ended: "OnIt" is taken off the person's message (when this process put it there:
-        its id is kept in memory), and "DONE" put on when it was answered."""
+        """The turn ended: "OnIt" is taken off the person's message, and "DONE" put on when it was
+        answered. The OnIt's id is in memory when this process put it on; when another one did (a
+        replica, or this service before a restart), the app's OnIt reactions are looked up."""
         if not self.config.reactions:
             return
         reaction_id = await self._working.take(platform_message_id)
         api = await self.api()
+        chat_id, log = conversation.chat_id, logger.bind(conversation=str(conversation))
         try:
-            if reaction_id:
-                await api.unreact(chat_id=conversation.chat_id, message_id=platform_message_id, reaction_id=reaction_id)
-            if state == "done":
-                await api.react(chat_id=conversation.chat_id, message_id=platform_message_id, emoji=DONE)
+            found = [reaction_id] if reaction_id else await api.own_reactions(
+                chat_id=chat_id, message_id=platform_message_id, emoji=WORKING)
+            for rid in found:
+                await api.unreact(chat_id=chat_id, message_id=platform_message_id, reaction_id=rid)
         except DeliveryError as exc:
-            logger.bind(conversation=str(conversation)).info("feishu: the turn's end not shown on {}: {}",
-                                                             platform_message_id, exc)
+            log.info("feishu: the working mark not taken off {}: {}", platform_message_id, exc)
+        if state == "done":
+            try:
+                await api.react(chat_id=chat_id, message_id=platform_message_id, emoji=DONE)
+            except DeliveryError as exc:
+                log.info("feishu: the done mark not put on {}: {}", platform_message_id, exc)
 
 
 def _mime_type(ref: normalize.FileRef) -> str:

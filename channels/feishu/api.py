@@ -204,6 +204,18 @@ class FeishuApi:
         resp = await self.call("react", create, chat_id=chat_id)
         return resp.data.reaction_id
 
+    async def own_reactions(self, *, chat_id: str, message_id: str, emoji: str) -> list[str]:
+        """The ids of the `emoji` reactions this app put on the message (the first 50)."""
+        async def listing(option):
+            request = (sdk.ListMessageReactionRequest.builder().message_id(message_id).reaction_type(emoji)
+                       .page_size(50).build())
+            return await self.client.im.message_reaction.alist(request, option)
+
+        resp = await self.call("reactions", listing, chat_id=chat_id)
+        items = (resp.data.items if resp.data is not None else None) or []
+        return [item.reaction_id for item in items if item.reaction_id and item.operator is not None
+                and item.operator.operator_type == "app" and item.operator.operator_id in (None, "", self.app_id)]
+
     async def unreact(self, *, chat_id: str, message_id: str, reaction_id: str) -> None:
         async def delete(option):
             request = sdk.DeleteMessageReactionRequest.builder().message_id(message_id).reaction_id(reaction_id).build()

@@ -98,6 +98,7 @@ from lark_oapi.api.im.v1 import (  # noqa: E402
     DeleteMessageReactionRequest,
     Emoji,
     GetMessageResourceRequest,
+    ListMessageReactionRequest,
     PatchMessageRequest,
     PatchMessageRequestBody,
     ReplyMessageRequest,
@@ -114,7 +115,8 @@ from lark_oapi.core.token.manager import TokenManager  # noqa: E402
 __all__ = [
     "AccessTokenType", "BaseRequest", "CreateMessageReactionRequest", "CreateMessageReactionRequestBody",
     "CreateMessageRequest", "CreateMessageRequestBody", "DeleteMessageReactionRequest", "Emoji",
-    "GetMessageResourceRequest", "GetUserRequest", "HttpMethod", "LogLevel", "OpenApi", "PatchMessageRequest",
+    "GetMessageResourceRequest", "GetUserRequest", "HttpMethod", "ListMessageReactionRequest", "LogLevel", "OpenApi",
+    "PatchMessageRequest",
     "PatchMessageRequestBody", "ReplyMessageRequest", "ReplyMessageRequestBody", "RequestOption", "TokenManager",
 ]
 

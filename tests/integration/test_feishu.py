@@ -281,6 +281,25 @@ async def test_approval_card_approve_and_deny(service, emulator):
     assert not (proc.data_dir / "workspace" / "denied.txt").exists()
 
 
+async def test_the_working_mark_is_taken_off_after_a_restart(service, emulator):
+    """The "OnIt" put on before a crash is found and taken off when the turn ends after it (the
+    reaction's id was in the dead process's memory only)."""
+    proc = service()
+    event = fp.message_event(token=TOKEN, text="touch never.txt", chat_type="p2p", chat_id="oc_mark")
+    message_id = event["event"]["message"]["message_id"]
+    await post_event(proc, event)
+    await wait_until(lambda: approval_cards(emulator), what="the approval card")
+    await wait_until(lambda: [r for r in emulator.reactions() if r["message_id"] == message_id
+                              and r["emoji_type"] == "OnIt" and not r["deleted"]], what="the OnIt mark")
+    proc.kill()
+    proc.start()
+    await wait_until(lambda: replies_with(emulator, "Interrupted"), what="the interrupted turn's message")
+    await wait_until(lambda: [r for r in emulator.reactions() if r["message_id"] == message_id
+                              and r["emoji_type"] == "OnIt" and r["deleted"]], what="the OnIt mark taken off")
+    marks = [(r["emoji_type"], r["deleted"]) for r in emulator.reactions() if r["message_id"] == message_id]
+    assert marks == [("OnIt", True)]  # interrupted, not answered: no DONE
+
+
 async def test_a_revoked_token_is_replaced_and_nothing_is_lost(service, emulator):
     proc = service()
     await post_event(proc, fp.message_event(token=TOKEN, text="echo before-revoke"))

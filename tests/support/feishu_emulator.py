@@ -552,6 +552,7 @@ class FeishuEmulator:
         r.add_get("/open-apis/im/v1/messages/{message_id}", self._h_get)
         r.add_delete("/open-apis/im/v1/messages/{message_id}", self._h_delete)
         r.add_post("/open-apis/im/v1/messages/{message_id}/reactions", self._h_add_reaction)
+        r.add_get("/open-apis/im/v1/messages/{message_id}/reactions", self._h_list_reactions)
         r.add_delete("/open-apis/im/v1/messages/{message_id}/reactions/{reaction_id}", self._h_del_reaction)
         r.add_get("/open-apis/im/v1/messages/{message_id}/resources/{file_key}", self._h_resource)
         r.add_post("/open-apis/im/v1/images", self._h_upload_image)
@@ -852,6 +853,18 @@ class FeishuEmulator:
                                     "deleted": False, "action_time": str(_now_ms())}
             data = self._reaction_api(self._reactions[rid])
         return self._ok(data)
+
+    async def _h_list_reactions(self, request: web.Request) -> web.Response:
+        """The message's reactions, oldest first, of one type when `reaction_type` is given (one
+        page: the emulator's messages carry few)."""
+        message_id, emoji = request.match_info["message_id"], request.query.get("reaction_type")
+        with self._lock:
+            if message_id not in self._messages:
+                raise _ApiError(E_BAD_PARAM, "message not found")
+            items = [self._reaction_api(rec) for rec in self._reactions.values()
+                     if rec["message_id"] == message_id and not rec["deleted"]
+                     and (emoji is None or rec["emoji_type"] == emoji)]
+        return self._ok({"items": items, "has_more": False, "page_token": ""})
 
     async def _h_del_reaction(self, request: web.Request) -> web.Response:
         message_id, rid = request.match_info["message_id"], request.match_info["reaction_id"]

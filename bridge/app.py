@@ -132,7 +132,8 @@ class Service:
         self.db = Database(settings.database_url)
         self.runtime = build_runtime(settings)
         self.webchat = WebChatChannel(self.db, Uploads(settings.data_dir / "attachments" / "webchat",
-                                                       max_bytes=settings.webchat_max_file_mb * 1024 * 1024))
+                                                       max_bytes=settings.webchat_max_file_mb * 1024 * 1024,
+                                                       unsent_ttl=settings.webchat_upload_ttl_hours * 3600))
         self.channels: dict[str, ChannelAdapter] = {self.webchat.name: self.webchat}
         if settings.feishu_enabled:
             feishu = build_feishu(settings)

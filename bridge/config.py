@@ -50,6 +50,8 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = "text"
     # Web chat: the largest file a person may attach (MiB).
     webchat_max_file_mb: int = Field(20, gt=0, le=1024)
+    # Web chat: hours an uploaded file is kept when no message was sent with it.
+    webchat_upload_ttl_hours: float = Field(24.0, gt=0)
 
     # Shell runtime.
     shell_timeout: float = Field(600.0, gt=0)

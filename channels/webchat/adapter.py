@@ -6,12 +6,13 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
-from collections.abc import Sequence
 from typing import Any
 
 from aiohttp import BodyPartReader, web
+from loguru import logger
 
 from bridge.store.db import Database
 from bridge.web.http import error
@@ -100,18 +101,37 @@ class WebChatChannel:
         self.transcript = transcript.Transcript()
         self._ingest: Ingest | None = None
         self._page: bytes | None = None
+        self._sweeper: asyncio.Task[None] | None = None
 
     # -- ChannelAdapter ----------------------------------------------------------------------
 
     async def start(self, ingest: Ingest) -> None:
         self._ingest = ingest
         self._page = resources.files("channels.webchat").joinpath("page.html").read_bytes()
+        self._sweeper = asyncio.create_task(self._sweep_uploads(), name="webchat:uploads")
+
+    async def _sweep_uploads(self) -> None:
+        """Uploads never sent with a message go once they are older than the uploads' TTL."""
+        interval = min(3600.0, max(1.0, self.uploads.unsent_ttl / 4))
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                removed = await asyncio.to_thread(self.uploads.sweep)
+            except OSError as exc:
+                logger.warning("webchat: the sweep of unsent uploads failed: {}", exc)
+                continue
+            if removed:
+                logger.info("webchat: {} upload(s) never sent with a message removed", removed)
 
     async def loaded(self) -> None:
         return None
 
     async def stop(self) -> None:
         self._ingest = None
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            await asyncio.gather(self._sweeper, return_exceptions=True)
+            self._sweeper = None
 
     def render(self, reply: Reply) -> dict[str, Any]:
         payload = reply.to_payload()
@@ -178,6 +198,8 @@ class WebChatChannel:
                 attachments.append(found)
             if answers[index] is not None:
                 continue
+            if attachments:
+                await self.uploads.mark_sent(body.conversation_id, dict.fromkeys(body.file_ids))
             event = InboundMessage(
                 conversation=ConversationKey(CHANNEL, body.conversation_id),
                 sender=Sender(body.user_id, body.user_id),

@@ -1,14 +1,21 @@
 """Files a person attaches in the web chat. Each is uploaded on its own (`POST /chat/api/files`)
 before the message that carries it, and kept under the data dir by conversation and upload id; the
 message names its files by id (`file_ids`), and the pipeline hands them to the runtime like a
-platform's downloaded attachments. A file never sent with a message stays on disk, unused."""
+platform's downloaded attachments.
+
+Before a message that carries files is stored, each of its uploads gets a mark beside its folder
+(`<file id>.sent`). A sweep deletes the uploads that never got one once they are older than
+`unsent_ttl` (a page closed before sending, a file removed from the draft)."""
 
 from __future__ import annotations
 
 import asyncio
 import mimetypes
 import re
+import shutil
+import time
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
 
 from aiohttp import BodyPartReader
@@ -26,9 +33,10 @@ class TooLarge(ValueError):
 
 
 class Uploads:
-    def __init__(self, root: Path, *, max_bytes: int = MAX_FILE) -> None:
+    def __init__(self, root: Path, *, max_bytes: int = MAX_FILE, unsent_ttl: float = 24 * 3600.0) -> None:
         self.root = root
         self.max_bytes = max_bytes
+        self.unsent_ttl = unsent_ttl
 
     def folder_of(self, conversation_id: str) -> Path:
         """The conversation's folder; ValueError for an id that is not a plain folder name."""
@@ -61,6 +69,35 @@ class Uploads:
         if len(kept) != 1:
             return None
         return Attachment(kept[0].name, str(kept[0]), _mime_type(kept[0].name, None))
+
+
+    async def mark_sent(self, conversation_id: str, file_ids: Iterable[str]) -> None:
+        """The uploads a message carries are kept for good (the mark goes beside each folder, so
+        the folder still holds just the file)."""
+        folder = self.folder_of(conversation_id)
+        await asyncio.to_thread(lambda: [(folder / f"{file_id}.sent").touch() for file_id in file_ids])
+
+    def sweep(self, now: float | None = None) -> int:
+        """Delete the uploads never sent with a message and older than `unsent_ttl` (blocking: run
+        it on a worker thread); how many."""
+        cutoff = (now if now is not None else time.time()) - self.unsent_ttl
+        removed = 0
+        if not self.root.is_dir():
+            return 0
+        for conversation in self.root.iterdir():
+            if not conversation.is_dir():
+                continue
+            for upload in conversation.iterdir():
+                if not (upload.is_dir() and FILE_ID.match(upload.name)):
+                    continue
+                try:
+                    if (conversation / f"{upload.name}.sent").exists() or upload.stat().st_mtime > cutoff:
+                        continue
+                    shutil.rmtree(upload)
+                    removed += 1
+                except OSError:
+                    continue  # gone meanwhile, or not ours to remove: the next sweep looks again
+        return removed
 
 
 def _mime_type(name: str, given: str | None) -> str:

@@ -13,6 +13,7 @@ import aiohttp
 import pytest
 
 from tests.support.chat import final_texts, finals
+from tests.support.waiting import wait_until
 
 
 def db_counts(proc) -> dict[str, int]:
@@ -446,3 +447,24 @@ async def test_bad_uploads_are_refused_and_store_nothing(bridge, http):
             assert r.status == 400 and "file_ids" in (await r.json())["error"]
     assert db_counts(proc) == {"inbound_events": 0, "webchat_messages": 0, "turns": 0, "outbox": 0}
     assert not (proc.data_dir / "attachments" / "webchat" / "c-up").exists()
+
+
+async def test_an_upload_never_sent_is_removed_and_a_sent_one_kept(bridge, chat, http):
+    proc = bridge(BRIDGE_WEBCHAT_UPLOAD_TTL_HOURS=str(2 / 3600))  # two seconds; swept every second
+    c = chat(proc)
+    status, sent = await upload(http, proc, "c-sweep", "sent.txt", b"kept\n")
+    status, unsent = await upload(http, proc, "c-sweep", "draft.txt", b"dropped\n")
+    assert status == 201
+    async with http.post(proc.url + "/chat/api/messages", json={
+            "conversation_id": "c-sweep", "user_id": "alice", "text": "echo sent", "client_msg_id": "s1",
+            "file_ids": [sent["file_id"]]}) as r:
+        assert r.status == 202
+    await c.wait_for("c-sweep", finals(1))
+    folder = proc.data_dir / "attachments" / "webchat" / "c-sweep"
+    await wait_until(lambda: not (folder / unsent["file_id"]).exists(), timeout=10, what="the unsent upload removed")
+    assert (folder / sent["file_id"] / "sent.txt").read_bytes() == b"kept\n"
+    # the removed one can no longer be sent
+    async with http.post(proc.url + "/chat/api/messages", json={
+            "conversation_id": "c-sweep", "user_id": "alice", "text": "", "client_msg_id": "s2",
+            "file_ids": [unsent["file_id"]]}) as r:
+        assert r.status == 400

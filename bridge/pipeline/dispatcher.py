@@ -32,6 +32,12 @@ class Job:
     timer: asyncio.TimerHandle | None = None  # posts the notice if the message is still waiting
     started: bool = False
 
+    @classmethod
+    def of_event(cls, event_id: int, conversation_key: str, payload: dict | None) -> "Job":
+        """The job of a stored event (recovery, a retry, another replica's event)."""
+        payload = payload or {}
+        return cls(event_id, conversation_key, payload.get("text", ""), is_group=bool(payload.get("is_group")))
+
 
 @dataclass(slots=True)
 class _Lane:

@@ -47,7 +47,8 @@ TakeOver = Callable[[str, Collection[int]], Awaitable[int]]
 
 class Ownership:
     def __init__(self, db: Database, dispatcher: Dispatcher, *, owner: str, take_over: TakeOver,
-                 in_delivery: Callable[[], Collection[str]] = frozenset, kick_delivery: Callable[[], None] = lambda: None,
+                 in_delivery: Callable[[], Collection[str]] = frozenset,
+                 kick_delivery: Callable[[], None] = lambda: None,
                  ttl: float = LEASE_TTL, sweep: float = SWEEP_INTERVAL) -> None:
         self.db = db
         self.dispatcher = dispatcher
@@ -141,10 +142,7 @@ class Ownership:
         for row in rows:
             if row.id in self._known or row.status != "accepted":
                 continue
-            job = local.get(row.id)
-            if job is None:
-                payload = row.payload or {}
-                job = Job(row.id, key, payload.get("text", ""), is_group=bool(payload.get("is_group")))
+            job = local.get(row.id) or Job.of_event(row.id, key, row.payload)
             self._known[row.id] = key
             self.dispatcher.submit(job)
 

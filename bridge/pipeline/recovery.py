@@ -34,9 +34,7 @@ async def recover(db: Database, outbox: Outbox, gate: HumanGate, dispatcher: Dis
     open_events = await db.read(inbox.list_open, offload=True)  # up to 10,000 rows
     resubmitted = 0
     for event in open_events:
-        payload = event.payload or {}
-        dispatcher.submit(Job(event.id, event.conversation_key, payload.get("text", ""),
-                              is_group=bool(payload.get("is_group"))))
+        dispatcher.submit(Job.of_event(event.id, event.conversation_key, event.payload))
         resubmitted += 1
     if stale or resubmitted:
         logger.warning("recovery: {} interrupted turn(s), {} event(s) dispatched again", stale, resubmitted)

@@ -47,9 +47,7 @@ class Retrier:
 
         key = await self.db.write(_card)
         self.gate.outbox.kick(key)
-        payload = original.payload or {}
-        self.dispatcher.submit(Job(event_id, original.conversation_key, payload.get("text", ""),
-                                   is_group=bool(payload.get("is_group"))))
+        self.dispatcher.submit(Job.of_event(event_id, original.conversation_key, original.payload))
         logger.bind(conversation=key, event=event_id).info("retry: {} retried approval {}", user_id, approval.id)
         return ActionResult("ok", "Retrying.")
 

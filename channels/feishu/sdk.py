@@ -68,7 +68,8 @@ class _DeferredBody(importlib.abc.Loader):
 
 
 class _DeferringFinder(importlib.abc.MetaPathFinder):
-    def find_spec(self, name: str, path: Any, target: ModuleType | None = None) -> importlib.machinery.ModuleSpec | None:
+    def find_spec(self, name: str, path: Any,
+                  target: ModuleType | None = None) -> importlib.machinery.ModuleSpec | None:
         if not _deferred(name):
             return None
         spec = importlib.machinery.PathFinder.find_spec(name, path)

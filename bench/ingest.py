@@ -47,7 +47,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from bench.launcher import ROOT, ServerProcess, bare_process, bridge_process, pin_prefix
+from bench.launcher import ROOT, ServerProcess, bare_process, bridge_process, group_commit_process, pin_prefix
 from bench.procs import memory_kb, service_pids, tree_times
 
 LUA = Path(__file__).with_name("chat_post.lua")
@@ -354,6 +354,8 @@ def start_server(kind: str, args: argparse.Namespace, workdir: Path, name: str) 
     if kind == "bridge":
         data_dir = workdir / name
         return bridge_process(data_dir, cpu=args.server_cpu, env=bridge_env(args), source=args.source).start(), data_dir
+    if kind == "yardstick":
+        return group_commit_process(workdir / name, cpu=args.server_cpu).start(), None
     return bare_process(workdir, cpu=args.server_cpu).start(), None
 
 
@@ -386,6 +388,9 @@ def ingest_run(kind: str, rep: int, args: argparse.Namespace, workdir: Path, *, 
         result["server_cpu_pct"] = 100 * (pt1[0] - pt0[0]) / wall if pt0 and pt1 else None
         result["server_children_cpu_pct"] = 100 * (pt1[1] - pt0[1]) / wall if pt0 and pt1 else None
         result["server_sys_cpu_pct"] = 100 * (pt1[2] - pt0[2]) / wall if pt0 and pt1 else None
+        # the server's own CPU (user + sys, bash children not included) per accepted request
+        result["server_cpu_us_per_request"] = (
+            1e6 * (pt1[0] - pt0[0]) / load["accepted"] if pt0 and pt1 and load["accepted"] else None)
         server_core = f"cpu{args.server_cpu}" if args.server_cpu is not None else "cpu"
         client_core = f"cpu{args.client_cpu}" if args.client_cpu is not None else "cpu"
         result["server_core"] = cpu_usage(st0, st1, server_core)
@@ -640,6 +645,7 @@ def median(values: list[float]) -> float | None:
 def summarize(ingest: list[dict[str, Any]]) -> dict[str, Any]:
     bridge = [r for r in ingest if r["kind"] == "bridge"]
     bare = [r for r in ingest if r["kind"] == "bare"]
+    yardstick = [r for r in ingest if r["kind"] == "yardstick"]
     ratios = []
     for b in bridge:
         pair = next((x for x in bare if x["rep"] == b["rep"]), None)
@@ -650,7 +656,9 @@ def summarize(ingest: list[dict[str, Any]]) -> dict[str, Any]:
         return median([fn(r) for r in rows])
 
     out = {}
-    for name, rows in (("bridge", bridge), ("bare", bare)):
+    for name, rows in (("bridge", bridge), ("bare", bare), ("yardstick", yardstick)):
+        if not rows:
+            continue
         out[name] = {
             "accepted_per_s": med(rows, lambda r: r["load"]["accepted_per_s"]),
             "p50_ms": med(rows, lambda r: r["load"]["p50_ms"]),
@@ -660,11 +668,17 @@ def summarize(ingest: list[dict[str, Any]]) -> dict[str, Any]:
             "processes": max((r.get("processes") or 1 for r in rows), default=None),
             "peak_rss_mb_all": max((r.get("peak_rss_mb_all") or 0 for r in rows), default=None),
             "server_cpu_pct": med(rows, lambda r: r["server_cpu_pct"]),
+            "server_cpu_us_per_request": med(rows, lambda r: r.get("server_cpu_us_per_request")),
             "gen_cpu_pct": med(rows, lambda r: r["load"]["gen_cpu_pct"]),
             "gen_cpu_pct_max": max((r["load"]["gen_cpu_pct"] for r in rows), default=None),
         }
     out["ratio_per_rep"] = ratios
     out["ratio_median"] = median(ratios)
+    if yardstick:
+        out["yardstick_ratio_per_rep"] = [
+            y["load"]["accepted_per_s"] / pair["load"]["accepted_per_s"] for y in yardstick
+            if (pair := next((x for x in bare if x["rep"] == y["rep"]), None)) and pair["load"]["accepted_per_s"]]
+        out["yardstick_ratio_median"] = median(out["yardstick_ratio_per_rep"])
     b = out["bridge"]
     out["targets"] = {
         "accepted_per_s": {"target": ">= 6000/s", "value": b["accepted_per_s"],
@@ -705,14 +719,14 @@ def markdown(result: dict[str, Any]) -> str:
                   f"text {TEXT_LABEL[result['config']['text']]})", "",
                   "| rep | server | accepted/s | ack p50 ms | ack p99 ms | acked | peak RSS MB | server CPU % (sys) "
                   "| bash children CPU % | other procs on server core % | steal % | generator CPU % "
-                  "| other procs on generator core % | bridge/bare |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| other procs on generator core % | server CPU µs/request | x/bare |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         ratios = {}
         for r in ingest:
-            if r["kind"] == "bridge":
+            if r["kind"] != "bare":
                 pair = next((x for x in ingest if x["kind"] == "bare" and x["rep"] == r["rep"]), None)
                 if pair:
-                    ratios[r["rep"]] = r["load"]["accepted_per_s"] / pair["load"]["accepted_per_s"]
+                    ratios[r["rep"], r["kind"]] = r["load"]["accepted_per_s"] / pair["load"]["accepted_per_s"]
         for r in ingest:
             load = r["load"]
             lines.append(
@@ -722,7 +736,8 @@ def markdown(result: dict[str, Any]) -> str:
                 f"| {fmt(r['server_children_cpu_pct'], 0)} "
                 f"| {fmt(r.get('other_on_server_core_pct'), 0)} | {fmt(r['server_core']['steal_pct'], 0)} "
                 f"| {fmt(load['gen_cpu_pct'], 0)} | {fmt(r.get('other_on_client_core_pct'), 0)} "
-                f"| {fmt(ratios.get(r['rep']), 3) if r['kind'] == 'bridge' else ''} |")
+                f"| {fmt(r.get('server_cpu_us_per_request'), 1)} "
+                f"| {fmt(ratios.get((r['rep'], r['kind'])), 3) if r['kind'] != 'bare' else ''} |")
         s = result["summary"]
         lines += ["", "### Medians and targets", "",
                   "| metric | bridge | bare | target | met |", "|---|---|---|---|---|"]
@@ -741,6 +756,12 @@ def markdown(result: dict[str, Any]) -> str:
                      f"| {fmt(s['bare']['peak_pss_mb_load'])} | | |")
         lines.append(f"| generator CPU % (max over runs) | {fmt(s['bridge']['gen_cpu_pct_max'], 0)} "
                      f"| {fmt(s['bare']['gen_cpu_pct_max'], 0)} | | |")
+        lines.append(f"| server CPU µs per request | {fmt(s['bridge']['server_cpu_us_per_request'])} "
+                     f"| {fmt(s['bare']['server_cpu_us_per_request'])} | | |")
+        if "yardstick" in s:
+            lines.append(f"| yardstick (group_commit_server): accepted/s, CPU µs per request, x/bare "
+                         f"| {fmt(s['yardstick']['accepted_per_s'], 0)}, {fmt(s['yardstick']['server_cpu_us_per_request'])}, "
+                         f"{fmt(s['yardstick_ratio_median'], 3)} | | | |")
         lines += ["", "### No loss (inbound_events rows vs acked 202s, per bridge run, warm-up included)", "",
                   "| rep | acked | rows | acked without row (lower bound) | rows not acked (in flight at stop) "
                   "| duplicates reported | integrity | ok |", "|---|---|---|---|---|---|---|---|"]
@@ -869,6 +890,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "of the working tree; recommended while others edit the tree")
     p.add_argument("--source", type=Path, default=ROOT,
                    help="tree holding bridge/, channels/, migrations/ to run (default: this checkout)")
+    p.add_argument("--yardstick", action="store_true",
+                   help="add to each rep a run of bench/group_commit_server.py: the smallest durable ingest "
+                        "(one table, one group-committing writer, no pipeline), to show how much of the gap "
+                        "to the bare handler is SQLite's")
     p.add_argument("--skip-ingest", action="store_true", help="skip the alternating ingest runs")
     p.add_argument("--keep", action="store_true", help="keep the temporary data dirs")
     p.add_argument("--out", type=Path, default=None, help="result JSON (default bench/results/ingest-<time>.json)")
@@ -912,6 +937,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_ingest:
             for rep in range(1, args.reps + 1):
                 order = ("bridge", "bare") if rep % 2 else ("bare", "bridge")
+                if args.yardstick:
+                    order = (*order, "yardstick")
                 for kind in order:
                     print(f"[{time.monotonic() - t0:6.1f}s] ingest rep {rep}: {kind} ...", file=sys.stderr, flush=True)
                     run = ingest_run(kind, rep, args, workdir)
@@ -923,7 +950,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.exact > 0:
             print(f"[{time.monotonic() - t0:6.1f}s] exact accounting ({args.exact} requests) ...", file=sys.stderr, flush=True)
             result["exact"] = exact_phase(args, workdir)
-        if args.latency_duration > 0:
+        if args.latency_duration > 0 and args.latency_rate > 0:
             print(f"[{time.monotonic() - t0:6.1f}s] reply latency ...", file=sys.stderr, flush=True)
             result["latency"] = latency_phase(args, workdir)
         if args.profile:

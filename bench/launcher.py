@@ -46,3 +46,14 @@ def bare_process(work_dir: Path, *, cpu: int | None) -> ServerProcess:
         [sys.executable, "-m", "bench.bare_server", "--port", str(port)], port=port, health_path="/healthz",
         log_path=work_dir / f"bare-{port}.log", cwd=work_dir, env=env, cpu=cpu,
     )
+
+
+def group_commit_process(data_dir: Path, *, cpu: int | None) -> ServerProcess:
+    """The yardstick: aiohttp and one group-committing SQLite writer, nothing else."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return ServerProcess(
+        [sys.executable, "-m", "bench.group_commit_server", "--port", str(port), "--data", str(data_dir)],
+        port=port, health_path="/healthz", log_path=data_dir / "server.log", cwd=data_dir, env=env, cpu=cpu,
+    )

@@ -137,6 +137,22 @@ async def test_group_commit_coalesces_and_isolates_a_failing_unit(db):
     assert db.stats.commits - before < 100  # batched, not one commit per unit
 
 
+async def test_urgent_writes_that_arrive_over_a_few_loop_passes_share_one_commit(db):
+    """Like requests read one after another: each is queued a loop pass later than the one before.
+    The writer lets the loop run while that brings more urgent writes, so they commit together."""
+    await db.write_batched(inbox.insert_many, event("first"), urgent=True)  # the writer is idle again
+    before = db.stats.commits
+
+    async def arrive(index: int):
+        for _ in range(index):
+            await asyncio.sleep(0)
+        return await db.write_batched(inbox.insert_many, event(f"p{index}"), urgent=True)
+
+    results = await asyncio.gather(*(arrive(i) for i in range(6)))
+    assert all(r is not None for r in results)
+    assert db.stats.commits - before == 1
+
+
 async def test_claim_is_exclusive(db):
     event_id = await db.write_batched(inbox.insert_many, event("c1"))
     other = await db.write_batched(inbox.insert_many, event("c2"))

@@ -42,7 +42,7 @@ from bridge.runtimes.shell import ShellRuntime
 from bridge.store import approvals as approvals_repo
 from bridge.store import migrate
 from bridge.store import outbox as outbox_repo
-from bridge.store.db import Database
+from bridge.store.db import GATHER_ROUNDS, Database
 from bridge.web import webhooks
 from bridge.web.server import build_app
 from channels.base import ChannelAdapter
@@ -129,7 +129,10 @@ class Service:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.metrics = Metrics()
-        self.db = Database(settings.database_url)
+        # Requests this process reads itself arrive a loop pass apart: the writer gathers them
+        # into one commit. Edge workers hand them over already grouped, one link read at a
+        # time, and there the gathering's extra passes cost more than they saved (docs/benchmarks.md).
+        self.db = Database(settings.database_url, gather_rounds=0 if settings.edge_workers else GATHER_ROUNDS)
         self.runtime = build_runtime(settings)
         self.webchat = WebChatChannel(self.db, Uploads(settings.data_dir / "attachments" / "webchat",
                                                        max_bytes=settings.webchat_max_file_mb * 1024 * 1024,

@@ -65,6 +65,7 @@ CHECKPOINT_EVERY = 1.0  # seconds between WAL checkpoints while writes happen
 # mostly per commit and per page it dirties, so a cycle that carries every request already on
 # its way costs less per request: under 32 concurrent posters, 31 events a commit instead of 12,
 # and about 15 % less CPU per request (docs/benchmarks.md). A lone request waits two passes.
+# The default of `Database(gather_rounds=...)`; 0 turns the gathering off.
 GATHER_ROUNDS = 8
 # Pages of 2 KB instead of SQLite's 4 KB for a new database: each message adds index entries at
 # random places (its dedupe keys, its conversation), so a commit writes about one page per index
@@ -235,8 +236,9 @@ class Database:
     """The store's connections: `read()` for reads, `write()` and friends through the group
     committer; on SQLite both run on the loop's thread (see the module's docstring)."""
 
-    def __init__(self, url: str, *, read_pool: int = 4) -> None:
+    def __init__(self, url: str, *, read_pool: int = 4, gather_rounds: int = GATHER_ROUNDS) -> None:
         self.url = url
+        self.gather_rounds = gather_rounds
         self.is_sqlite = url.startswith("sqlite")
         self.dialect = "sqlite" if self.is_sqlite else "postgresql"
         self.reader = make_engine(url, pool_size=read_pool)
@@ -389,7 +391,7 @@ class Database:
                 await self._commit_group(units)
 
     async def _gather_urgent(self) -> None:
-        for _ in range(GATHER_ROUNDS):
+        for _ in range(self.gather_rounds):
             queued = len(self._urgent)
             if queued >= MAX_BATCH:
                 return

@@ -59,6 +59,10 @@ class Writer:
             await asyncio.sleep(0)
 
 
+WRITER = web.AppKey("writer", Writer)
+TASK = web.AppKey("writer_task", asyncio.Task)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--port", type=int, required=True)
@@ -74,24 +78,20 @@ def main() -> None:
                    raw.decode(), time.time())
         except (orjson.JSONDecodeError, KeyError, TypeError):
             return web.Response(status=400, body=b'{"error": "bad body"}', content_type="application/json")
-        new = await writer.submit(row)
+        new = await request.app[WRITER].submit(row)
         return web.Response(status=202, body=ACK if new else DUP, content_type="application/json")
 
     async def healthz(_request: web.Request) -> web.Response:
         return web.Response(body=b'{"ok": true}', content_type="application/json")
 
     async def start(app: web.Application) -> None:
-        global writer
-        writer = Writer(args.data / "events.db")
-        app["writer_task"] = asyncio.create_task(writer.run())
+        app[WRITER] = Writer(args.data / "events.db")
+        app[TASK] = asyncio.create_task(app[WRITER].run())
 
     app = web.Application(client_max_size=1024 * 1024)
     app.on_startup.append(start)
     app.add_routes([web.post("/chat/api/messages", post), web.get("/healthz", healthz)])
     web.run_app(app, host="127.0.0.1", port=args.port, access_log=None, print=None, handler_cancellation=False)
-
-
-writer: Writer
 
 
 if __name__ == "__main__":

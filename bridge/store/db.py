@@ -46,6 +46,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from bridge import jsoncodec
+from bridge.store.dialect import plain_statement
 
 T = TypeVar("T")
 
@@ -507,7 +508,11 @@ class Database:
                 results[ref] = await _call(conn, unit.single(conn))
             elif kind == "stmt":
                 values = params[ref]
-                await conn.execute(ref, values if len(values) > 1 else values[0])
+                plain = plain_statement(conn.dialect, ref, values) if isinstance(conn, _OnLoopConnection) else None
+                if plain is not None:
+                    plain.run(conn.driver, values)
+                else:
+                    await conn.execute(ref, values if len(values) > 1 else values[0])
             else:
                 indexes = batches[ref]
                 items: list[Any] = []

@@ -10,6 +10,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import select, text
 
+from bridge import jsoncodec
 from bridge.store import approvals, conversations, inbox, migrate, outbox, turns
 from bridge.store.db import Database
 from bridge.store.schema import metadata
@@ -300,6 +301,11 @@ async def test_hot_path_statements_coalesce_without_falling_back(db):
             *outbox.delivered(1, 1, f"s{i}", "P"), *outbox.retry(2, 1, time.time(), "e"), *outbox.dead(3, 1, "e"),
             *outbox.superseded(4),
         ])
+    if db.is_sqlite:  # ... and on SQLite, straight on the driver
+        from bridge.store.dialect import plain_statement
+
+        assert [stmt for unit in units for stmt, params in unit
+                if plain_statement(db._conn.dialect, stmt, [params]) is None] == []
     await asyncio.gather(*(db.execute(u) for u in units))
     assert db.stats.failed_batches == failed_before
     assert db.stats.commits - commits_before == 1
@@ -352,3 +358,56 @@ async def test_work_without_a_live_holder_is_found(db):
     assert await db.read(lambda c: leases.unowned_work(c, owner="other", now=now)) == ["webchat:free", "webchat:held"]
     assert await db.read(lambda c: leases.unowned_work(c, owner="me", now=now + 20)) == ["webchat:free", "webchat:held"]
     assert [r.status for r in await db.read(lambda c: leases.open_events(c, "webchat:held"))] == ["accepted"]
+
+
+async def test_statement_units_run_on_sqlite_driver_unless_sqlalchemy_must_run_them(tmp_path):
+    """On SQLite, statements queued through execute() run straight on the driver, compiled once
+    (with their literals and bind processors: JSON, floats); what needs SQLAlchemy's execution
+    (Python-side defaults, RETURNING, expanding IN lists, a missing parameter) still gets it."""
+    from sqlalchemy import bindparam, update
+
+    from bridge.store.dialect import plain_statement
+    from bridge.store.schema import conversations as conversations_table
+    from bridge.store.schema import inbound_events
+
+    database = Database(f"sqlite+aiosqlite:///{tmp_path / 'plain.db'}")
+    await migrate.upgrade(database.writer_engine)
+    await database.start()
+    try:
+        dialect = database._conn.dialect  # the on-loop writer's
+        ops = [
+            *outbox.send_ops("sqlite", channel="webchat", conversation_key="webchat:c1",
+                             payload={"text": "é", "n": [1, 2]}, ref="r1"),
+            *outbox.delivered(1, 2, "r1", "P1"),  # literals: status="delivered", last_error=None
+        ]
+        for stmt, params in ops:
+            assert plain_statement(dialect, stmt, [params]) is not None, stmt
+        await database.execute(ops)
+        row = (await database.read(outbox.count_by_status))
+        assert row == {"delivered": 1}
+        async with database.reader.connect() as conn:
+            stored = (await conn.execute(text("SELECT payload, status, attempts, last_error FROM outbox"))).one()
+        assert (jsoncodec.loads(stored.payload), stored.status, stored.attempts, stored.last_error) == (
+            {"text": "é", "n": [1, 2]}, "delivered", 2, None)
+        assert await database.read(lambda c: outbox.platform_id(c, "r1")) == "P1"
+
+        # SQLAlchemy's own execution: a column default to fill in, RETURNING, an IN list
+        new_conversation = {"key": "webchat:c9", "channel": "webchat", "chat_id": "c9", "thread_id": None,
+                            "created_at": 1.0, "updated_at": 1.0}
+        assert plain_statement(dialect, conversations_table.insert(), [new_conversation]) is None
+        assert plain_statement(dialect, inbox.CLAIM, [{"b_ids": [1]}]) is None
+        returning = update(inbound_events).where(inbound_events.c.id == bindparam("b_id")).values(
+            status="done").returning(inbound_events.c.id)
+        assert plain_statement(dialect, returning, [{"b_id": 1}]) is None
+        # parameter sets of different shapes, and a missing parameter: SQLAlchemy's rules and words
+        finish = inbox.finish_op(1, "done")[0]
+        assert plain_statement(dialect, finish, [{"b_id": 1, "b_status": "done", "b_now": 1.0, "b_error": None},
+                                                 {"b_id": 2, "b_status": "done", "b_now": 1.0}]) is None
+        assert plain_statement(dialect, finish, [{"b_id": 1}]) is None
+        with pytest.raises(Exception, match="b_status"):
+            await database.execute([(finish, {"b_id": 1})])
+        await database.execute([(conversations_table.insert(), new_conversation)])
+        async with database.reader.connect() as conn:
+            assert (await conn.execute(text("SELECT is_group FROM conversations WHERE key = 'webchat:c9'"))).scalar() == 0
+    finally:
+        await database.close()

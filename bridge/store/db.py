@@ -200,11 +200,20 @@ class _OnLoopConnection:
     async def exec_driver_sql(self, statement: str, parameters: Any = None) -> Any:
         return self.sync.exec_driver_sql(statement, parameters)
 
+    async def begin_immediate(self) -> None:
+        """Take SQLite's write lock for the writer's cycle, on the driver itself: the cycle's own
+        BEGIN and COMMIT cost no SQLAlchemy execution (a turn's cycles carry few statements)."""
+        self.driver.execute("BEGIN IMMEDIATE")
+
     async def commit(self) -> None:
-        self.sync.commit()
+        if self.sync.in_transaction():
+            self.sync.commit()  # a statement ran through SQLAlchemy, which began too: it commits
+        else:
+            self.driver.commit()
 
     async def rollback(self) -> None:
         self.sync.rollback()
+        self.driver.rollback()  # what SQLAlchemy did not begin: the cycle's BEGIN IMMEDIATE
 
     async def close(self) -> None:
         self.sync.close()
@@ -451,8 +460,8 @@ class Database:
             assert conn is not None
         if isinstance(conn, _OnLoopConnection):
             try:
-                await conn.exec_driver_sql("BEGIN IMMEDIATE")
-            except OperationalError as exc:
+                await conn.begin_immediate()
+            except (OperationalError, sqlite3.OperationalError) as exc:
                 await self._rollback(conn)
                 if _lock_held(exc):
                     raise _LockHeld(_brief(exc)) from None

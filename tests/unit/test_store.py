@@ -411,3 +411,32 @@ async def test_statement_units_run_on_sqlite_driver_unless_sqlalchemy_must_run_t
             assert (await conn.execute(text("SELECT is_group FROM conversations WHERE key = 'webchat:c9'"))).scalar() == 0
     finally:
         await database.close()
+
+
+async def test_writes_wait_for_a_write_lock_held_elsewhere_without_blocking_the_loop(tmp_path):
+    """Another process (the CLI, say) holding SQLite's write lock: the writer's cycle pauses and
+    tries again, the loop keeps running, and the write lands once the lock is free."""
+    import sqlite3
+
+    path = tmp_path / "locked.db"
+    database = Database(f"sqlite+aiosqlite:///{path}")
+    await migrate.upgrade(database.writer_engine)
+    await database.start()
+    other = sqlite3.connect(path, isolation_level=None)
+    try:
+        assert await database.write_batched(inbox.insert_many, event("before")) is not None
+        other.execute("BEGIN IMMEDIATE")
+        write = asyncio.ensure_future(database.write_batched(inbox.insert_many, event("held")))
+        started = time.monotonic()
+        for _ in range(20):
+            await asyncio.sleep(0.01)
+        assert time.monotonic() - started < 1.0  # the loop was free all along
+        assert not write.done()
+        other.execute("COMMIT")
+        assert await asyncio.wait_for(write, 5) is not None
+        # no transaction was left open: the next cycles begin and commit as usual
+        assert await database.write_batched(inbox.insert_many, event("after")) is not None
+        assert await database.read(inbox.count_by_status) == {"accepted": 3}
+    finally:
+        other.close()
+        await database.close()

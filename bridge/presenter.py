@@ -91,6 +91,32 @@ def stop_requested() -> Reply:
     return Reply(text="⏹ Stopping the running turn…")
 
 
+OUTPUT_SHOWN = 30_000  # characters of a kept output that `/output` shows (its end); channels split long replies
+
+
+def fence(text: str) -> str:
+    """A markdown code block that survives backticks inside the text."""
+    ticks = "```"
+    while ticks in text:
+        ticks += "`"
+    return f"{ticks}\n{text}\n{ticks}" if text else f"{ticks}\n{ticks}"
+
+
+def kept_output(turn: Any | None) -> Reply:
+    """`/output`: the output the active session's latest turn kept, which its reply may have cut."""
+    if turn is None:
+        return Reply(text="No turn of this session has kept an output yet.")
+    output = turn.output.rstrip("\n")
+    request = " ".join(turn.input_text.split())
+    request = request if len(request) <= 80 else request[:79] + "…"
+    cut = ""
+    if len(output) > OUTPUT_SHOWN:
+        cut = (f"\n_The first {len(output) - OUTPUT_SHOWN} of {len(output)} characters are not shown "
+               "(the whole output stays in the store)._")
+        output = output[-OUTPUT_SHOWN:]
+    return Reply(text=f'Output of turn {turn.id} ({turn.status}), "{request}":\n{fence(output)}{cut}')
+
+
 def help_text(runtime: str) -> Reply:
     lines = [
         f"**agent-bridge** · runtime `{runtime}`",
@@ -101,6 +127,7 @@ def help_text(runtime: str) -> Reply:
         "- `/new [name]` a fresh session (the old one is kept) · `/sessions` · `/switch <name|n>`.",
         "- `/resume <thread id>` continue a runtime thread started elsewhere (admins).",
         "- `/cwd [path]` the workspace (admins, inside the allowed roots) · `/model [name]` · `/mode strict|default|trusted`.",
+        "- `/output` the whole output of the last turn, where its reply was cut.",
         "- `/retry` asks an expired or interrupted approval again · `/help` shows this.",
     ]
     if runtime == "shell":

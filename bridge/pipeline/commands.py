@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 COMMAND = re.compile(r"^/([A-Za-z][\w-]*)(?:\s+(.*))?$", re.DOTALL)
 KNOWN = frozenset({"stop", "status", "help", "retry", "new", "sessions", "switch", "resume", "cwd", "model",
-                   "mode", "queue", "steer", "routines"})
+                   "mode", "queue", "steer", "routines", "output"})
 SHORTCUTS = {
     "y": "approve", "yes": "approve", "approve": "approve", "ok": "approve",
     "n": "deny", "no": "deny", "deny": "deny",

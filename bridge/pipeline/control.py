@@ -21,6 +21,7 @@ from bridge.pipeline.turns import TurnRunner
 from bridge.routines.scheduler import Scheduler
 from bridge.runtimes.base import Decision
 from bridge.store import approvals, conversations, inbox
+from bridge.store import turns as turns_repo
 from bridge.store.db import Database
 from channels.base import ConversationKey, Reply
 
@@ -75,6 +76,8 @@ class ControlCommands:
             reply = await self._steer(key, command.args)
         elif command.name == "routines":
             reply = await self._routines(key, user, command.args)
+        elif command.name == "output":
+            reply = presenter.kept_output(await self.db.read(lambda c: turns_repo.last_output(c, key), offload=True))
         elif command.known:
             reply = await self.sessions.handle(command.name, command.args, key, user, is_group=is_group)
         else:

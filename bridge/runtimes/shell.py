@@ -19,6 +19,7 @@ from typing import Any
 
 from loguru import logger
 
+from bridge.presenter import fence
 from bridge.processes import exited
 from bridge.runtimes.base import Approval, ApprovalRequest, Decision, TurnContext, TurnOutcome, TurnRequest
 
@@ -29,14 +30,6 @@ KILL_GRACE = 0.5
 
 def _clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith(SECRET_ENV_PREFIXES)}
-
-
-def fence(text: str) -> str:
-    """A markdown code block that survives backticks inside the text."""
-    ticks = "```"
-    while ticks in text:
-        ticks += "`"
-    return f"{ticks}\n{text}\n{ticks}" if text else f"{ticks}\n{ticks}"
 
 
 class _Run:
@@ -168,7 +161,7 @@ class ShellRuntime:
         if len(text) > self.output_limit:
             cut = len(text) - self.output_limit
             text = text[-self.output_limit:]
-            cut_note = f"\n_Output truncated: the first {cut} characters are not shown; the full output is kept._"
+            cut_note = f"\n_Output truncated: the first {cut} characters are not shown; `/output` shows the rest._"
         status = "_running…_" if running else note
         return f"{fence(text)}{cut_note}\n{status}".strip()
 

@@ -80,6 +80,14 @@ def _insert(dialect: str):
 
 
 BY_ID = select(turns).where(turns.c.id == bindparam("b_id"))
+# the latest turn of a conversation's active session that kept an output (`/output`)
+LAST_OUTPUT = (
+    select(turns.c.id, turns.c.input_text, turns.c.status, turns.c.output)
+    .join(conversations, conversations.c.active_session_id == turns.c.session_id)
+    .where(conversations.c.key == bindparam("b_key"), turns.c.output.is_not(None))
+    .order_by(turns.c.id.desc())
+    .limit(1)
+)
 BY_EVENT = select(turns).where(turns.c.inbound_event_id == bindparam("b_event"))
 
 FINISH = (
@@ -104,6 +112,11 @@ async def finish(
 
 async def get(conn: AsyncConnection, turn_id: int):
     return (await conn.execute(BY_ID, {"b_id": turn_id})).first()
+
+
+async def last_output(conn: AsyncConnection, conversation_key: str):
+    """The active session's latest turn that kept an output (id, input_text, status, output), or None."""
+    return (await conn.execute(LAST_OUTPUT, {"b_key": conversation_key})).first()
 
 
 async def by_event(conn: AsyncConnection, inbound_event_id: int):

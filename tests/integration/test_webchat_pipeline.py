@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import sqlite3
 import time
 import uuid
@@ -246,6 +247,23 @@ async def test_long_output_is_truncated_in_chat_and_kept_whole(bridge, chat):
     with sqlite3.connect(proc.data_dir / "bridge.db") as conn:
         output = conn.execute("SELECT output FROM turns").fetchone()[0]
     assert output.startswith("line 0\n") and "line 1999" in output
+    assert "/output" in texts[0]  # the cut reply says how to see the rest
+    # `/output` shows what the reply cut: the whole of it, in this conversation only
+    await c.post("c-long", "alice", "/output")
+    shown = await c.wait_for("c-long", lambda msgs: [t for t in final_texts(msgs) if t.startswith("Output of turn")])
+    assert len(shown) == 1 and '"cat big.txt"' in shown[0]
+    assert "\nline 0\n" in shown[0] and "line 1999\n" in shown[0] and "not shown" not in shown[0]
+    await c.post("c-other", "bob", "/output")
+    none = await c.wait_for("c-other", final_texts)
+    assert none == ["No turn of this session has kept an output yet."]
+    # an output longer than /output shows: its end, and how much is not shown
+    (proc.data_dir / "workspace" / "bigger.txt").write_text("".join(f"row {i}\n" for i in range(6000)))
+    await c.post("c-long", "alice", "cat bigger.txt")
+    await c.wait_for("c-long", lambda msgs: [t for t in final_texts(msgs) if "row 5999" in t])
+    await c.post("c-long", "alice", "/output")
+    shown = await c.wait_for("c-long", lambda msgs: [t for t in final_texts(msgs) if '"cat bigger.txt"' in t])
+    assert "row 5999\n" in shown[0] and "row 0\n" not in shown[0]
+    assert re.search(r"The first \d+ of \d+ characters are not shown", shown[0])
 
 
 async def test_health_readiness_and_metrics(bridge, chat, http):

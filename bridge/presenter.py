@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from datetime import datetime, timezone
 from typing import Any
 
+from bridge.markdown import fence
 from bridge.runtimes.base import Decision, InputFile
 from channels.base import Button, Card, Reply
 
@@ -92,14 +93,6 @@ def stop_requested() -> Reply:
 
 
 OUTPUT_SHOWN = 30_000  # characters of a kept output that `/output` shows (its end); channels split long replies
-
-
-def fence(text: str) -> str:
-    """A markdown code block that survives backticks inside the text."""
-    ticks = "```"
-    while ticks in text:
-        ticks += "`"
-    return f"{ticks}\n{text}\n{ticks}" if text else f"{ticks}\n{ticks}"
 
 
 def kept_output(turn: Any | None) -> Reply:
@@ -237,7 +230,7 @@ def approval_card(approval: dict[str, Any], *, approval_id: str, retried_by: str
     if question:
         lines.append(detail.get("question") or approval["summary"])
     if "command" in detail:
-        lines.append(f"```\n{detail['command']}\n```")
+        lines.append(fence(str(detail["command"])))
     if detail.get("cwd"):
         lines.append(f"in `{detail['cwd']}`")
     if detail.get("paths"):
@@ -290,7 +283,7 @@ def _collapsed_diff(diff: str) -> str:
     shown = "\n".join(lines[:DIFF_LINES_SHOWN])
     more = len(lines) - DIFF_LINES_SHOWN
     note = f"\n_… {more} more lines of the diff not shown (the full request is kept)._" if more > 0 else ""
-    return f"```diff\n{shown}\n```{note}"
+    return fence(shown, "diff") + note
 
 
 def nothing_to_decide() -> Reply:

@@ -19,7 +19,7 @@ from typing import Any
 
 from loguru import logger
 
-from bridge.presenter import fence
+from bridge.markdown import fence
 from bridge.processes import exited
 from bridge.runtimes.base import Approval, ApprovalRequest, Decision, TurnContext, TurnOutcome, TurnRequest
 

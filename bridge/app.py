@@ -43,9 +43,11 @@ from bridge.store import approvals as approvals_repo
 from bridge.store import migrate
 from bridge.store import outbox as outbox_repo
 from bridge.store.db import GATHER_ROUNDS, Database
+from bridge.store.notify import Listener
 from bridge.web import webhooks
 from bridge.web.server import build_app
 from channels.base import ChannelAdapter
+from channels.webchat import transcript
 from channels.webchat.adapter import WebChatChannel
 from channels.webchat.uploads import Uploads
 
@@ -136,7 +138,14 @@ class Service:
         self.runtime = build_runtime(settings)
         self.webchat = WebChatChannel(self.db, Uploads(settings.data_dir / "attachments" / "webchat",
                                                        max_bytes=settings.webchat_max_file_mb * 1024 * 1024,
-                                                       unsent_ttl=settings.webchat_upload_ttl_hours * 3600))
+                                                       unsent_ttl=settings.webchat_upload_ttl_hours * 3600),
+                                      shared_store=not self.db.is_sqlite)
+        # Several replicas: a page open on one sees live what any replica writes to its transcript.
+        self.webchat_live: Listener | None = None
+        if not self.db.is_sqlite:
+            self.webchat_live = Listener(settings.database_url, transcript.LIVE_CHANNEL,
+                                         on_notify=self.webchat.changed, on_gap=self.webchat.changed_all,
+                                         application_name=f"agent-bridge {settings.replica_id}")
         self.channels: dict[str, ChannelAdapter] = {self.webchat.name: self.webchat}
         if settings.feishu_enabled:
             feishu = build_feishu(settings)
@@ -192,6 +201,8 @@ class Service:
         checks.update({f"channel:{name}": ch.health for name, ch in self.channels.items()})
         if self.ownership is not None:
             checks["replica"] = self.ownership.health
+        if self.webchat_live is not None:
+            checks["webchat_live"] = self.webchat_live.health
         self.webhooks = [hook for ch in self.channels.values() for hook in ch.webhooks()]
         routes = [route for ch in self.channels.values() for route in ch.routes()]
         routes += [webhooks.route(hook.check, hook.accept) for hook in self.webhooks]
@@ -236,6 +247,8 @@ class Service:
         self.settings.workspace.mkdir(parents=True, exist_ok=True)
         await migrate.ensure_schema(self.db.writer_engine)
         await self.db.start()
+        if self.webchat_live is not None:
+            await self.webchat_live.start()
         await self.runtime.start()
         for channel in self.channels.values():
             await channel.start(self.ingest)
@@ -303,6 +316,8 @@ class Service:
             await self.ownership.release_all()  # another replica takes the conversations over at once
         for channel in self.channels.values():
             await channel.stop()
+        if self.webchat_live is not None:
+            await self.webchat_live.stop()
         await self.runtime.stop()
         if self._runner is not None:
             await self._runner.cleanup()

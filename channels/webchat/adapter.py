@@ -62,29 +62,57 @@ def public_message(row: dict[str, Any]) -> dict[str, Any]:
     return message
 
 
-class _Hub:
-    """Live subscribers per conversation (this process only; the API's `after` polling covers the rest)."""
+class _Subscription:
+    """One open page's live stream: rows pushed to it (one process), or a flag to look again."""
+
+    __slots__ = ("queue", "woken")
 
     def __init__(self) -> None:
-        self._subs: dict[str, set[asyncio.Queue[dict[str, Any]]]] = {}
+        self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=1000)
+        self.woken = asyncio.Event()
 
-    def subscribe(self, conversation_id: str) -> asyncio.Queue[dict[str, Any]]:
-        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=1000)
-        self._subs.setdefault(conversation_id, set()).add(queue)
-        return queue
 
-    def unsubscribe(self, conversation_id: str, queue: asyncio.Queue[dict[str, Any]]) -> None:
+class _Hub:
+    """Live subscribers per conversation. With one process (SQLite) the rows it writes are pushed
+    to them as they are. With several replicas (`from_store`) a page's replica is not always the
+    one that writes: each change (here, or NOTIFY from any replica) wakes the conversation's
+    subscribers, which read the store after the last seq they sent, so they miss nothing and send
+    everything in seq order."""
+
+    def __init__(self) -> None:
+        self._subs: dict[str, set[_Subscription]] = {}
+        self.from_store = False
+
+    def subscribe(self, conversation_id: str) -> _Subscription:
+        sub = _Subscription()
+        self._subs.setdefault(conversation_id, set()).add(sub)
+        return sub
+
+    def unsubscribe(self, conversation_id: str, sub: _Subscription) -> None:
         subs = self._subs.get(conversation_id)
         if subs is not None:
-            subs.discard(queue)
+            subs.discard(sub)
             if not subs:
                 del self._subs[conversation_id]
 
     def publish(self, row: dict[str, Any]) -> None:
-        for queue in self._subs.get(row["conversation_id"], ()):
-            if queue.full():
+        """A row this process wrote (committed)."""
+        if self.from_store:
+            self.changed(row["conversation_id"])
+            return
+        for sub in self._subs.get(row["conversation_id"], ()):
+            if sub.queue.full():
                 continue  # a stalled page catches up through `after` on reconnect
-            queue.put_nowait(public_message(row))
+            sub.queue.put_nowait(public_message(row))
+
+    def changed(self, conversation_id: str) -> None:
+        for sub in self._subs.get(conversation_id, ()):
+            sub.woken.set()
+
+    def changed_all(self) -> None:
+        for subs in self._subs.values():
+            for sub in subs:
+                sub.woken.set()
 
     @property
     def count(self) -> int:
@@ -94,10 +122,13 @@ class _Hub:
 class WebChatChannel:
     name = CHANNEL
 
-    def __init__(self, db: Database, uploads: Uploads) -> None:
+    def __init__(self, db: Database, uploads: Uploads, *, shared_store: bool = False) -> None:
+        """`shared_store`: several replicas write this store; live pages then follow the store
+        (woken by `changed`) rather than this process's own writes alone."""
         self.db = db
         self.uploads = uploads
         self.hub = _Hub()
+        self.hub.from_store = shared_store
         self.transcript = transcript.Transcript()
         self._ingest: Ingest | None = None
         self._page: bytes | None = None
@@ -284,27 +315,50 @@ class WebChatChannel:
 
     async def stream(self, request: web.Request) -> web.StreamResponse:
         conversation_id, after = self._query(request)
-        queue = self.hub.subscribe(conversation_id)
+        sub = self.hub.subscribe(conversation_id)
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
         try:
-            backlog = await self.db.read(lambda c: transcript.list_after(c, conversation_id, after, PAGE_LIMIT),
-                                          offload=True)
-            for row in backlog:
-                await response.write(_sse(public_message(row)))
+            last = await self._send_after(response, conversation_id, after)
             while True:
                 try:
                     async with asyncio.timeout(SSE_PING):
-                        message = await queue.get()
+                        if self.hub.from_store:
+                            await sub.woken.wait()
+                        else:
+                            message = await sub.queue.get()
                 except TimeoutError:
                     await response.write(b": ping\n\n")
                     continue
-                await response.write(_sse(message))
+                if self.hub.from_store:
+                    sub.woken.clear()
+                    last = await self._send_after(response, conversation_id, last)
+                else:
+                    await response.write(_sse(message))
         except (ConnectionResetError, asyncio.CancelledError):
             pass
         finally:
-            self.hub.unsubscribe(conversation_id, queue)
+            self.hub.unsubscribe(conversation_id, sub)
         return response
+
+    async def _send_after(self, response: web.StreamResponse, conversation_id: str, after: int) -> int:
+        """Send the conversation's messages (and edits) after seq `after`; returns the last seq sent."""
+        while True:
+            rows = await self.db.read(lambda c: transcript.list_after(c, conversation_id, after, PAGE_LIMIT),
+                                      offload=True)
+            for row in rows:
+                await response.write(_sse(public_message(row)))
+                after = row["seq"]
+            if len(rows) < PAGE_LIMIT:
+                return after
+
+    def changed(self, conversation_id: str) -> None:
+        """Another replica wrote to this conversation's transcript (several replicas only)."""
+        self.hub.changed(conversation_id)
+
+    def changed_all(self) -> None:
+        """Changes may have been missed (the notifications were down): every open page looks again."""
+        self.hub.changed_all()
 
     # -- helpers -----------------------------------------------------------------------------
 

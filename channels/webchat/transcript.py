@@ -15,7 +15,12 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bridge import jsoncodec
 from bridge.store.dialect import sqlite_driver, sqlite_insert_many, upsert
+from bridge.store.notify import notify_statement
 from bridge.store.schema import metadata
+
+# On PostgreSQL every write to a conversation's transcript notifies this channel (payload: the
+# conversation id), in the write's transaction, so pages open on any replica see it live.
+LIVE_CHANNEL = "agent_bridge_webchat"
 
 webchat_messages = Table(
     "webchat_messages",
@@ -98,6 +103,9 @@ class Transcript:
         if missing:  # duplicates: return the rows already stored
             found = await conn.execute(select(webchat_messages).where(webchat_messages.c.dedupe_key.in_(missing)))
             by_key.update({row.dedupe_key: dict(row._mapping) for row in found})
+        if conn.dialect.name == "postgresql" and len(missing) < len(rows):
+            skipped = set(missing)
+            await _notify(conn, [r["conversation_id"] for r in rows if r["dedupe_key"] not in skipped])
         return [by_key[row["dedupe_key"]] for row in rows]
 
     async def edit_many(self, conn: AsyncConnection, items: Sequence[Edit]) -> list[dict[str, Any] | None]:
@@ -109,7 +117,15 @@ class Transcript:
         await conn.execute(EDIT, params)
         ids = list({e.message_id for e in items})
         rows = {row.id: dict(row._mapping) for row in await conn.execute(BY_IDS, {"b_ids": ids})}
+        if rows and conn.dialect.name == "postgresql":
+            await _notify(conn, [r["conversation_id"] for r in rows.values()])
         return [rows.get(e.message_id) for e in items]
+
+
+async def _notify(conn: AsyncConnection, conversation_ids: Sequence[str]) -> None:
+    """Several replicas: tell every replica's open pages to look again (sent at COMMIT, if any)."""
+    statement, params = notify_statement(LIVE_CHANNEL, conversation_ids)
+    await conn.execute(statement, params)
 
 
 def _message_id(now_ns: int, seq: int) -> str:

@@ -5,6 +5,7 @@ conversations to the other when its leases run out."""
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 
 import asyncpg
@@ -124,3 +125,59 @@ async def test_a_card_clicked_on_the_other_replica_lets_the_turn_go_on(replicas,
         texts = await chat_a.wait_for("d-card", finals(1), timeout=15)
         assert "exit 0" in texts[0]
         assert (a.data_dir.parent / "workspace" / "approved-elsewhere.txt").exists()
+
+
+async def _live(http, base_url: str, conversation_id: str, seen: list[dict], after: int = 0) -> None:
+    """Reads a page's live stream (SSE) into `seen` until cancelled."""
+    params = {"conversation_id": conversation_id, "after": str(after)}
+    async with http.get(f"{base_url}/chat/api/stream", params=params) as r:
+        assert r.status == 200
+        async for line in r.content:
+            if line.startswith(b"data:"):
+                seen.append(json.loads(line[5:]))
+
+
+async def _until(predicate, timeout: float = 15.0):
+    async with asyncio.timeout(timeout):
+        while not (found := predicate()):
+            await asyncio.sleep(0.05)
+    return found
+
+
+def _final_reply(seen: list[dict], token: str) -> bool:
+    return any(m["role"] == "bot" and token in m["text"] and "exit 0" in m["text"] for m in seen)
+
+
+async def test_a_page_on_one_replica_sees_live_what_another_replica_writes(replicas, http):
+    async with postgres_database() as url:
+        a, b = replicas(url)
+        chat_b = ChatClient(http, b.url)
+        seen: list[dict] = []
+        page = asyncio.create_task(_live(http, a.url, "g-live", seen))  # a page open on replica 0
+        try:
+            await asyncio.sleep(0.5)
+            # posted to replica 1, which holds the conversation, runs the turn and writes the reply
+            await chat_b.post("g-live", "bob", "echo across-replicas")
+            await _until(lambda: _final_reply(seen, "across-replicas"))
+            owner = await rows(url, "SELECT owner FROM conversation_leases WHERE conversation_key = 'webchat:g-live'")
+            assert [r["owner"] for r in owner] == ["replica-1"]
+            assert any(m["role"] == "user" and m["user_id"] == "bob" for m in seen)  # the person's message too
+            # each message once, in seq order, as the page would apply them
+            seqs = [m["seq"] for m in seen]
+            assert seqs == sorted(seqs) and len(seqs) == len(set(seqs))
+
+            # the replica's listening connection is cut: it listens again, and what was written
+            # meanwhile still reaches the page
+            cut = await rows(url, "SELECT pg_terminate_backend(pid) AS done FROM pg_stat_activity "
+                                  "WHERE query LIKE 'LISTEN%' AND application_name = 'agent-bridge replica-0'")
+            assert [r["done"] for r in cut] == [True]
+            await chat_b.post("g-live", "bob", "echo after-the-cut")
+            await _until(lambda: _final_reply(seen, "after-the-cut"), timeout=20)
+            seqs = [m["seq"] for m in seen]
+            assert seqs == sorted(seqs) and len(seqs) == len(set(seqs))
+            async with http.get(f"{a.url}/readyz") as resp:
+                live = (await resp.json())["checks"]["webchat_live"]
+            assert live["ok"] and live["connects"] == 2
+        finally:
+            page.cancel()
+            await asyncio.gather(page, return_exceptions=True)

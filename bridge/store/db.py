@@ -59,6 +59,9 @@ BACKGROUND_BATCH = 256  # bounds how long an urgent unit can wait behind backgro
 BACKGROUND_SINGLES = 16  # ... and so does this: single units are not coalesced, each costs its statements
 BUSY_PAUSES = (0.002, 0.005, 0.01, 0.02, 0.05)  # SQLite's write lock held by another process
 BUSY_LIMIT = 30.0  # seconds of a held lock after which queued writes fail instead of waiting
+# PostgreSQL out of reach (restarted, failed over, network cut): queued writes wait for it
+OUTAGE_PAUSES = (0.1, 0.2, 0.5, 1.0, 2.0)
+OUTAGE_LIMIT = 60.0
 CHECKPOINT_EVERY = 1.0  # seconds between WAL checkpoints while writes happen
 # Before an urgent cycle, the writer lets the loop run while that brings more urgent units: each
 # round is two loop passes (one reads the sockets that are ready, the next runs the handlers
@@ -83,8 +86,18 @@ class StoreBusy(RuntimeError):
     """SQLite's write lock stayed with another process for longer than BUSY_LIMIT."""
 
 
+class StoreUnavailable(RuntimeError):
+    """PostgreSQL stayed out of reach for longer than OUTAGE_LIMIT, or the connection was lost
+    during a COMMIT (whether that write was applied is then unknown)."""
+
+
 class _LockHeld(Exception):
     """BEGIN IMMEDIATE found the write lock taken: nothing ran, the cycle is retried later."""
+
+
+class _Lost(Exception):
+    """PostgreSQL: the connection is gone (or cannot be opened) and nothing of the cycle was
+    applied: the cycle is run again on a new connection."""
 
 
 @dataclass(slots=True)
@@ -267,6 +280,7 @@ class Database:
         self._closed = False
         self._task: asyncio.Task[None] | None = None
         self._conn: AsyncConnection | _OnLoopConnection | None = None
+        self._connect_error: str | None = None  # why the writer's last reconnection failed
         self.stats = WriterStats()
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -398,7 +412,7 @@ class Database:
             if isinstance(self._conn, _OnLoopConnection):
                 await self._commit_on_loop(units)
             else:
-                await self._commit_group(units)
+                await self._commit_remote(units)
 
     async def _gather_urgent(self) -> None:
         for _ in range(self.gather_rounds):
@@ -451,13 +465,44 @@ class Database:
                 # the next cycle instead of waiting behind a run of cycles
                 await asyncio.sleep(0)
 
+    async def _commit_remote(self, units: list[_Unit]) -> None:
+        """One PostgreSQL cycle. While the database is out of reach, the cycle waits (without
+        blocking the loop) and runs again on a new connection, up to OUTAGE_LIMIT: a restart or a
+        failover delays writes instead of failing them (a turn's reply among them)."""
+        started = time.monotonic()
+        attempt = 0
+        while True:
+            try:
+                await self._commit_group(units)
+                return
+            except _Lost as lost:
+                units = [unit for unit in units if not unit.future.done()]  # a half may have committed
+                if not units:
+                    return
+                waited = time.monotonic() - started
+                if waited > OUTAGE_LIMIT:
+                    logger.error("store: the database stayed out of reach for {:.0f}s; {} writes failed",
+                                 waited, len(units))
+                    for unit in units:
+                        self._fail(unit, StoreUnavailable(f"the database is out of reach: {lost}"))
+                    return
+                if attempt == 0:
+                    logger.warning("store: the database is out of reach ({}); {} writes wait for it", lost, len(units))
+                await asyncio.sleep(OUTAGE_PAUSES[min(attempt, len(OUTAGE_PAUSES) - 1)])
+                attempt += 1
+                if attempt > 1 and attempt % 10 == 0:
+                    logger.warning("store: still out of reach after {:.0f}s; {} writes wait", waited, len(units))
+
     async def _commit_group(self, units: list[_Unit]) -> None:
         conn = self._conn
         assert conn is not None
+        remote = not isinstance(conn, _OnLoopConnection)
         if conn.closed or conn.invalidated:
-            await self._rollback(conn)
+            await self._reconnect(conn)
             conn = self._conn
             assert conn is not None
+            if remote and (conn.closed or conn.invalidated):
+                raise _Lost(self._connect_error or "no connection")
         if isinstance(conn, _OnLoopConnection):
             try:
                 await conn.begin_immediate()
@@ -469,11 +514,20 @@ class Database:
                 for unit in units:
                     self._fail(unit, exc)
                 return
+        committing = False
         try:
             results = await self._execute(conn, units)
+            committing = True
             await conn.commit()
         except Exception as exc:  # noqa: BLE001 - isolate the failing unit below
             await self._rollback(conn)
+            if remote and _connection_lost(exc, conn):
+                if not committing:
+                    raise _Lost(_brief(exc)) from None  # nothing was applied: run it again
+                logger.error("store: the connection was lost during COMMIT of {} writes ({})", len(units), _brief(exc))
+                for unit in units:
+                    self._fail(unit, StoreUnavailable(f"the connection was lost during COMMIT: {_brief(exc)}"))
+                return
             if len(units) == 1:
                 self._fail(units[0], exc)
                 return
@@ -549,8 +603,12 @@ class Database:
             if not conn.invalidated:
                 return
         except Exception as exc:  # noqa: BLE001
-            logger.error("store: rollback failed: {}", exc)
-        # The connection is gone (database restarted, network cut): take a fresh one.
+            logger.error("store: rollback failed: {}", _brief(exc))
+        await self._reconnect(conn)
+
+    async def _reconnect(self, conn: AsyncConnection) -> None:
+        """The connection is gone (database restarted, network cut): take a fresh one. When that
+        fails too, the writer keeps the closed one and the next cycle tries again."""
         try:
             await conn.close()
         except Exception:  # noqa: BLE001
@@ -558,8 +616,9 @@ class Database:
         try:
             self._conn = await self._connect_writer()
             logger.warning("store: writer reconnected")
-        except Exception as exc:  # noqa: BLE001 - the next batch tries again
-            logger.error("store: writer cannot reconnect: {}", exc)
+        except Exception as exc:  # noqa: BLE001 - the next cycle tries again (_commit_remote says so)
+            self._connect_error = _brief(exc)
+            logger.debug("store: writer cannot reconnect: {}", self._connect_error)
 
     async def _checkpoints(self) -> None:
         """SQLite: copy the WAL back into the database off the loop's thread (it fsyncs), about
@@ -579,6 +638,13 @@ class Database:
     def _fail(unit: _Unit, exc: BaseException) -> None:
         if not unit.future.done():
             unit.future.set_exception(exc)
+
+
+def _connection_lost(exc: BaseException, conn: Any) -> bool:
+    """Whether a failed cycle failed because its connection went away (SQLAlchemy marks it
+    invalidated), rather than because of what it ran."""
+    return bool(getattr(exc, "connection_invalidated", False) or conn.invalidated or conn.closed
+                or isinstance(exc, (OSError, ConnectionError)))
 
 
 def _brief(exc: BaseException) -> str:

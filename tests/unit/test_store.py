@@ -253,29 +253,49 @@ async def test_writer_serves_many_concurrent_writers(db):
 
 
 @pytest.mark.postgres
-async def test_writer_survives_a_lost_connection(tmp_path):
+async def test_writes_wait_out_a_lost_connection_and_an_outage(tmp_path):
+    """PostgreSQL: a write whose connection was cut runs again on a new one; while the database
+    refuses connections, writes wait (the loop stays free) and land once it is back, once each."""
+    import asyncpg
+
+    from tests.support.databases import PG_DSN
+
     async with database_url("postgres", tmp_path) as url:
+        name = url.rsplit("/", 1)[1]
         database = Database(url)
         await migrate.upgrade(database.writer_engine)
         await database.start()
+        admin = await asyncpg.connect(PG_DSN)
+        cut = ("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+               "WHERE datname = $1 AND pid <> pg_backend_pid()")
         try:
             assert await database.write_batched(inbox.insert_many, event("before")) is not None
-            name = url.rsplit("/", 1)[1]
-            import asyncpg
+            await admin.execute(cut, name)
+            assert await database.write_batched(inbox.insert_many, event("lost")) is not None  # alone in its cycle
 
-            from tests.support.databases import PG_DSN
-
-            admin = await asyncpg.connect(PG_DSN)
-            await admin.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
-                name,
-            )
-            await admin.close()
-            with pytest.raises(Exception):
-                await database.write_batched(inbox.insert_many, event("lost"))
-            assert await database.write_batched(inbox.insert_many, event("after")) is not None
+            await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+            await admin.execute(cut, name)
+            waiting = [asyncio.ensure_future(database.write_batched(inbox.insert_many, event(f"outage{i}")))
+                       for i in range(3)]
+            ticks = 0
+            for _ in range(20):  # 1 s of outage: the writes wait, the loop keeps running
+                await asyncio.sleep(0.05)
+                ticks += 1
+            assert ticks == 20 and not any(w.done() for w in waiting)
+            await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+            async with asyncio.timeout(15):
+                ids = await asyncio.gather(*waiting)
+            assert all(i is not None for i in ids) and len(set(ids)) == 3
         finally:
+            await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+            await admin.close()
             await database.close()
+        conn = await asyncpg.connect(url.replace("postgresql+asyncpg://", "postgresql://"))
+        try:
+            keys = [r[0] for r in await conn.fetch("SELECT dedupe_key FROM inbound_events ORDER BY id")]
+        finally:
+            await conn.close()
+        assert len(keys) == 5 and len(set(keys)) == 5
 
 
 async def test_hot_path_statements_coalesce_without_falling_back(db):

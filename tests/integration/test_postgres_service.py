@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 
+import asyncpg
 import pytest
 
 from tests.support.chat import final_texts, finals
-from tests.support.databases import postgres_database
+from tests.support.databases import PG_DSN, postgres_database
 
 pytestmark = pytest.mark.postgres
 
@@ -31,4 +32,34 @@ async def test_service_on_postgres_end_to_end(bridge, chat):
         await c.post("c-pg", "alice", "echo again")
         texts = await c.wait_for("c-pg", finals(3))
         assert "again" in texts[2] and len(final_texts(await c.bot_messages("c-pg"))) == 3
+        proc.stop()
+
+
+async def test_a_database_outage_delays_messages_and_replies_never_loses_or_doubles_them(bridge, chat):
+    """PostgreSQL refuses connections for a few seconds (a restart, a failover): a message sent
+    meanwhile is acknowledged once the database is back, and every message gets one reply."""
+    async with postgres_database() as url:
+        name = url.rsplit("/", 1)[1]
+        proc = bridge(BRIDGE_DATABASE_URL=url, BRIDGE_LEASE_TTL="2")
+        c = chat(proc)
+        await c.post("c-outage", "alice", "echo before-outage")
+        await c.wait_for("c-outage", finals(1))
+        admin = await asyncpg.connect(PG_DSN)
+        try:
+            await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+            await admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", name)
+            during = asyncio.ensure_future(c.post("c-outage", "alice", "echo during-outage", client_msg_id="during"))
+            await asyncio.sleep(3.0)  # longer than the lease: the replica must take its conversation back
+            assert not during.done()  # not acknowledged while it cannot be stored
+        finally:
+            await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+            await admin.close()
+        async with asyncio.timeout(20):
+            status, body = await during
+        assert (status, body) == (202, {"accepted": True, "duplicate": False})
+        await c.post("c-outage", "alice", "echo after-outage")
+        texts = await c.wait_for("c-outage", finals(3), timeout=30)
+        assert ["before-outage" in texts[0], "during-outage" in texts[1], "after-outage" in texts[2]] == [True] * 3
+        await asyncio.sleep(2.0)
+        assert len(final_texts(await c.bot_messages("c-outage"))) == 3  # none twice
         proc.stop()

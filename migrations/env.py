@@ -26,7 +26,7 @@ def _run(connection) -> None:
 
 
 async def _run_async(url: str) -> None:
-    engine = create_async_engine(url)
+    engine = create_async_engine(url, hide_parameters=True)
     try:
         async with engine.connect() as connection:
             await connection.run_sync(_run)

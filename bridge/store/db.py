@@ -156,21 +156,24 @@ def _sqlite_reader_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cursor.close()
 
 
-_JSON = {"json_serializer": jsoncodec.dumps, "json_deserializer": jsoncodec.loads}  # JSON columns
+# JSON columns; and a statement's parameters (people's messages) are kept out of error messages,
+# so out of the logs
+_ENGINE_ARGS = {"json_serializer": jsoncodec.dumps, "json_deserializer": jsoncodec.loads, "hide_parameters": True}
 
 
 def _sync_sqlite_engine(url: str, on_connect: Callable[[Any, Any], None]) -> Engine:
-    engine = create_engine(make_url(url).set(drivername="sqlite+pysqlite"), pool_size=1, max_overflow=0, **_JSON)
+    engine = create_engine(make_url(url).set(drivername="sqlite+pysqlite"), pool_size=1, max_overflow=0,
+                           **_ENGINE_ARGS)
     event.listen(engine, "connect", on_connect)
     return engine
 
 
 def make_engine(url: str, *, pool_size: int) -> AsyncEngine:
     if url.startswith("sqlite"):
-        engine = create_async_engine(url, pool_size=pool_size, max_overflow=0, **_JSON)
+        engine = create_async_engine(url, pool_size=pool_size, max_overflow=0, **_ENGINE_ARGS)
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
     else:
-        engine = create_async_engine(url, pool_size=pool_size, max_overflow=0, pool_pre_ping=True, **_JSON)
+        engine = create_async_engine(url, pool_size=pool_size, max_overflow=0, pool_pre_ping=True, **_ENGINE_ARGS)
     return engine
 
 

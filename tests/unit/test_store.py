@@ -138,6 +138,21 @@ async def test_group_commit_coalesces_and_isolates_a_failing_unit(db):
     assert db.stats.commits - before < 100  # batched, not one commit per unit
 
 
+async def test_a_failing_statement_never_puts_its_parameters_in_the_error(db):
+    """Errors get logged; their parameters carry people's messages and must stay out."""
+
+    async def bad_insert(conn):
+        await conn.execute(text("INSERT INTO no_such_table VALUES (:secret)"), {"secret": "the user's private text"})
+
+    with pytest.raises(Exception) as failed:
+        await db.write(bad_insert)
+    with pytest.raises(Exception) as failed_read:
+        await db.read(lambda c: c.execute(text("SELECT * FROM no_such_table WHERE x = :secret"),
+                                          {"secret": "the user's private text"}))
+    for exc in (failed.value, failed_read.value):
+        assert "no_such_table" in str(exc) and "private text" not in str(exc)
+
+
 async def test_urgent_writes_that_arrive_over_a_few_loop_passes_share_one_commit(db):
     """Like requests read one after another: each is queued a loop pass later than the one before.
     The writer lets the loop run while that brings more urgent writes, so they commit together."""

@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 from loguru import logger
 
+from bridge.logs import FailureStreak
 from bridge.metrics import Metrics
 from bridge.store import outbox as repo
 from bridge.store.db import Database
@@ -92,6 +93,7 @@ class DeliveryWorker:
         self._task = None
 
     async def _loop(self) -> None:
+        streak = FailureStreak("delivery: a round")
         while True:
             try:
                 async with asyncio.timeout(SWEEP_INTERVAL):
@@ -101,10 +103,11 @@ class DeliveryWorker:
             self._wake.clear()
             try:
                 await self._round()
+                streak.ok()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - the worker must outlive store hiccups
-                logger.error("delivery: round failed: {}", exc)
+                streak.failed(exc)
                 await asyncio.sleep(0.5)
             # A round need not suspend (on SQLite its read runs on the loop's thread) and a set
             # wake-up returns at once: without this, back-to-back rounds would hold the loop.

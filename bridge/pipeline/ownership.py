@@ -34,6 +34,7 @@ from typing import Any
 
 from loguru import logger
 
+from bridge.logs import FailureStreak
 from bridge.pipeline.dispatcher import Dispatcher, Job
 from bridge.store import leases
 from bridge.store.db import Database
@@ -166,16 +167,18 @@ class Ownership:
 
     async def _loop(self) -> None:
         renewed_at = 0.0
+        streak = FailureStreak("ownership: a round")
         while not self._closing:
             try:
                 if time.monotonic() - renewed_at >= self.ttl / 3:
                     await self._renew()
                     renewed_at = time.monotonic()
                 await self._sweep()
+                streak.ok()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - a store outage: try again on the next round
-                logger.error("ownership: round failed: {}", exc)
+                streak.failed(exc)
             await asyncio.sleep(self.sweep_interval)
 
     def _in_use(self, key: str) -> bool:

@@ -28,6 +28,7 @@ from loguru import logger
 
 from bridge.approvals.gate import HumanGate, TurnScope
 from bridge.delivery.outbox import Outbox
+from bridge.logs import FailureStreak
 from bridge.routines import digest
 from bridge.routines.definitions import LoadError, Routine, load_dir, utc
 from bridge.runtimes.base import Approval, ApprovalRequest, Decision, Runtime, TurnRequest
@@ -240,14 +241,16 @@ class Scheduler:
         await asyncio.gather(*self._running.values(), return_exceptions=True)
 
     async def _loop(self) -> None:
+        streak = FailureStreak("routines: a tick")
         while True:
             try:
                 self.reload()
                 await self.tick()
+                streak.ok()
             except asyncio.CancelledError:
                 raise
-            except Exception:  # noqa: BLE001 - the scheduler outlives a bad tick
-                logger.exception("routines: tick failed")
+            except Exception as exc:  # noqa: BLE001 - the scheduler outlives a bad tick
+                streak.failed(exc)
             await asyncio.sleep(self.tick_interval)
 
     async def tick(self) -> None:

@@ -247,6 +247,49 @@ def cmd_handoff(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_outbox_list(args: argparse.Namespace) -> int:
+    from bridge.store import outbox
+
+    status = None if args.status == "all" else args.status
+    rows = _read(_settings(), lambda c: outbox.list_ops(c, status, conversation_key=args.conversation,
+                                                        limit=args.limit))
+    if not rows:
+        print(f"no {'' if status is None else status + ' '}outbound operations")
+        return 0
+    print(f"{'id':>6}  {'status':<10} {'op':<6} {'conversation':<32} {'attempts':>8}  {'created (UTC)':<16} last error")
+    for r in rows:
+        error = (r.last_error or "").splitlines()[0][:80] if r.last_error else "-"
+        print(f"{r.id:>6}  {r.status:<10} {r.op:<6} {r.conversation_key[:32]:<32} {r.attempts:>8}  "
+              f"{_when(r.created_at):<16} {error}")
+    return 0
+
+
+def _when(ts: float) -> str:
+    from datetime import datetime, timezone
+
+    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M")
+
+
+def cmd_outbox_retry(args: argparse.Namespace) -> int:
+    """Dead operations delivered again by the running service (within a second), or at its next start."""
+    import time
+
+    from bridge.store import outbox
+
+    if not args.ids and not args.all_dead:
+        print("agent-bridge: name the operations to retry (ids from `agent-bridge outbox list`) or pass --all-dead",
+              file=sys.stderr)
+        return 2
+    ids = None if args.all_dead else sorted(set(args.ids))
+    requeued = _write(_settings(), lambda c: outbox.requeue_dead(c, ids, now=time.time()))
+    if ids is not None:
+        for missing in sorted(set(ids) - set(requeued)):
+            print(f"operation {missing} is not dead (or does not exist): left as it is", file=sys.stderr)
+    print(f"{len(requeued)} operation(s) queued for delivery again" + (f": {', '.join(map(str, requeued))}"
+                                                                      if requeued else ""))
+    return 0 if ids is None or len(requeued) == len(ids) else 1
+
+
 def _routines(settings):
     from bridge.routines.definitions import load_dir
 
@@ -418,6 +461,17 @@ def build_parser() -> argparse.ArgumentParser:
     hist.add_argument("name", nargs="?", default=None)
     hist.add_argument("--limit", type=int, default=20)
     hist.set_defaults(fn=cmd_routines_history)
+    outb = sub.add_parser("outbox", help="outbound operations: what failed to reach a chat, and delivering it again")
+    outb_sub = outb.add_subparsers(dest="outbox_command", required=True)
+    listing = outb_sub.add_parser("list", help="outbound operations, newest first (default: the dead ones)")
+    listing.add_argument("--status", default="dead", choices=("dead", "pending", "delivered", "superseded", "all"))
+    listing.add_argument("--conversation", default=None, help="one conversation: channel:chat, e.g. slack:C123")
+    listing.add_argument("--limit", type=int, default=50)
+    listing.set_defaults(fn=cmd_outbox_list)
+    retry = outb_sub.add_parser("retry", help="deliver dead operations again (after fixing what made them fail)")
+    retry.add_argument("ids", type=int, nargs="*", help="operation ids (from `outbox list`)")
+    retry.add_argument("--all-dead", action="store_true", help="every dead message and edit (reactions stay dead)")
+    retry.set_defaults(fn=cmd_outbox_retry)
     handoff = sub.add_parser("handoff", help="continue a runtime thread (e.g. a terminal Codex session) in a chat")
     handoff.add_argument("thread_id", help="the runtime's thread id (Codex: the session id `codex resume` shows)")
     handoff.add_argument("--to", required=True, help="the conversation: channel:chat, e.g. webchat:c-team")

@@ -148,6 +148,28 @@ async def count_by_status(conn: AsyncConnection) -> dict[str, int]:
 
 
 async def list_dead(conn: AsyncConnection, limit: int = 100):
-    return (
-        await conn.execute(select(outbox).where(outbox.c.status == "dead").order_by(outbox.c.id.desc()).limit(limit))
-    ).all()
+    return await list_ops(conn, "dead", limit=limit)
+
+
+async def list_ops(conn: AsyncConnection, status: str | None, *, conversation_key: str | None = None,
+                   limit: int = 100):
+    """Operations, newest first: of one status (None: any), of one conversation or all."""
+    stmt = select(outbox).order_by(outbox.c.id.desc()).limit(limit)
+    if status is not None:
+        stmt = stmt.where(outbox.c.status == status)
+    if conversation_key is not None:
+        stmt = stmt.where(outbox.c.conversation_key == conversation_key)
+    return (await conn.execute(stmt)).all()
+
+
+async def requeue_dead(conn: AsyncConnection, ids: list[int] | None, *, now: float) -> list[int]:
+    """Dead operations pending again, with their attempts counted from zero (their last error is
+    kept until they are delivered): the ones in `ids`, or (None) every dead send and edit. A
+    reaction is left dead: it was cosmetic and is stale by now. Returns the ids requeued."""
+    stmt = (update(outbox).where(outbox.c.status == "dead")
+            .values(status="pending", attempts=0, next_attempt_at=now).returning(outbox.c.id))
+    if ids is None:
+        stmt = stmt.where(outbox.c.op != "react")
+    else:
+        stmt = stmt.where(outbox.c.id.in_(ids))
+    return sorted(row.id for row in await conn.execute(stmt))

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sqlite3
+import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -341,3 +344,43 @@ def test_doctor_checks_the_tokens(tmp_path, emulator):
     bad = subprocess.run([sys.executable, "-m", "bridge", "doctor"], env={**env, "SLACK_BOT_TOKEN": "xoxb-wrong"},
                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1 and "invalid_auth" in bad.stdout
+
+
+def cli(proc, *args: str) -> subprocess.CompletedProcess[str]:
+    """The operator's command line, on the service's store."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BRIDGE_", "SLACK_"))}
+    env["BRIDGE_DATA_DIR"] = str(proc.data_dir)
+    return subprocess.run([sys.executable, "-m", "bridge", *args], env=env, capture_output=True, text=True,
+                          timeout=60)
+
+
+def dead_ops(proc) -> list[tuple]:
+    with sqlite3.connect(proc.data_dir / "bridge.db") as db:
+        return db.execute("SELECT id, op, last_error FROM outbox WHERE status = 'dead'").fetchall()
+
+
+async def test_a_reply_slack_refused_is_listed_and_delivered_again_from_the_command_line(service, emulator):
+    proc = service()
+    emulator.fault("chat.postMessage", error="not_in_channel", times=1)  # permanent: no retries
+    ts = sp.next_ts()
+    await send_event(proc, sp.app_mention_event(text=f"<@{BOT}> echo refused-once", channel="C9", ts=ts))
+    dead = await wait_until(lambda: dead_ops(proc), what="the refused reply marked dead")
+    assert [(op, "not_in_channel" in error) for _, op, error in dead] == [("send", True)]
+    assert replies_with(emulator, "refused-once") == []
+
+    listed = cli(proc, "outbox", "list")
+    assert listed.returncode == 0, listed.stderr
+    row = [line for line in listed.stdout.splitlines() if line.split()[0] == str(dead[0][0])]
+    assert row and "dead" in row[0] and "slack:C9" in row[0] and "not_in_channel" in row[0]
+
+    # the bot is invited to the channel; the operator delivers what failed
+    wrong = cli(proc, "outbox", "retry", "999999")
+    assert wrong.returncode == 1 and "999999 is not dead" in wrong.stderr
+    retried = cli(proc, "outbox", "retry", "--all-dead")
+    assert retried.returncode == 0 and f"1 operation(s) queued for delivery again: {dead[0][0]}" in retried.stdout
+    reply = (await wait_until(lambda: replies_with(emulator, "refused-once", "exit 0"), what="the reply"))[0]
+    assert reply["channel"] == "C9" and reply["thread_ts"] == ts
+    await asyncio.sleep(1.5)
+    assert len(replies_with(emulator, "refused-once", "exit 0")) == 1 and dead_ops(proc) == []
+    assert "no dead outbound operations" in cli(proc, "outbox", "list").stdout
+    assert cli(proc, "outbox", "retry").returncode == 2  # nothing named

@@ -153,6 +153,30 @@ async def test_a_failing_statement_never_puts_its_parameters_in_the_error(db):
         assert "no_such_table" in str(exc) and "private text" not in str(exc)
 
 
+async def test_dead_operations_are_requeued_by_id_or_all_but_reactions(db):
+    key = "slack:C1"
+    await db.execute([
+        *outbox.send_ops(db.dialect, channel="slack", conversation_key=key, payload={"text": "a"}, ref="r1"),
+        *outbox.update_ops(db.dialect, channel="slack", conversation_key=key, payload={"text": "b"}, ref="r1"),
+        *outbox.react_ops(db.dialect, channel="slack", conversation_key=key, platform_message_id="m1",
+                          state="done", key="k1"),
+        *outbox.send_ops(db.dialect, channel="slack", conversation_key=key, payload={"text": "c"}, ref="r2"),
+    ])
+    ops = await db.read(lambda c: outbox.list_ops(c, None, conversation_key=key))
+    send = next(o.id for o in ops if o.op == "send" and o.message_ref == "r1")
+    edit = next(o.id for o in ops if o.op == "update")
+    react = next(o.id for o in ops if o.op == "react")
+    await db.execute([stmt for op in (send, edit, react) for stmt in outbox.dead(op, 8, "not_in_channel")])
+    assert sorted(o.id for o in await db.read(outbox.list_dead)) == sorted([send, edit, react])
+
+    assert await db.write(lambda c: outbox.requeue_dead(c, None, now=time.time())) == sorted([send, edit])
+    pending = {o.id: o for o in await db.read(lambda c: outbox.list_ops(c, "pending"))}
+    assert {send, edit} <= set(pending) and pending[send].attempts == 0
+    assert pending[send].last_error == "not_in_channel"  # kept until delivered
+    assert [o.id for o in await db.read(outbox.list_dead)] == [react]  # a stale reaction stays dead
+    assert await db.write(lambda c: outbox.requeue_dead(c, [react, send], now=time.time())) == [react]
+
+
 async def test_urgent_writes_that_arrive_over_a_few_loop_passes_share_one_commit(db):
     """Like requests read one after another: each is queued a loop pass later than the one before.
     The writer lets the loop run while that brings more urgent writes, so they commit together."""

@@ -105,6 +105,9 @@ class Settings(BaseSettings):
     busy_policy: Literal["queue", "steer", "interrupt"] = "queue"
     allowed_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)  # `:`-separated; /cwd binds inside
     max_concurrent_turns: int = Field(32, ge=1)
+    # A turn running longer than this (seconds; waiting for a person's approval not counted) is
+    # stopped and said so, so a stalled runtime cannot hold its conversation for good. 0: no limit.
+    turn_timeout: float = Field(3600.0, ge=0)
     # Burst pacing: above this many messages a second (0: off), turns start at most
     # `burst_turn_starts` a second until the burst is over; acknowledgements go first.
     burst_rate: float = Field(200.0, ge=0)

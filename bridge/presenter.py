@@ -80,6 +80,14 @@ def interrupted_by_shutdown() -> Reply:
     return Reply(text="⚠️ Interrupted: the service is shutting down. Send the message again once it is back.")
 
 
+def turn_timed_out(limit: float, partial: str = "") -> Reply:
+    """A turn stopped at BRIDGE_TURN_TIMEOUT, with what it had said so far."""
+    took = f"{limit / 60:g} min" if limit >= 60 else f"{limit:g} s"
+    note = (f"⏱ Stopped: the turn ran longer than {took} (`BRIDGE_TURN_TIMEOUT`). "
+            "Send the message again, or split the task.")
+    return Reply(text=f"{partial.rstrip()}\n\n{note}" if partial.strip() else note)
+
+
 def runtime_failed(error: str) -> Reply:
     return Reply(text=f"⚠️ The turn failed: {_short(error, 300)}")
 

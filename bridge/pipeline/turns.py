@@ -31,6 +31,7 @@ from channels.base import ConversationKey, Reply
 
 FIRST_PROGRESS_DELAY = 0.5  # a turn that finishes sooner shows only its final reply
 PROGRESS_INTERVAL = 1.0  # at most one edit a second per turn
+STOP_GRACE = 15.0  # seconds a runtime has to stop a turn over its time limit, before it is cancelled
 
 
 @dataclass(slots=True)
@@ -100,6 +101,14 @@ class _Context:
         self.runner = runner
         self.scope = scope
         self._progress = progress
+        self.waited = 0.0  # seconds spent waiting for a person's decision (not counted as running)
+        self.waiting_since: float | None = None
+
+    def running_for(self, started: float) -> float:
+        """Seconds the turn has run since `started`, less the time it waited for a person."""
+        now = time.monotonic()
+        waiting = now - self.waiting_since if self.waiting_since is not None else 0.0
+        return now - started - self.waited - waiting
 
     async def progress(self, text: str) -> None:
         self._progress.latest = text
@@ -113,9 +122,12 @@ class _Context:
         self._progress.latest = presenter.waiting_for_approval().text
         self._progress.schedule()
         self.runner.slots.release()
+        self.waiting_since = time.monotonic()
         try:
             return await self.runner.gate.request(self.scope, request)
         finally:
+            self.waited += time.monotonic() - self.waiting_since
+            self.waiting_since = None
             await self.runner.slots.acquire()
             self._progress.latest = presenter.working().text
             self._progress.schedule()
@@ -137,7 +149,7 @@ class _Context:
 class TurnRunner:
     def __init__(
         self, db: Database, outbox: Outbox, runtime: Runtime, gate: HumanGate, metrics: Metrics, *,
-        sessions: SessionResolver, workspace: str, max_concurrent: int,
+        sessions: SessionResolver, workspace: str, max_concurrent: int, turn_timeout: float = 0.0,
     ) -> None:
         self.db = db
         self.outbox = outbox
@@ -147,6 +159,7 @@ class TurnRunner:
         self.workspace = workspace
         self.sessions = sessions
         self.slots = asyncio.Semaphore(max_concurrent)
+        self.turn_timeout = turn_timeout  # 0: no limit
         self.running: dict[str, RunningTurn] = {}
 
     async def process(self, job: Job) -> None:
@@ -214,7 +227,7 @@ class TurnRunner:
         try:
             async with self.slots:
                 progress.schedule()
-                outcome = await self.runtime.run_turn(request, _Context(self, scope, progress))
+                outcome = await self._run_limited(request, _Context(self, scope, progress), log)
         except asyncio.CancelledError:
             await asyncio.shield(self._finish(scope, row.id, progress, self._shutdown_outcome(), row.received_at,
                                               job.accepted_at, marked=payload.get("marked_message_id")))
@@ -229,6 +242,40 @@ class TurnRunner:
         overhead = await self._finish(scope, row.id, progress, outcome, row.received_at, job.accepted_at,
                                       marked=payload.get("marked_message_id"))
         log.bind(**overhead).info("turn: {}", outcome.status)
+
+    async def _run_limited(self, request: TurnRequest, ctx: _Context, log) -> TurnOutcome:
+        """The runtime's turn, stopped once it has run for longer than the turn time limit (time
+        waiting for a person's approval is not counted); the reply then says so, after whatever
+        the turn had answered."""
+        if not self.turn_timeout:
+            return await self.runtime.run_turn(request, ctx)
+        started = time.monotonic()
+        run = asyncio.ensure_future(self.runtime.run_turn(request, ctx))
+        try:
+            while True:
+                left = self.turn_timeout - ctx.running_for(started)
+                waiting = ctx.waiting_since is not None
+                if left <= 0 and not waiting:
+                    break
+                done, _ = await asyncio.wait({run}, timeout=1.0 if waiting else left)
+                if done:
+                    return run.result()
+            log.warning("turn: ran longer than {:g}s; stopping it", self.turn_timeout)
+            await self.runtime.interrupt(request.session_id)
+            done, _ = await asyncio.wait({run}, timeout=STOP_GRACE)
+            stopped: TurnOutcome | None = None
+            if done and run.exception() is None:
+                stopped = run.result()
+            elif not done:
+                log.error("turn: the runtime did not stop within {:g}s; cancelled", STOP_GRACE)
+                run.cancel()
+                await asyncio.gather(run, return_exceptions=True)
+            said = presenter.turn_timed_out(self.turn_timeout, stopped.text if stopped else "")
+            return TurnOutcome("failed", said.text, output=stopped.output if stopped else None, error="timeout")
+        except asyncio.CancelledError:
+            run.cancel()
+            await asyncio.gather(run, return_exceptions=True)
+            raise
 
     def _written(self, conversation_key: str, future: asyncio.Future[None]) -> None:
         if future.cancelled() or future.exception() is not None:

@@ -319,3 +319,18 @@ async def test_with_the_steer_policy_messages_join_the_running_turn(tmp_path, ch
         assert len(turns) == 1  # one turn took all of it
     finally:
         proc.kill()
+
+
+async def test_a_turn_over_its_time_limit_is_stopped_and_said_so(tmp_path, chat, codex_setup):
+    proc = start_bridge(tmp_path / "data", codex_setup, BRIDGE_TURN_TIMEOUT="2")
+    try:
+        c, cid = chat(proc), conv()
+        await c.post(cid, "alice", "RUN: sleep 30")
+        started = time.monotonic()
+        replies = await c.wait_for(cid, has_final("BRIDGE_TURN_TIMEOUT"), timeout=30)
+        assert time.monotonic() - started < 20 and len(replies) == 1
+        assert "ran longer than 2 s" in replies[0]
+        await c.post(cid, "alice", "after the limit")  # the conversation goes on
+        await c.wait_for(cid, has_final("Mock reply: after the limit"), timeout=30)
+    finally:
+        proc.stop()

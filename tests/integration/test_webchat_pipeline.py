@@ -346,6 +346,27 @@ async def test_command_timeout_kills_the_process_group(bridge, chat):
     assert out.strip() == b"", "a child of the timed-out command survived"
 
 
+async def test_a_turn_over_its_time_limit_is_stopped_but_waiting_for_approval_does_not_count(bridge, chat):
+    proc = bridge(BRIDGE_TURN_TIMEOUT="1")
+    c = chat(proc)
+    await c.post("c-limit", "alice", "sleep 5 && touch late.txt")
+    card = await c.wait_card("c-limit", "pending")
+    await asyncio.sleep(1.5)  # longer than the limit, waiting for a person: not counted
+    status, _ = await c.act("c-limit", card["id"], "approve", "alice")
+    assert status == 200
+    approved = time.monotonic()
+    texts = await c.wait_for("c-limit", lambda msgs: [t for t in final_texts(msgs) if "BRIDGE_TURN_TIMEOUT" in t])
+    assert time.monotonic() - approved < 4  # stopped about a second after it started running
+    assert "ran longer than 1 s" in texts[0] and "Stopped after" in texts[0]
+    with sqlite3.connect(proc.data_dir / "bridge.db") as db:
+        assert db.execute("SELECT status, error FROM turns").fetchall() == [("failed", "timeout")]
+    await asyncio.sleep(max(0.0, approved + 5.5 - time.monotonic()))
+    assert not (proc.data_dir / "workspace" / "late.txt").exists()  # its process group was killed
+    await c.post("c-limit", "alice", "echo still-here")  # the conversation goes on
+    assert "still-here" in (await c.wait_for("c-limit", lambda msgs: [t for t in final_texts(msgs)
+                                                                        if "still-here" in t]))[0]
+
+
 async def test_approval_expires_and_the_turn_goes_on(bridge, chat):
     proc = bridge(BRIDGE_APPROVAL_TIMEOUT="2")
     c = chat(proc)

@@ -73,7 +73,11 @@ class Listener:
             self._task = None
 
     async def health(self) -> dict[str, Any]:
-        return {"ok": self.listening, "channel": self.channel, "connects": self.connects,
+        """Reported, never failing readiness: without it only live updates across replicas
+        degrade (pages still get what this replica writes, and catch up when they reconnect), and
+        a pooler that does not pass LISTEN through (PgBouncer in transaction mode) must not keep
+        every replica out of its load balancer."""
+        return {"ok": True, "listening": self.listening, "channel": self.channel, "connects": self.connects,
                 "last_error": self.last_error}
 
     async def _run(self) -> None:

@@ -177,7 +177,7 @@ async def test_a_page_on_one_replica_sees_live_what_another_replica_writes(repli
             assert seqs == sorted(seqs) and len(seqs) == len(set(seqs))
             async with http.get(f"{a.url}/readyz") as resp:
                 live = (await resp.json())["checks"]["webchat_live"]
-            assert live["ok"] and live["connects"] == 2
+            assert live["ok"] and live["listening"] and live["connects"] == 2
         finally:
             page.cancel()
             await asyncio.gather(page, return_exceptions=True)

@@ -231,8 +231,13 @@ class Service:
         return await interrupt_and_reset(self.db, self.outbox, self.gate, conversation_key, keep=keep)
 
     async def _store_health(self) -> dict[str, Any]:
-        await self.db.ping()
-        return {"ok": True, "backend": "sqlite" if self.db.is_sqlite else "postgresql"}
+        backend = "sqlite" if self.db.is_sqlite else "postgresql"
+        try:
+            await self.db.ping()
+        except Exception as exc:  # noqa: BLE001 - reported with what the writer is holding meanwhile
+            return {"ok": False, "backend": backend, "error": f"{type(exc).__name__}: {str(exc)[:200]}",
+                    **self.db.writer_state()}
+        return {"ok": True, "backend": backend, **self.db.writer_state()}
 
     async def _refresh_metrics(self) -> None:
         pending = await self.db.read(approvals_repo.count_pending)

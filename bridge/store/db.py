@@ -284,6 +284,7 @@ class Database:
         self._task: asyncio.Task[None] | None = None
         self._conn: AsyncConnection | _OnLoopConnection | None = None
         self._connect_error: str | None = None  # why the writer's last reconnection failed
+        self.outage_since: float | None = None  # PostgreSQL out of reach: since when (monotonic)
         self.stats = WriterStats()
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -393,6 +394,14 @@ class Database:
         async with self.reader.connect() as conn:
             return await fn(conn)
 
+    def writer_state(self) -> dict[str, Any]:
+        """For /readyz: writes waiting for the writer, and how long the database has been out of
+        reach (PostgreSQL), if it is."""
+        state: dict[str, Any] = {"queued_writes": len(self._urgent) + len(self._background)}
+        if self.outage_since is not None:
+            state["waiting_for_database_s"] = round(time.monotonic() - self.outage_since, 1)
+        return state
+
     async def ping(self) -> None:
         async with self.reader.connect() as conn:
             await conn.execute(text("SELECT 1"))
@@ -477,8 +486,13 @@ class Database:
         while True:
             try:
                 await self._commit_group(units)
+                if self.outage_since is not None:
+                    logger.info("store: the database is back after {:.1f}s", time.monotonic() - self.outage_since)
+                    self.outage_since = None
                 return
             except _Lost as lost:
+                if self.outage_since is None:
+                    self.outage_since = started
                 units = [unit for unit in units if not unit.future.done()]  # a half may have committed
                 if not units:
                     return

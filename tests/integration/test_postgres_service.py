@@ -51,12 +51,24 @@ async def test_a_database_outage_delays_messages_and_replies_never_loses_or_doub
             during = asyncio.ensure_future(c.post("c-outage", "alice", "echo during-outage", client_msg_id="during"))
             await asyncio.sleep(3.0)  # longer than the lease: the replica must take its conversation back
             assert not during.done()  # not acknowledged while it cannot be stored
+            async with c.http.get(f"{proc.url}/readyz") as resp:
+                store = (await resp.json())["checks"]["store"]
+            assert resp.status == 503 and not store["ok"]
+            assert store["queued_writes"] >= 1 and store["waiting_for_database_s"] > 1
         finally:
             await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
             await admin.close()
         async with asyncio.timeout(20):
             status, body = await during
         assert (status, body) == (202, {"accepted": True, "duplicate": False})
+        async with asyncio.timeout(10):  # ready again once each of its loops has had a round
+            while True:
+                async with c.http.get(f"{proc.url}/readyz") as resp:
+                    store = (await resp.json())["checks"]["store"]
+                    if resp.status == 200:
+                        break
+                await asyncio.sleep(0.2)
+        assert store["ok"] and "waiting_for_database_s" not in store
         await c.post("c-outage", "alice", "echo after-outage")
         texts = await c.wait_for("c-outage", finals(3), timeout=30)
         assert ["before-outage" in texts[0], "during-outage" in texts[1], "after-outage" in texts[2]] == [True] * 3

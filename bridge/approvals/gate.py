@@ -185,7 +185,12 @@ class HumanGate:
                 async with asyncio.timeout(max(0.0, min(POLL_INTERVAL, remaining))):
                     return await asyncio.shield(waiter)
             except TimeoutError:
-                row = await self.db.read(lambda c: approvals_repo.get(c, approval_id))
+                try:
+                    row = await self.db.read(lambda c: approvals_repo.get(c, approval_id))
+                except Exception as exc:  # noqa: BLE001 - the store is away: keep waiting, look again later
+                    logger.bind(conversation=scope.conversation_key, turn=scope.turn_id).warning(
+                        "approvals: cannot look at approval {} ({}); still waiting", approval_id, type(exc).__name__)
+                    continue
                 if row is not None and row.status != "pending":
                     return Approval(Decision(row.status), answer=row.answer)
             except asyncio.CancelledError:

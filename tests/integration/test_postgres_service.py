@@ -75,3 +75,26 @@ async def test_a_database_outage_delays_messages_and_replies_never_loses_or_doub
         await asyncio.sleep(2.0)
         assert len(final_texts(await c.bot_messages("c-outage"))) == 3  # none twice
         proc.stop()
+
+
+async def test_a_turn_waiting_for_approval_outlasts_a_database_outage(bridge, chat):
+    async with postgres_database() as url:
+        name = url.rsplit("/", 1)[1]
+        proc = bridge(BRIDGE_DATABASE_URL=url)
+        c = chat(proc)
+        await c.post("c-wait", "alice", "touch approved-after-outage.txt")
+        card = await c.wait_card("c-wait", "pending")
+        admin = await asyncpg.connect(PG_DSN)
+        try:
+            await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+            await admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", name)
+            await asyncio.sleep(4.5)  # the turn looks at its approval every 2 s meanwhile
+        finally:
+            await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+            await admin.close()
+        status, _ = await c.act("c-wait", card["id"], "approve", "alice")
+        assert status == 200
+        texts = await c.wait_for("c-wait", finals(1), timeout=20)
+        assert "exit 0" in texts[0]
+        assert (proc.data_dir / "workspace" / "approved-after-outage.txt").exists()
+        proc.stop()

@@ -168,7 +168,7 @@ class Service:
         self.runner = TurnRunner(
             self.db, self.outbox, self.runtime, self.gate, self.metrics, sessions=self.sessions,
             workspace=str(settings.workspace), max_concurrent=settings.max_concurrent_turns,
-            turn_timeout=settings.turn_timeout,
+            turn_timeout=settings.turn_timeout, fenced=not self.db.is_sqlite,
         )
         self.pacer = BurstPacer(burst_rate=settings.burst_rate, burst_starts=settings.burst_turn_starts)
         self.dispatcher = Dispatcher(

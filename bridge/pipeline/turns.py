@@ -146,10 +146,22 @@ class _Context:
         await self.runner.post(self.scope, self.runner.outbox.new_ref(), Reply(text=text), sent=False)
 
 
+async def _finish_if_running(finish, rest, conn) -> bool:
+    """The turn's terminal status, and with it the rest of its outcome, only if it is still
+    running; False (nothing written) if it was finished elsewhere."""
+    statement, params = finish
+    if (await conn.execute(statement, params)).rowcount != 1:
+        return False
+    for statement, params in rest:
+        await conn.execute(statement, params)
+    return True
+
+
 class TurnRunner:
     def __init__(
         self, db: Database, outbox: Outbox, runtime: Runtime, gate: HumanGate, metrics: Metrics, *,
         sessions: SessionResolver, workspace: str, max_concurrent: int, turn_timeout: float = 0.0,
+        fenced: bool = False,
     ) -> None:
         self.db = db
         self.outbox = outbox
@@ -160,6 +172,7 @@ class TurnRunner:
         self.sessions = sessions
         self.slots = asyncio.Semaphore(max_concurrent)
         self.turn_timeout = turn_timeout  # 0: no limit
+        self.fenced = fenced  # several replicas: write an outcome only while the turn is still running
         self.running: dict[str, RunningTurn] = {}
 
     async def process(self, job: Job) -> None:
@@ -294,17 +307,28 @@ class TurnRunner:
         """Write the outcome; returns the bridge's own overhead around the runtime, when measurable."""
         await progress.close()
         reply = Reply(text=outcome.text)
-        written = self.db.execute([
-            turns.finish_op(scope.turn_id, status=outcome.status, output=outcome.output, error=outcome.error),
+        finish = turns.finish_op(scope.turn_id, status=outcome.status, output=outcome.output, error=outcome.error)
+        rest = [
             *self._post_ops(scope, progress.ref, reply, sent=progress.sent),
             *self.outbox.react_ops(scope.channel, scope.conversation_key, platform_message_id=marked,
                                    state="done" if outcome.status == "completed" else "stopped",
                                    key=f"turn:{scope.turn_id}"),
             inbox.finish_op(event_id, "done"),
             conversations.touch_op(scope.session_id),
-        ])
+        ]
+        if self.fenced:
+            # Several replicas: another one may have taken the conversation over while this one
+            # was cut off or paused past its lease, and marked the turn interrupted (and said so).
+            # The outcome is written only if the turn is still running: one outcome per message.
+            written = self.db.write(functools.partial(_finish_if_running, finish, rest))
+        else:
+            written = self.db.execute([finish, *rest])
         handed = time.time()  # the reply is in the outbox's queue; durable once `written` resolves
-        await written
+        if await written is False:
+            logger.bind(conversation=scope.conversation_key, session=scope.session_id, turn=scope.turn_id).warning(
+                "turn: another replica took it over meanwhile (it said so); this outcome ({}) is not sent",
+                outcome.status)
+            return {}
         self.outbox.kick(scope.conversation_key)
         self.metrics.turns.labels(outcome.status).inc()
         self.metrics.turn_latency.observe(max(0.0, time.time() - received_at))

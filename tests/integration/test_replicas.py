@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import uuid
 
 import asyncpg
@@ -181,3 +183,33 @@ async def test_a_page_on_one_replica_sees_live_what_another_replica_writes(repli
         finally:
             page.cancel()
             await asyncio.gather(page, return_exceptions=True)
+
+
+async def test_a_replica_paused_past_its_lease_does_not_answer_a_turn_taken_over(replicas, http):
+    """A replica frozen (a VM pause, a stop signal) longer than its lease loses its conversation to
+    the other, which marks the running turn interrupted and says so. When the frozen one wakes
+    and its command finishes, that turn's reply is not sent: one outcome per message."""
+    async with postgres_database() as url:
+        a, b = replicas(url)
+        chat_a, chat_b = ChatClient(http, a.url), ChatClient(http, b.url)
+        await chat_a.post("d-pause", "alice", "sleep 4 && echo late-reply")
+        card = await chat_a.wait_card("d-pause", "pending")
+        status, _ = await chat_a.act("d-pause", card["id"], "approve", "alice")
+        assert status == 200
+        await asyncio.sleep(0.5)  # the command runs on replica 0
+        os.kill(a.pid, signal.SIGSTOP)
+        try:
+            texts = await chat_b.wait_for("d-pause", lambda msgs: [t for t in final_texts(msgs)
+                                                                   if "interrupted" in t.lower()], timeout=15)
+        finally:
+            os.kill(a.pid, signal.SIGCONT)
+        assert texts
+        await asyncio.sleep(6.0)  # the command has finished on replica 0 by now
+        finals_now = final_texts(await chat_b.bot_messages("d-pause"))
+        assert not [t for t in finals_now if "late-reply" in t], finals_now
+        turns = await rows(url, "SELECT status FROM turns ORDER BY id")
+        assert [t["status"] for t in turns] == ["interrupted"]
+        # the conversation goes on, on either replica
+        await chat_a.post("d-pause", "alice", "echo after-the-pause")
+        await chat_b.wait_for("d-pause", lambda msgs: [t for t in final_texts(msgs) if "after-the-pause" in t],
+                              timeout=20)

@@ -49,6 +49,7 @@ class Listener:
         self._conn: asyncpg.Connection | None = None
         self.connects = 0
         self.last_error: str | None = None
+        self.retry_in: float | None = None  # not listening: the pause before the next attempt
         self._tried = asyncio.Event()
 
     @property
@@ -83,16 +84,19 @@ class Listener:
     async def _run(self) -> None:
         delay = RETRY_FIRST
         while True:
+            connects = self.connects
             try:
-                await self._listen()
-                delay = RETRY_FIRST  # it was up: the next loss starts the backoff over
+                await self._listen()  # returns only by raising: the connection was lost or refused
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - any failure: listen again later, said in the log
+                if self.connects > connects:
+                    delay = RETRY_FIRST  # it was up: this loss starts the backoff over
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 self._tried.set()
                 logger.warning("store: LISTEN {} lost or refused ({}); again in {:.1f}s",
                                self.channel, self.last_error, delay)
+            self.retry_in = delay
             await asyncio.sleep(delay * random.uniform(0.8, 1.2))
             delay = min(delay * 2, RETRY_MAX)
 
@@ -104,6 +108,7 @@ class Listener:
             conn.add_termination_listener(lambda _conn: lost.set())
             await conn.add_listener(self.channel, self._notified)
             self.connects += 1
+            self.retry_in = None
             self._tried.set()
             if self.connects > 1:
                 logger.info("store: LISTEN {} again", self.channel)

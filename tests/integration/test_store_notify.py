@@ -61,6 +61,17 @@ async def test_notifications_follow_commits_and_a_cut_connection_reports_its_gap
             async with engine.begin() as conn:
                 await conn.execute(*notify_statement(CHANNEL, ["c-3"]))
             await _until(lambda: "c-3" in got)
+
+            # a loss after a good connection starts the backoff over (it does not go on doubling)
+            admin = await asyncpg.connect(url.replace("postgresql+asyncpg://", "postgresql://"))
+            try:
+                await admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                                    "WHERE application_name = 'ab-notify-test'")
+            finally:
+                await admin.close()
+            await _until(lambda: listener.retry_in is not None)
+            assert listener.retry_in == notify.RETRY_FIRST
+            await _until(lambda: len(gaps) == 3)
         finally:
             await listener.stop()
             await engine.dispose()

@@ -48,6 +48,15 @@ async def rows(url: str, sql: str, *args):
         await conn.close()
 
 
+async def post_and_approve(poster: ChatClient, approver: ChatClient, conversation: str, command: str) -> None:
+    """alice sends a command that asks for approval (through one replica) and approves its card
+    (through the same or the other one)."""
+    await poster.post(conversation, "alice", command)
+    card = await poster.wait_card(conversation, "pending")
+    status, body = await approver.act(conversation, card["id"], "approve", "alice")
+    assert status == 200 and body["ok"]
+
+
 async def test_messages_sent_to_either_replica_run_on_one_in_order(replicas, http):
     async with postgres_database() as url:
         a, b = replicas(url)
@@ -120,10 +129,7 @@ async def test_a_card_clicked_on_the_other_replica_lets_the_turn_go_on(replicas,
     async with postgres_database() as url:
         a, b = replicas(url)
         chat_a, chat_b = ChatClient(http, a.url), ChatClient(http, b.url)
-        await chat_a.post("d-card", "alice", "touch approved-elsewhere.txt")
-        card = await chat_a.wait_card("d-card", "pending")
-        status, body = await chat_b.act("d-card", card["id"], "approve", "alice")
-        assert status == 200 and body["ok"]
+        await post_and_approve(chat_a, chat_b, "d-card", "touch approved-elsewhere.txt")
         texts = await chat_a.wait_for("d-card", finals(1), timeout=15)
         assert "exit 0" in texts[0]
         assert (a.data_dir.parent / "workspace" / "approved-elsewhere.txt").exists()
@@ -192,10 +198,7 @@ async def test_a_replica_paused_past_its_lease_does_not_answer_a_turn_taken_over
     async with postgres_database() as url:
         a, b = replicas(url)
         chat_a, chat_b = ChatClient(http, a.url), ChatClient(http, b.url)
-        await chat_a.post("d-pause", "alice", "sleep 4 && echo late-reply")
-        card = await chat_a.wait_card("d-pause", "pending")
-        status, _ = await chat_a.act("d-pause", card["id"], "approve", "alice")
-        assert status == 200
+        await post_and_approve(chat_a, chat_a, "d-pause", "sleep 4 && echo late-reply")
         await asyncio.sleep(0.5)  # the command runs on replica 0
         os.kill(a.pid, signal.SIGSTOP)
         try:

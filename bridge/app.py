@@ -240,9 +240,21 @@ class Service:
         return {"ok": True, "backend": backend, **self.db.writer_state()}
 
     async def _refresh_metrics(self) -> None:
-        pending = await self.db.read(approvals_repo.count_pending)
+        """Before a scrape. With the store out of reach the scrape still succeeds: the gauges read
+        from the store keep their last values and `bridge_store_up` says 0."""
+        writer = self.db.writer_state()
+        self.metrics.store_writes_queued.set(writer["queued_writes"])
+        self.metrics.store_waiting.set(writer.get("waiting_for_database_s", 0.0))
+        try:
+            pending = await self.db.read(approvals_repo.count_pending)
+            depth = await self.db.read(outbox_repo.count_by_status)
+        except Exception as exc:  # noqa: BLE001 - reported as a metric; the scrape goes on
+            logger.warning("metrics: the store did not answer ({}); its gauges keep their last values",
+                           type(exc).__name__)
+            self.metrics.store_up.set(0)
+            return
+        self.metrics.store_up.set(1)
         self.metrics.approvals_pending.set(pending)
-        depth = await self.db.read(outbox_repo.count_by_status)
         for status in ("pending", "dead", "delivered", "superseded"):
             self.metrics.outbox_depth.labels(status).set(depth.get(status, 0))
 

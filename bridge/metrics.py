@@ -30,6 +30,12 @@ class Metrics:
         )
         self.approvals_pending = Gauge("bridge_approvals_pending", "Approvals waiting for a decision", registry=r)
         self.approvals = Counter("bridge_approvals", "Approval requests by outcome", ["outcome"], registry=r)
+        self.store_up = Gauge("bridge_store_up", "1 when the store answered this scrape's reads, else 0", registry=r)
+        self.store_writes_queued = Gauge("bridge_store_writes_queued", "Writes waiting for the store's writer",
+                                         registry=r)
+        self.store_waiting = Gauge("bridge_store_unreachable_seconds",
+                                   "How long the writer has been waiting for an unreachable database (0: it is not)",
+                                   registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 
 import asyncpg
 import pytest
@@ -55,6 +56,10 @@ async def test_a_database_outage_delays_messages_and_replies_never_loses_or_doub
                 store = (await resp.json())["checks"]["store"]
             assert resp.status == 503 and not store["ok"]
             assert store["queued_writes"] >= 1 and store["waiting_for_database_s"] > 1
+            async with c.http.get(f"{proc.url}/metrics") as resp:  # still scraped, saying so
+                scraped = await resp.text()
+            assert resp.status == 200 and "bridge_store_up 0.0" in scraped
+            assert re.search(r"^bridge_store_unreachable_seconds [1-9]", scraped, re.M)
         finally:
             await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
             await admin.close()
@@ -69,6 +74,9 @@ async def test_a_database_outage_delays_messages_and_replies_never_loses_or_doub
                         break
                 await asyncio.sleep(0.2)
         assert store["ok"] and "waiting_for_database_s" not in store
+        async with c.http.get(f"{proc.url}/metrics") as resp:
+            scraped = await resp.text()
+        assert "bridge_store_up 1.0" in scraped and "bridge_store_unreachable_seconds 0.0" in scraped
         await c.post("c-outage", "alice", "echo after-outage")
         texts = await c.wait_for("c-outage", finals(3), timeout=30)
         assert ["before-outage" in texts[0], "during-outage" in texts[1], "after-outage" in texts[2]] == [True] * 3

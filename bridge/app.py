@@ -181,7 +181,8 @@ class Service:
         if not self.db.is_sqlite:
             self.ownership = Ownership(
                 self.db, self.dispatcher, owner=settings.replica_id, take_over=self._take_over,
-                in_delivery=self.delivery.in_delivery, kick_delivery=self.delivery.kick, ttl=settings.lease_ttl,
+                in_delivery=self.delivery.in_delivery, kick_delivery=self.delivery.kick,
+                on_lost=self.runner.abandon, ttl=settings.lease_ttl,
             )
             self.delivery.owns = self.ownership.owns
             sink = self.ownership

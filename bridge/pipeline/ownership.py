@@ -50,6 +50,7 @@ class Ownership:
     def __init__(self, db: Database, dispatcher: Dispatcher, *, owner: str, take_over: TakeOver,
                  in_delivery: Callable[[], Collection[str]] = frozenset,
                  kick_delivery: Callable[[], None] = lambda: None,
+                 on_lost: Callable[[str], Awaitable[object]] | None = None,
                  ttl: float = LEASE_TTL, sweep: float = SWEEP_INTERVAL) -> None:
         self.db = db
         self.dispatcher = dispatcher
@@ -57,6 +58,7 @@ class Ownership:
         self._take_over = take_over
         self._in_delivery = in_delivery
         self._kick_delivery = kick_delivery
+        self._on_lost = on_lost  # a conversation another replica took while this one held it
         self.ttl = ttl
         self.sweep_interval = sweep
         self.held: dict[str, float] = {}  # conversation key -> when its lease runs out (wall clock)
@@ -200,6 +202,10 @@ class Ownership:
                 else:
                     self.held.pop(key, None)
                     logger.bind(conversation=key).warning("ownership: lease lost to another replica")
+                    if self._on_lost is not None:
+                        task = asyncio.create_task(self._on_lost(key), name=f"lost:{key}")
+                        self._tasks.add(task)
+                        task.add_done_callback(self._tasks.discard)
         if idle:
             await self.db.write(lambda c: leases.release(c, idle, owner=self.owner))
             for key in idle:

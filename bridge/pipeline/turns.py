@@ -157,6 +157,16 @@ async def _finish_if_running(finish, rest, conn) -> bool:
     return True
 
 
+async def _post_if_running(turn_id: int, ops, conn) -> bool:
+    """A turn's message (progress, notice), only while the turn is still running."""
+    turn = await turns.get(conn, turn_id)
+    if turn is None or turn.status != "running":
+        return False
+    for statement, params in ops:
+        await conn.execute(statement, params)
+    return True
+
+
 class TurnRunner:
     def __init__(
         self, db: Database, outbox: Outbox, runtime: Runtime, gate: HumanGate, metrics: Metrics, *,
@@ -347,8 +357,27 @@ class TurnRunner:
         return {}
 
     async def post(self, scope: TurnScope, ref: str, reply: Reply, *, sent: bool) -> None:
-        await self.db.execute(self._post_ops(scope, ref, reply, sent=sent))
+        ops = self._post_ops(scope, ref, reply, sent=sent)
+        if self.fenced:  # never over what the replica that took the turn over has said
+            if not await self.db.write(functools.partial(_post_if_running, scope.turn_id, ops)):
+                return
+        else:
+            await self.db.execute(ops)
         self.outbox.kick(scope.conversation_key)
+
+    async def abandon(self, conversation_key: str) -> bool:
+        """Several replicas: another one took this conversation over (this one was paused or cut
+        off past its lease) and has marked its turn interrupted. Stop the turn here: its edits
+        and outcome would not be written anyway."""
+        running = self.running.get(conversation_key)
+        if running is None:
+            return False
+        logger.bind(conversation=conversation_key, session=running.session_id, turn=running.turn_id).warning(
+            "turn: its conversation was taken over by another replica; stopping it here")
+        if running.progress is not None:
+            await running.progress.close()
+        await self.runtime.interrupt(running.session_id)
+        return True
 
     def _post_ops(self, scope: TurnScope, ref: str, reply: Reply, *, sent: bool):
         if sent:

@@ -8,6 +8,7 @@ import asyncio
 import json
 import os
 import signal
+import time
 import uuid
 
 import asyncpg
@@ -193,23 +194,31 @@ async def test_a_page_on_one_replica_sees_live_what_another_replica_writes(repli
 
 async def test_a_replica_paused_past_its_lease_does_not_answer_a_turn_taken_over(replicas, http):
     """A replica frozen (a VM pause, a stop signal) longer than its lease loses its conversation to
-    the other, which marks the running turn interrupted and says so. When the frozen one wakes
-    and its command finishes, that turn's reply is not sent: one outcome per message."""
+    the other, which marks the running turn interrupted and says so. When the frozen one wakes it
+    stops that turn: no edit over the notice, no reply after it, one outcome per message."""
     async with postgres_database() as url:
         a, b = replicas(url)
         chat_a, chat_b = ChatClient(http, a.url), ChatClient(http, b.url)
-        await post_and_approve(chat_a, chat_a, "d-pause", "sleep 4 && echo late-reply")
-        await asyncio.sleep(0.5)  # the command runs on replica 0
+        # a command of about 8 s that prints all along (a duration no other test uses: pgrep below)
+        command = "for i in $(seq 1 16); do echo tick-$i; sleep 0.5; done; echo late-reply"
+        await post_and_approve(chat_a, chat_a, "d-pause", command)
+        approved = time.monotonic()
+        await asyncio.sleep(0.7)  # the command runs on replica 0, its output streams into the reply
         os.kill(a.pid, signal.SIGSTOP)
         try:
-            texts = await chat_b.wait_for("d-pause", lambda msgs: [t for t in final_texts(msgs)
-                                                                   if "interrupted" in t.lower()], timeout=15)
+            notice = await chat_b.wait_for("d-pause", lambda msgs: [m for m in msgs
+                                                                    if "interrupted" in m["text"].lower()], timeout=15)
         finally:
             os.kill(a.pid, signal.SIGCONT)
-        assert texts
-        await asyncio.sleep(6.0)  # the command has finished on replica 0 by now
-        finals_now = final_texts(await chat_b.bot_messages("d-pause"))
-        assert not [t for t in finals_now if "late-reply" in t], finals_now
+        await asyncio.sleep(max(0.0, approved + 5.0 - time.monotonic()))
+        ps = await asyncio.create_subprocess_exec("pgrep", "-f", "seq 1 16", stdout=asyncio.subprocess.PIPE)
+        out, _ = await ps.communicate()
+        assert out.strip() == b"", "the command still runs on the replica that lost its conversation"
+        await asyncio.sleep(max(0.0, approved + 9.0 - time.monotonic()))  # when it would have ended
+        messages = {m["id"]: m for m in await chat_b.bot_messages("d-pause")}
+        assert "interrupted" in messages[notice[0]["id"]]["text"].lower()  # not edited over
+        others = [m["text"] for m in messages.values() if m["id"] != notice[0]["id"]]
+        assert not [t for t in others if "exit 0" in t or "tick-" in t], others  # no output, no reply
         turns = await rows(url, "SELECT status FROM turns ORDER BY id")
         assert [t["status"] for t in turns] == ["interrupted"]
         # the conversation goes on, on either replica

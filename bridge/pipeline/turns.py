@@ -26,6 +26,7 @@ from bridge.pipeline.dispatcher import Job
 from bridge.pipeline.sessions import SessionResolver
 from bridge.runtimes.base import Approval, ApprovalRequest, InputFile, Runtime, TurnOutcome, TurnRequest
 from bridge.store import conversations, inbox, turns
+from bridge.store import outbox as outbox_repo
 from bridge.store.db import Database
 from channels.base import ConversationKey, Reply
 
@@ -152,8 +153,7 @@ async def _finish_if_running(finish, rest, conn) -> bool:
     statement, params = finish
     if (await conn.execute(statement, params)).rowcount != 1:
         return False
-    for statement, params in rest:
-        await conn.execute(statement, params)
+    await outbox_repo.run(conn, rest)
     return True
 
 
@@ -162,8 +162,7 @@ async def _post_if_running(turn_id: int, ops, conn) -> bool:
     turn = await turns.get(conn, turn_id)
     if turn is None or turn.status != "running":
         return False
-    for statement, params in ops:
-        await conn.execute(statement, params)
+    await outbox_repo.run(conn, ops)
     return True
 
 

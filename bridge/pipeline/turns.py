@@ -159,8 +159,7 @@ async def _finish_if_running(finish, rest, conn) -> bool:
 
 async def _post_if_running(turn_id: int, ops, conn) -> bool:
     """A turn's message (progress, notice), only while the turn is still running."""
-    turn = await turns.get(conn, turn_id)
-    if turn is None or turn.status != "running":
+    if not await turns.is_running(conn, turn_id):
         return False
     await outbox_repo.run(conn, ops)
     return True

@@ -507,7 +507,7 @@ class Database:
                     logger.warning("store: the database is out of reach ({}); {} writes wait for it", lost, len(units))
                 await asyncio.sleep(OUTAGE_PAUSES[min(attempt, len(OUTAGE_PAUSES) - 1)])
                 attempt += 1
-                if attempt > 1 and attempt % 10 == 0:
+                if attempt % 10 == 0:
                     logger.warning("store: still out of reach after {:.0f}s; {} writes wait", waited, len(units))
 
     async def _commit_group(self, units: list[_Unit]) -> None:

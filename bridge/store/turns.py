@@ -114,6 +114,14 @@ async def get(conn: AsyncConnection, turn_id: int):
     return (await conn.execute(BY_ID, {"b_id": turn_id})).first()
 
 
+STATUS = select(turns.c.status).where(turns.c.id == bindparam("b_id"))
+
+
+async def is_running(conn: AsyncConnection, turn_id: int) -> bool:
+    """Whether the turn is still running (its status alone: not its kept output)."""
+    return (await conn.execute(STATUS, {"b_id": turn_id})).scalar() == "running"
+
+
 async def last_output(conn: AsyncConnection, conversation_key: str):
     """The active session's latest turn that kept an output (id, input_text, status, output), or None."""
     return (await conn.execute(LAST_OUTPUT, {"b_key": conversation_key})).first()

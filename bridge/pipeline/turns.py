@@ -14,12 +14,14 @@ import functools
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
+from typing import Any
 
 from loguru import logger
 
 from bridge import presenter
 from bridge.approvals.gate import HumanGate, TurnScope
 from bridge.delivery.outbox import Outbox
+from bridge.logs import FailureStreak
 from bridge.metrics import Metrics
 from bridge.pipeline.answers import answer
 from bridge.pipeline.dispatcher import Job
@@ -27,12 +29,15 @@ from bridge.pipeline.sessions import SessionResolver
 from bridge.runtimes.base import Approval, ApprovalRequest, InputFile, Runtime, TurnOutcome, TurnRequest
 from bridge.store import conversations, inbox, turns
 from bridge.store import outbox as outbox_repo
+from bridge.store.conversations import SessionRef
 from bridge.store.db import Database
 from channels.base import ConversationKey, Reply
 
 FIRST_PROGRESS_DELAY = 0.5  # a turn that finishes sooner shows only its final reply
 PROGRESS_INTERVAL = 1.0  # at most one edit a second per turn
 STOP_GRACE = 15.0  # seconds a runtime has to stop a turn over its time limit, before it is cancelled
+START_RETRY_FIRST = 0.5  # a turn's start the store failed is tried again after this pause, doubling
+START_RETRY_MAX = 30.0
 
 
 @dataclass(slots=True)
@@ -183,19 +188,33 @@ class TurnRunner:
         self.fenced = fenced  # several replicas: write an outcome only while the turn is still running
         self.running: dict[str, RunningTurn] = {}
 
+    async def _start(self, job: Job, ref: str) -> tuple[SessionRef, Any, int | None]:
+        """The session, then the claim of the event with its turn's creation in one writer unit
+        (one commit before the runtime). While the store fails them, they are tried again with
+        a growing pause, and the conversation's later messages wait behind this one: a message
+        is never skipped, nor overtaken, for a store that is briefly away."""
+        pause = START_RETRY_FIRST
+        streak = FailureStreak("turn: its start", every=10)
+        while True:
+            try:
+                session = await self.sessions.resolve(job.conversation_key, is_group=job.is_group)
+                row, turn_id = await self.db.write_batched(turns.claim_and_create_many, turns.Start(
+                    inbound_event_id=job.event_id, conversation_id=session.conversation_id,
+                    session_id=session.session_id, reply_ref=ref, accepts_files=self.runtime.accepts_files,
+                ), urgent=True)  # a person waits on the turn's start
+            except Exception as exc:  # noqa: BLE001 - the event stays accepted; tried again below
+                with logger.contextualize(conversation=job.conversation_key, event=job.event_id):
+                    streak.failed(exc)
+                await asyncio.sleep(pause)  # cancelled at shutdown: the next start dispatches it
+                pause = min(pause * 2, START_RETRY_MAX)
+                continue
+            streak.ok()
+            return session, row, turn_id
+
     async def process(self, job: Job) -> None:
-        # The session comes from the resolver's cache (or the store), so that the claim of the
-        # event and the creation of its turn are one writer unit: one commit before the runtime.
-        try:
-            session = await self.sessions.resolve(job.conversation_key, is_group=job.is_group)
-        except Exception:  # noqa: BLE001 - the event stays accepted; logged, retried on the next start
-            logger.bind(conversation=job.conversation_key, event=job.event_id).exception("turn: no session")
-            return
         ref = self.outbox.new_ref()
         accepts_files = self.runtime.accepts_files
-        row, turn_id = await self.db.write_batched(turns.claim_and_create_many, turns.Start(
-            inbound_event_id=job.event_id, conversation_id=session.conversation_id, session_id=session.session_id,
-            reply_ref=ref, accepts_files=accepts_files), urgent=True)  # a person waits on the turn's start
+        session, row, turn_id = await self._start(job, ref)
         if row is None:
             return  # taken already
         payload = row.payload

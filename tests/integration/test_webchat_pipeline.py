@@ -218,6 +218,32 @@ async def test_accepted_but_unprocessed_event_is_run_after_restart(bridge, chat)
     assert len(final_texts(await c.bot_messages("c-left"))) == 1
 
 
+async def test_a_turn_whose_start_the_store_fails_is_tried_again_and_keeps_its_place(bridge, chat):
+    """The store fails a new conversation's session look-up (its table made unreadable from
+    outside for a while): the message is not skipped until a restart, and the next one in the
+    conversation waits behind it; both are answered once, in order, once the store is back."""
+    proc = bridge()
+    c = chat(proc)
+    await c.post("c-warm", "alice", "echo warm")
+    await c.wait_for("c-warm", final_texts)
+    db = proc.data_dir / "bridge.db"
+    with sqlite3.connect(db, timeout=10) as conn:
+        conn.execute("ALTER TABLE conversations RENAME TO conversations_away")
+    try:
+        for word in ("first", "second"):
+            assert (await c.post("c-away", "alice", f"echo {word}"))[0] == 202
+        await asyncio.sleep(2.0)  # a few failed tries
+        assert final_texts(await c.bot_messages("c-away")) == []
+    finally:
+        with sqlite3.connect(db, timeout=10) as conn:
+            conn.execute("ALTER TABLE conversations_away RENAME TO conversations")
+    texts = await c.wait_for("c-away", finals(2), timeout=20)
+    assert ["first" in texts[0], "second" in texts[1]] == [True, True]
+    await asyncio.sleep(0.5)
+    assert len(final_texts(await c.bot_messages("c-away"))) == 2
+    assert "turn: its start failed" in proc.log()
+
+
 async def test_restart_with_pending_approval_marks_it_interrupted(bridge, chat):
     proc = bridge()
     c = chat(proc)

@@ -43,10 +43,12 @@ from bridge.store import approvals as approvals_repo
 from bridge.store import migrate
 from bridge.store import outbox as outbox_repo
 from bridge.store.db import GATHER_ROUNDS, Database
+from bridge.store.files import StoreFiles
 from bridge.store.notify import Listener
 from bridge.web import webhooks
 from bridge.web.server import build_app
 from channels.base import ChannelAdapter
+from channels.files import FileKeeper
 from channels.webchat import transcript
 from channels.webchat.adapter import WebChatChannel
 from channels.webchat.uploads import Uploads
@@ -72,7 +74,7 @@ def build_runtime(settings: Settings) -> Runtime:
     raise NotImplementedError(f"BRIDGE_RUNTIME={settings.runtime} is not available yet; use shell")
 
 
-def build_feishu(settings: Settings) -> ChannelAdapter:
+def build_feishu(settings: Settings, files: FileKeeper) -> ChannelAdapter:
     # Nothing here imports lark-oapi: the channel builds its API client on a worker thread when
     # it starts (channels/feishu/sdk.py loads only the APIs it calls: ~0.2 s, ~10 MB).
     from channels.feishu.adapter import FeishuChannel, FeishuConfig
@@ -93,7 +95,6 @@ def build_feishu(settings: Settings) -> ChannelAdapter:
                        for chat, p in settings.feishu_chat_policies.items()},
         allowed_users=frozenset(settings.feishu_allowed_users),
         allowed_chats=frozenset(settings.feishu_allowed_chats),
-        attachments_dir=str(settings.data_dir / "attachments" / "feishu"),
         reactions=settings.feishu_reactions,
     )
     def api_factory():
@@ -101,7 +102,7 @@ def build_feishu(settings: Settings) -> ChannelAdapter:
 
         return FeishuApi(app_id=config.app_id, app_secret=config.app_secret, domain=config.domain)
 
-    channel = FeishuChannel(config, api_factory)
+    channel = FeishuChannel(config, api_factory, files)
     if config.connection == "websocket":
         from channels.feishu.longconn import LongConnection
 
@@ -109,7 +110,7 @@ def build_feishu(settings: Settings) -> ChannelAdapter:
     return channel
 
 
-def build_slack(settings: Settings) -> ChannelAdapter:
+def build_slack(settings: Settings, files: FileKeeper) -> ChannelAdapter:
     from channels.slack.adapter import SlackChannel, SlackConfig
     from channels.slack.normalize import ChannelPolicy
 
@@ -122,9 +123,8 @@ def build_slack(settings: Settings) -> ChannelAdapter:
         default_policy=ChannelPolicy(trigger=settings.slack_group_trigger, scope=settings.slack_conversation_scope),
         allowed_users=frozenset(settings.slack_allowed_users),
         allowed_channels=frozenset(settings.slack_allowed_channels),
-        attachments_dir=str(settings.data_dir / "attachments" / "slack"),
         reactions=settings.slack_reactions,
-    ))
+    ), files)
 
 
 class Service:
@@ -136,7 +136,13 @@ class Service:
         # time, and there the gathering's extra passes cost more than they saved (docs/benchmarks.md).
         self.db = Database(settings.database_url, gather_rounds=0 if settings.edge_workers else GATHER_ROUNDS)
         self.runtime = build_runtime(settings)
-        self.webchat = WebChatChannel(self.db, Uploads(settings.data_dir / "attachments" / "webchat",
+        # Files people attach: on this replica's disk, and with several replicas in the store too
+        # (each replica has its own data dir; the one that runs a file's turn reads it there).
+        self.shared_files: StoreFiles | None = None
+        if not self.db.is_sqlite:
+            self.shared_files = StoreFiles(self.db, keep_days=settings.shared_files_days)
+        self.files = FileKeeper(settings.data_dir / "attachments", shared=self.shared_files)
+        self.webchat = WebChatChannel(self.db, Uploads(self.files,
                                                        max_bytes=settings.webchat_max_file_mb * 1024 * 1024,
                                                        unsent_ttl=settings.webchat_upload_ttl_hours * 3600),
                                       shared_store=not self.db.is_sqlite)
@@ -148,10 +154,10 @@ class Service:
                                          application_name=f"agent-bridge {settings.replica_id}")
         self.channels: dict[str, ChannelAdapter] = {self.webchat.name: self.webchat}
         if settings.feishu_enabled:
-            feishu = build_feishu(settings)
+            feishu = build_feishu(settings, self.files)
             self.channels[feishu.name] = feishu
         if settings.slack_enabled:
-            slack = build_slack(settings)
+            slack = build_slack(settings, self.files)
             self.channels[slack.name] = slack
         self.outbox = Outbox(self.db.dialect)
         self.delivery = DeliveryWorker(
@@ -168,7 +174,7 @@ class Service:
         self.runner = TurnRunner(
             self.db, self.outbox, self.runtime, self.gate, self.metrics, sessions=self.sessions,
             workspace=str(settings.workspace), max_concurrent=settings.max_concurrent_turns,
-            turn_timeout=settings.turn_timeout, fenced=not self.db.is_sqlite,
+            turn_timeout=settings.turn_timeout, fenced=not self.db.is_sqlite, files=self.files,
         )
         self.pacer = BurstPacer(burst_rate=settings.burst_rate, burst_starts=settings.burst_turn_starts)
         self.dispatcher = Dispatcher(
@@ -268,6 +274,8 @@ class Service:
         await self.db.start()
         if self.webchat_live is not None:
             await self.webchat_live.start()
+        if self.shared_files is not None:
+            self.shared_files.start()
         await self.runtime.start()
         for channel in self.channels.values():
             await channel.start(self.ingest)
@@ -340,6 +348,8 @@ class Service:
         await self.runtime.stop()
         if self._runner is not None:
             await self._runner.cleanup()
+        if self.shared_files is not None:
+            await self.shared_files.stop()
         await self.db.close()
         logger.info("stopped")
 

@@ -43,6 +43,9 @@ class Settings(BaseSettings):
     # Seconds a conversation's lease lasts unless renewed: how long the conversations of a replica
     # that died wait before another replica takes them over.
     lease_ttl: float = Field(15.0, ge=1.0, le=600.0)
+    # Several replicas: days the store keeps its copy of each file people attach, for the replica
+    # that runs the file's turn (each replica keeps its own disk copies regardless).
+    shared_files_days: float = Field(7.0, gt=0)
     runtime: Literal["shell", "codex", "claude"] = "shell"
     workspace: Path | None = None
     admins: Annotated[list[str], NoDecode] = Field(default_factory=list)

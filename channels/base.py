@@ -48,8 +48,9 @@ class Sender:
 @dataclass(frozen=True, slots=True)
 class Attachment:
     name: str
-    path: str
+    path: str  # where the receiving replica kept it ("" when it could not be downloaded)
     mime_type: str = "application/octet-stream"
+    key: str = ""  # its key in the FileKeeper (channels/files.py): how another replica finds it
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,11 +1,69 @@
-"""Attachments a channel downloads: safe, distinct file names, written off the event loop (a file
-can be megabytes)."""
+"""Attachments a channel downloads or receives: safe, distinct file names, kept by a `FileKeeper`
+under the data dir's attachments folder, written off the event loop (a file can be megabytes).
+
+With several replicas, the replica that receives a file is often not the one that runs its turn,
+and each has its own data dir. The keeper then also puts each file in the store (`SharedFiles`),
+under its key (its path below the attachments folder), before the message is acknowledged; the
+replica that runs the turn writes it to its own data dir under the same key when it is missing."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Protocol
+
+
+class SharedFiles(Protocol):
+    """Files every replica can read: the store's copy (bridge/store/files.py)."""
+
+    async def put(self, key: str, data: bytes) -> None: ...
+
+    async def get(self, key: str) -> bytes | None: ...
+
+    async def keys(self, prefix: str) -> list[str]: ...
+
+
+class FileKeeper:
+    """Where files people attach are kept: `root/<key>` on this replica's disk, and with several
+    replicas in the store as well. Keys are relative POSIX paths such as
+    `feishu/<message id>/<file name>`; the channel chooses them, made of safe names."""
+
+    def __init__(self, root: Path, shared: SharedFiles | None = None) -> None:
+        self.root = Path(root)
+        self.shared = shared
+
+    def path_of(self, key: str) -> Path:
+        parts = PurePosixPath(key).parts
+        if not parts or any(part in ("", ".", "..") for part in parts) or PurePosixPath(key).is_absolute():
+            raise ValueError(f"{key!r} is not a file key")
+        return self.root.joinpath(*parts)
+
+    async def keep(self, key: str, data: bytes) -> str:
+        """Keep `data` under `key`: in the store first (with several replicas), then on disk; the
+        local path."""
+        path = self.path_of(key)
+        if self.shared is not None:
+            await self.shared.put(key, data)
+        return await save(path, data)
+
+    async def local(self, key: str, path: str) -> str:
+        """A path to the file on this replica: `path` when it is here, else the store's copy
+        written under `key` in this replica's own folder; "" when there is none."""
+        if path and await asyncio.to_thread(Path(path).is_file):
+            return path
+        if not key or self.shared is None:
+            return ""
+        try:
+            target = self.path_of(key)
+        except ValueError:
+            return ""
+        if await asyncio.to_thread(target.is_file):
+            return str(target)
+        data = await self.shared.get(key)
+        if data is None:
+            return ""
+        return await save(target, data)
 
 
 def file_names(names: Sequence[str | None], fallback: str = "file") -> list[str]:
@@ -28,6 +86,12 @@ def file_names(names: Sequence[str | None], fallback: str = "file") -> list[str]
     return out
 
 
+def safe_name(raw: str, fallback: str = "message") -> str:
+    """A platform's id as one folder name: no separators, never `.` or `..`."""
+    name = raw.replace("/", "_").replace("\\", "_").strip()
+    return fallback if name in ("", ".", "..") else name
+
+
 def _split(name: str) -> tuple[str, str]:
     dot = name.rfind(".")
     return (name[:dot], name[dot:]) if dot > 0 else (name, "")
@@ -35,7 +99,9 @@ def _split(name: str) -> tuple[str, str]:
 
 def _write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_bytes(data)
+    partial.replace(path)  # whole or absent: a reader never sees half a file
 
 
 async def save(path: Path, data: bytes) -> str:

@@ -32,6 +32,7 @@ from bridge.store import outbox as outbox_repo
 from bridge.store.conversations import SessionRef
 from bridge.store.db import Database
 from channels.base import ConversationKey, Reply
+from channels.files import FileKeeper
 
 FIRST_PROGRESS_DELAY = 0.5  # a turn that finishes sooner shows only its final reply
 PROGRESS_INTERVAL = 1.0  # at most one edit a second per turn
@@ -174,7 +175,7 @@ class TurnRunner:
     def __init__(
         self, db: Database, outbox: Outbox, runtime: Runtime, gate: HumanGate, metrics: Metrics, *,
         sessions: SessionResolver, workspace: str, max_concurrent: int, turn_timeout: float = 0.0,
-        fenced: bool = False,
+        fenced: bool = False, files: FileKeeper | None = None,
     ) -> None:
         self.db = db
         self.outbox = outbox
@@ -187,6 +188,7 @@ class TurnRunner:
         self.turn_timeout = turn_timeout  # 0: no limit
         self.fenced = fenced  # several replicas: write an outcome only while the turn is still running
         self.running: dict[str, RunningTurn] = {}
+        self.files = files  # where attachments are found (and fetched from the store, with several replicas)
 
     async def _start(self, job: Job, ref: str) -> tuple[SessionRef, Any, int | None]:
         """The session, then the claim of the event with its turn's creation in one writer unit
@@ -220,9 +222,7 @@ class TurnRunner:
         payload = row.payload
         sender = payload.get("sender") or {}
         text = (payload.get("text") or "").strip()
-        files = tuple(InputFile(a.get("name") or "file", a.get("path") or "",
-                                a.get("mime_type") or "application/octet-stream")
-                      for a in payload.get("attachments") or ())
+        files = await self._files_here(payload.get("attachments") or (), row.conversation_key)
         if not turns.runnable(row, accepts_files=accepts_files):
             reply: Reply | None = None
             if payload.get("stale"):
@@ -282,6 +282,22 @@ class TurnRunner:
         overhead = await self._finish(scope, row.id, progress, outcome, row.received_at, job.accepted_at,
                                       marked=payload.get("marked_message_id"))
         log.bind(**overhead).info("turn: {}", outcome.status)
+
+    async def _files_here(self, attachments, conversation_key: str) -> tuple[InputFile, ...]:
+        """The message's files as paths on this replica: with several replicas the one that
+        received a file may not be this one, and the store's copy is written here first."""
+        out = []
+        for a in attachments:
+            path = a.get("path") or ""
+            if self.files is not None and path:
+                try:
+                    path = await self.files.local(a.get("key") or "", path)
+                except Exception as exc:  # noqa: BLE001 - said as a file not downloaded, never dropped
+                    logger.bind(conversation=conversation_key).warning(
+                        "turn: attachment {} not available here: {}: {}", a.get("name"), type(exc).__name__, exc)
+                    path = ""
+            out.append(InputFile(a.get("name") or "file", path, a.get("mime_type") or "application/octet-stream"))
+        return tuple(out)
 
     async def _run_limited(self, request: TurnRequest, ctx: _Context, log) -> TurnOutcome:
         """The runtime's turn, stopped once it has run for longer than the turn time limit (time

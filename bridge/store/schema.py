@@ -13,6 +13,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
@@ -235,4 +236,17 @@ routine_runs = Table(
     Column("note", Text, nullable=True),
     UniqueConstraint("routine", "due_at", name="uq_routine_runs_due"),
     Index("ix_routine_runs_status", "status"),
+)
+
+# Files people attach, for the replica that runs their turn (several replicas with data dirs of
+# their own; channels/files.py): keyed by their path below the attachments folder, kept for
+# BRIDGE_SHARED_FILES_DAYS. Empty on SQLite, where one process keeps them on its disk.
+shared_files = Table(
+    "shared_files",
+    metadata,
+    Column("key", String(512), primary_key=True),
+    Column("data", LargeBinary, nullable=False),
+    Column("size", Integer, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Index("ix_shared_files_created_at", "created_at"),
 )

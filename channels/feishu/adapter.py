@@ -35,6 +35,7 @@ from aiohttp import web
 from loguru import logger
 
 from channels import files
+from channels.files import FileKeeper
 from channels.base import (
     Answer,
     Attachment,
@@ -76,7 +77,6 @@ class FeishuConfig:
     chat_policies: dict[str, ChatPolicy] = field(default_factory=dict)
     allowed_users: frozenset[str] = frozenset()
     allowed_chats: frozenset[str] = frozenset()
-    attachments_dir: str = "./data/attachments"
     reactions: bool = True
 
     def policy_for(self, chat_id: str) -> ChatPolicy:
@@ -92,8 +92,9 @@ def _uuid(key: str, part: int = 0) -> str:
 class FeishuChannel:
     name = CHANNEL
 
-    def __init__(self, config: FeishuConfig, api_factory: Callable[[], Any]) -> None:
+    def __init__(self, config: FeishuConfig, api_factory: Callable[[], Any], files: FileKeeper | None = None) -> None:
         self.config = config
+        self.files = files or FileKeeper(Path("./data/attachments"))  # where attachments are kept
         self._api_factory = api_factory  # builds the FeishuApi (imports lark-oapi's messaging API: done off the loop)
         self._api: Any = None
         self._loading: asyncio.Future[None] | None = None
@@ -260,13 +261,14 @@ class FeishuChannel:
     async def _download(self, parsed: normalize.Parsed) -> tuple[Attachment, ...]:
         if not parsed.files:
             return ()
-        folder = Path(self.config.attachments_dir) / parsed.message_id
+        folder = files.safe_name(parsed.message_id)
         names = files.file_names([ref.name for ref in parsed.files])
+        keys = [f"{CHANNEL}/{folder}/{name}" for name in names]
         saved: dict[int, str] = {}
 
         async def fetch(index: int, ref: normalize.FileRef) -> None:
             data = await (await self.api()).download(message_id=parsed.message_id, key=ref.key, kind=ref.kind)
-            saved[index] = await files.save(folder / names[index], data)
+            saved[index] = await self.files.keep(keys[index], data)
 
         try:
             async with asyncio.timeout(DOWNLOAD_BUDGET):
@@ -274,7 +276,8 @@ class FeishuChannel:
         except (DeliveryError, TimeoutError, OSError) as exc:
             logger.warning("feishu: attachments of {} not downloaded: {}", parsed.message_id, exc)
         # one entry per file, downloaded or not (an empty path): a file is never dropped unseen
-        return tuple(Attachment(names[i], saved.get(i, ""), _mime_type(ref)) for i, ref in enumerate(parsed.files))
+        return tuple(Attachment(names[i], saved.get(i, ""), _mime_type(ref), keys[i] if i in saved else "")
+                     for i, ref in enumerate(parsed.files))
 
     async def _react(self, chat_id: str, message_id: str, emoji: str) -> str | None:
         """Add a reaction; its id (None when it could not be added)."""

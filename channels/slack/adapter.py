@@ -40,6 +40,7 @@ from slack_sdk.http_retry.builtin_async_handlers import (
 from slack_sdk.web.async_client import AsyncWebClient
 
 from channels import files
+from channels.files import FileKeeper
 from channels.base import (
     Answer,
     Attachment,
@@ -83,7 +84,6 @@ class SlackConfig:
     channel_policies: dict[str, ChannelPolicy] = field(default_factory=dict)
     allowed_users: frozenset[str] = frozenset()
     allowed_channels: frozenset[str] = frozenset()
-    attachments_dir: str = "./data/attachments/slack"
     reactions: bool = True
 
     def policy_for(self, channel: str) -> ChannelPolicy:
@@ -115,8 +115,9 @@ class _Pacer:
 class SlackChannel:
     name = CHANNEL
 
-    def __init__(self, config: SlackConfig) -> None:
+    def __init__(self, config: SlackConfig, files: FileKeeper | None = None) -> None:
         self.config = config
+        self.files = files or FileKeeper(Path("./data/attachments"))  # where attachments are kept
         self.bot_user_id = ""
         self.bot_id = ""
         self._ingest: Ingest | None = None
@@ -300,8 +301,9 @@ class SlackChannel:
         shared = [f for f in parsed.files if f.get("url_private_download") or f.get("url_private")]
         if not shared or self._session is None:
             return ()
-        folder = Path(self.config.attachments_dir) / f"{parsed.channel}-{parsed.ts}"
+        folder = files.safe_name(f"{parsed.channel}-{parsed.ts}")
         names = files.file_names([info.get("name") or info.get("id") for info in shared])
+        keys = [f"{CHANNEL}/{folder}/{name}" for name in names]
         saved: dict[int, str] = {}
 
         async def fetch(index: int, info: dict[str, Any]) -> None:
@@ -313,7 +315,7 @@ class SlackChannel:
                     raise DeliveryError(f"download of {info.get('name')} failed ({resp.status}, {kind})",
                                         transient=True)
                 data = await resp.read()
-            saved[index] = await files.save(folder / names[index], data)
+            saved[index] = await self.files.keep(keys[index], data)
 
         try:
             async with asyncio.timeout(DOWNLOAD_BUDGET):
@@ -321,7 +323,8 @@ class SlackChannel:
         except (DeliveryError, TimeoutError, aiohttp.ClientError, OSError) as exc:
             logger.warning("slack: attachments of {} not downloaded: {}", parsed.ts, exc)
         # one entry per file, downloaded or not (an empty path): a file is never dropped unseen
-        return tuple(Attachment(names[i], saved.get(i, ""), info.get("mimetype") or "application/octet-stream")
+        return tuple(Attachment(names[i], saved.get(i, ""), info.get("mimetype") or "application/octet-stream",
+                                keys[i] if i in saved else "")
                      for i, info in enumerate(shared))
 
     # -- interactions

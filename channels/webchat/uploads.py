@@ -5,7 +5,10 @@ platform's downloaded attachments.
 
 Before a message that carries files is stored, each of its uploads gets a mark beside its folder
 (`<file id>.sent`). A sweep deletes the uploads that never got one once they are older than
-`unsent_ttl` (a page closed before sending, a file removed from the draft)."""
+`unsent_ttl` (a page closed before sending, a file removed from the draft).
+
+With several replicas the upload and the message that carries it may reach different replicas:
+the keeper has put the file in the store too, and the message finds it there by its key."""
 
 from __future__ import annotations
 
@@ -22,10 +25,12 @@ from aiohttp import BodyPartReader
 
 from channels import files
 from channels.base import Attachment
+from channels.files import FileKeeper
 
 MAX_FILE = 20 * 1024 * 1024
 FILE_ID = re.compile(r"^[0-9a-f]{32}$")
 CHUNK = 64 * 1024
+FOLDER = "webchat"  # the uploads' folder (and key prefix) in the FileKeeper
 
 
 class TooLarge(ValueError):
@@ -33,8 +38,9 @@ class TooLarge(ValueError):
 
 
 class Uploads:
-    def __init__(self, root: Path, *, max_bytes: int = MAX_FILE, unsent_ttl: float = 24 * 3600.0) -> None:
-        self.root = root
+    def __init__(self, files: FileKeeper, *, max_bytes: int = MAX_FILE, unsent_ttl: float = 24 * 3600.0) -> None:
+        self.files = files
+        self.root = files.path_of(FOLDER)
         self.max_bytes = max_bytes
         self.unsent_ttl = unsent_ttl
 
@@ -54,8 +60,9 @@ class Uploads:
                 raise TooLarge(f"the file is larger than {self.max_bytes // (1024 * 1024)} MiB")
         file_id = uuid.uuid4().hex
         name = files.file_names([part.filename])[0]
-        path = await files.save(folder / file_id / name, bytes(data))
-        return Attachment(name, path, _mime_type(name, part.headers.get("Content-Type")))
+        key = f"{FOLDER}/{folder.name}/{file_id}/{name}"
+        path = await self.files.keep(key, bytes(data))
+        return Attachment(name, path, _mime_type(name, part.headers.get("Content-Type")), key)
 
     async def find(self, conversation_id: str, file_id: str) -> Attachment | None:
         """The file uploaded in this conversation under `file_id`, or None."""
@@ -65,17 +72,34 @@ class Uploads:
             folder = self.folder_of(conversation_id) / file_id
         except ValueError:
             return None
-        kept = await asyncio.to_thread(lambda: [p for p in folder.iterdir() if p.is_file()] if folder.is_dir() else [])
-        if len(kept) != 1:
+        kept = await asyncio.to_thread(lambda: [p for p in folder.iterdir() if p.is_file() and
+                                                not p.name.endswith(".partial")] if folder.is_dir() else [])
+        if len(kept) == 1:
+            name = kept[0].name
+        elif not kept and self.files.shared is not None:
+            # uploaded through another replica: the store has it (the turn's replica writes it
+            # to its own disk when it runs)
+            keys = await self.files.shared.keys(f"{FOLDER}/{folder.parent.name}/{file_id}/")
+            if len(keys) != 1:
+                return None
+            name = keys[0].rsplit("/", 1)[1]
+        else:
             return None
-        return Attachment(kept[0].name, str(kept[0]), _mime_type(kept[0].name, None))
+        key = f"{FOLDER}/{folder.parent.name}/{file_id}/{name}"
+        return Attachment(name, str(folder / name), _mime_type(name, None), key)
 
 
     async def mark_sent(self, conversation_id: str, file_ids: Iterable[str]) -> None:
         """The uploads a message carries are kept for good (the mark goes beside each folder, so
         the folder still holds just the file)."""
         folder = self.folder_of(conversation_id)
-        await asyncio.to_thread(lambda: [(folder / f"{file_id}.sent").touch() for file_id in file_ids])
+
+        def mark() -> None:
+            folder.mkdir(parents=True, exist_ok=True)  # uploaded through another replica: no folder here yet
+            for file_id in file_ids:
+                (folder / f"{file_id}.sent").touch()
+
+        await asyncio.to_thread(mark)
 
     def sweep(self, now: float | None = None) -> int:
         """Delete the uploads never sent with a message and older than `unsent_ttl` (blocking: run

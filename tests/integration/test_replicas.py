@@ -11,6 +11,7 @@ import signal
 import time
 import uuid
 
+import aiohttp
 import asyncpg
 import pytest
 
@@ -225,3 +226,40 @@ async def test_a_replica_paused_past_its_lease_does_not_answer_a_turn_taken_over
         await chat_a.post("d-pause", "alice", "echo after-the-pause")
         await chat_b.wait_for("d-pause", lambda msgs: [t for t in final_texts(msgs) if "after-the-pause" in t],
                               timeout=20)
+
+
+async def test_a_file_uploaded_to_one_replica_reaches_the_turn_on_another(replicas, http, tmp_path):
+    """Each replica has a data dir of its own. A file uploaded through replica 1, carried by a
+    message posted through replica 0, which holds the conversation: the message finds the file
+    (through the store), and the turn sees it on replica 0's own disk, with the same bytes."""
+    async with postgres_database() as url:
+        a, b = replicas(url)
+        chat_a = ChatClient(http, a.url)
+        await chat_a.post("c-files", "alice", "echo warm")  # replica 0 takes the conversation
+        await chat_a.wait_for("c-files", finals(1))
+        data = os.urandom(300_000)
+        form = aiohttp.FormData()
+        form.add_field("file", data, filename="build-log.bin", content_type="application/octet-stream")
+        async with http.post(f"{b.url}/chat/api/files", params={"conversation_id": "c-files", "user_id": "alice"},
+                             data=form) as r:
+            assert r.status == 201
+            kept = await r.json()
+        assert not (tmp_path / "replica0" / "attachments" / "webchat" / "c-files" / kept["file_id"]).exists()
+        async with http.post(f"{a.url}/chat/api/messages", json={
+                "conversation_id": "c-files", "user_id": "alice", "text": "", "client_msg_id": "with-file",
+                "file_ids": [kept["file_id"]]}) as r:
+            assert r.status == 202, await r.text()
+        notes = await chat_a.wait_for("c-files", lambda msgs: [m["text"] for m in msgs if "takes text only" in m["text"]])
+        where = notes[0].split("`")[-2]
+        assert where == str(tmp_path / "replica0" / "attachments" / "webchat" / "c-files" / kept["file_id"]
+                            / "build-log.bin")
+        with open(where, "rb") as f:
+            assert f.read() == data
+        stored = await rows(url, "SELECT key, size FROM shared_files")
+        assert [(r["key"], r["size"]) for r in stored] == [
+            (f"webchat/c-files/{kept['file_id']}/build-log.bin", len(data))]
+        # an id never uploaded anywhere is still refused
+        async with http.post(f"{a.url}/chat/api/messages", json={
+                "conversation_id": "c-files", "user_id": "alice", "text": "", "client_msg_id": "no-file",
+                "file_ids": ["0" * 32]}) as r:
+            assert r.status == 400

@@ -499,3 +499,35 @@ async def test_writes_wait_for_a_write_lock_held_elsewhere_without_blocking_the_
     finally:
         other.close()
         await database.close()
+
+
+async def test_a_file_kept_on_one_replica_is_found_and_written_on_another(db, tmp_path):
+    """Two replicas with data dirs of their own: what one keeps, the other reads from the store
+    and writes under the same key in its own folder; copies past the retention are deleted."""
+    from bridge.store.files import StoreFiles
+    from channels.files import FileKeeper
+
+    shared = StoreFiles(db, keep_days=7)
+    here, there = FileKeeper(tmp_path / "a", shared), FileKeeper(tmp_path / "b", shared)
+    data = bytes(range(256)) * 4096  # 1 MiB, every byte value
+    path = await here.keep("slack/C1-1700000000.000100/report_%.bin", data)
+    assert path == str(tmp_path / "a" / "slack" / "C1-1700000000.000100" / "report_%.bin")
+    await here.keep("slack/C1-1700000000.000100/report_%.bin", b"a second copy is not kept")
+    assert await shared.keys("slack/C1-1700000000.000100/") == ["slack/C1-1700000000.000100/report_%.bin"]
+    assert await shared.keys("slack/C1-1700000000.0001") == ["slack/C1-1700000000.000100/report_%.bin"]
+    assert await shared.keys("slack/C1-1700000000.000100/report_x") == []  # `_` and `%` are not wildcards
+    assert await shared.stats() == (1, len(data))
+
+    assert await there.local("slack/C1-1700000000.000100/report_%.bin", path) == path  # one volume: as it is
+    elsewhere = "/replica-a/data/attachments/slack/C1-1700000000.000100/report_%.bin"  # another machine's path
+    copied = await there.local("slack/C1-1700000000.000100/report_%.bin", elsewhere)
+    assert copied == str(tmp_path / "b" / "slack" / "C1-1700000000.000100" / "report_%.bin")
+    assert open(copied, "rb").read() == data
+    assert await here.local("slack/C1-1700000000.000100/report_%.bin", path) == path  # there already
+    assert await there.local("slack/C9-1/none.txt", "/nowhere/none.txt") == ""  # kept nowhere
+    with pytest.raises(ValueError):
+        await there.keep("../outside.txt", b"x")
+
+    assert await shared.sweep(now=time.time() + 6 * 86400) == 0
+    assert await shared.sweep(now=time.time() + 8 * 86400) == 1
+    assert await shared.stats() == (0, 0)

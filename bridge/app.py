@@ -18,6 +18,7 @@ from aiohttp import web
 from loguru import logger
 
 from bridge.approvals import rules
+from bridge.attachments import AttachmentRetention
 from bridge.approvals.gate import HumanGate
 from bridge.config import Settings
 from bridge.delivery.outbox import Outbox
@@ -142,6 +143,8 @@ class Service:
         if not self.db.is_sqlite:
             self.shared_files = StoreFiles(self.db, keep_days=settings.shared_files_days)
         self.files = FileKeeper(settings.data_dir / "attachments", shared=self.shared_files)
+        self.retention = AttachmentRetention(self.files, keep_days=settings.attachments_keep_days,
+                                             store=self.shared_files)
         self.webchat = WebChatChannel(self.db, Uploads(self.files,
                                                        max_bytes=settings.webchat_max_file_mb * 1024 * 1024,
                                                        unsent_ttl=settings.webchat_upload_ttl_hours * 3600),
@@ -274,8 +277,7 @@ class Service:
         await self.db.start()
         if self.webchat_live is not None:
             await self.webchat_live.start()
-        if self.shared_files is not None:
-            self.shared_files.start()
+        self.retention.start()
         await self.runtime.start()
         for channel in self.channels.values():
             await channel.start(self.ingest)
@@ -348,8 +350,7 @@ class Service:
         await self.runtime.stop()
         if self._runner is not None:
             await self._runner.cleanup()
-        if self.shared_files is not None:
-            await self.shared_files.stop()
+        await self.retention.stop()
         await self.db.close()
         logger.info("stopped")
 

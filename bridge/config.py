@@ -53,6 +53,8 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = "text"
     # Web chat: the largest file a person may attach (MiB).
     webchat_max_file_mb: int = Field(20, gt=0, le=1024)
+    # Days the files people attach are kept on this replica's disk (0: for good).
+    attachments_keep_days: float = Field(30.0, ge=0)
     # Web chat: hours an uploaded file is kept when no message was sent with it.
     webchat_upload_ttl_hours: float = Field(24.0, gt=0)
 

@@ -9,6 +9,7 @@ replica that runs the turn writes it to its own data dir under the same key when
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Protocol
@@ -66,6 +67,30 @@ class FileKeeper:
         return await save(target, data)
 
 
+def sweep(root: Path, cutoff: float) -> int:
+    """Delete the files under `root` last written before `cutoff` (epoch seconds), and the
+    folders that leaves empty; how many files (blocking: run it on a worker thread)."""
+    removed = 0
+    if not root.is_dir():
+        return 0
+    for folder, subfolders, names in os.walk(root, topdown=False):
+        here = Path(folder)
+        for name in names:
+            path = here / name
+            try:
+                if path.lstat().st_mtime < cutoff:
+                    path.unlink()
+                    removed += 1
+            except OSError:
+                continue  # gone meanwhile, or not ours to remove: the next sweep looks again
+        if here != root:
+            try:
+                here.rmdir()  # only when empty
+            except OSError:
+                pass
+    return removed
+
+
 def file_names(names: Sequence[str | None], fallback: str = "file") -> list[str]:
     """One file name per attachment of a message, in order: the name's last path part (never a
     folder of its own: no `..`, no separators), and distinct within the message, so two files
@@ -98,9 +123,15 @@ def _split(name: str) -> tuple[str, str]:
 
 
 def _write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
-    partial.write_bytes(data)
+    for attempt in (1, 2):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            partial.write_bytes(data)
+            break
+        except FileNotFoundError:
+            if attempt == 2:  # the retention sweep removed the empty folder just then: once more
+                raise
     partial.replace(path)  # whole or absent: a reader never sees half a file
 
 

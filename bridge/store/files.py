@@ -1,30 +1,25 @@
 """The store's copy of the files people attach, for several replicas with data dirs of their own
 (`channels.files.SharedFiles`): the receiving replica puts a file here before the message is
 acknowledged, the replica that runs its turn reads it. Copies older than the retention are
-deleted by an hourly sweep; each replica keeps its own disk copies as before."""
+deleted by the attachments' retention (bridge/attachments.py)."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 
-from loguru import logger
 from sqlalchemy import delete, func, select
 
-from bridge.logs import FailureStreak
 from bridge.store.dialect import upsert
 from bridge.store.db import Database
 from bridge.store.schema import shared_files
 
 F = shared_files.c
-SWEEP_INTERVAL = 3600.0
 
 
 class StoreFiles:
     def __init__(self, db: Database, *, keep_days: float) -> None:
         self.db = db
         self.keep_days = keep_days
-        self._sweeper: asyncio.Task[None] | None = None
 
     async def put(self, key: str, data: bytes) -> None:
         """Keep `data` under `key` (a key already kept keeps its first copy: keys name one file)."""
@@ -67,28 +62,3 @@ class StoreFiles:
             return int(row[0]), int(row[1])
 
         return await self.db.read(_stats)
-
-    # -- the sweep's loop
-
-    def start(self) -> None:
-        if self._sweeper is None:
-            self._sweeper = asyncio.create_task(self._loop(), name="shared-files-sweep")
-
-    async def stop(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            await asyncio.gather(self._sweeper, return_exceptions=True)
-            self._sweeper = None
-
-    async def _loop(self) -> None:
-        streak = FailureStreak("shared files: the sweep", every=24)
-        while True:
-            try:
-                removed = await self.sweep()
-            except Exception as exc:  # noqa: BLE001 - the store may be away: the next hour tries again
-                streak.failed(exc)
-            else:
-                streak.ok()
-                if removed:
-                    logger.info("shared files: {} copies older than {:g} days deleted", removed, self.keep_days)
-            await asyncio.sleep(SWEEP_INTERVAL)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import sqlite3
 import time
@@ -533,3 +534,19 @@ async def test_an_upload_never_sent_is_removed_and_a_sent_one_kept(bridge, chat,
             "conversation_id": "c-sweep", "user_id": "alice", "text": "", "client_msg_id": "s2",
             "file_ids": [unsent["file_id"]]}) as r:
         assert r.status == 400
+
+
+async def test_attachments_past_their_keeping_time_are_deleted_from_disk(bridge, tmp_path):
+    """Files kept longer than BRIDGE_ATTACHMENTS_KEEP_DAYS (30 by default) go, with the folders
+    they leave empty; newer ones stay."""
+    root = tmp_path / "data" / "attachments"
+    old, new = root / "feishu" / "om_old" / "report.pdf", root / "slack" / "C1-1700000000.1" / "shot.png"
+    for path in (old, new):
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"x")
+    long_ago = time.time() - 31 * 86400
+    os.utime(old, (long_ago, long_ago))
+    proc = bridge()
+    await wait_until(lambda: not old.exists(), timeout=10, what="the old attachment deleted")
+    assert not old.parent.exists() and new.read_bytes() == b"x"
+    assert "1 file(s) past 30 days deleted from disk" in proc.log()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import re
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ Action = Literal["allow", "deny", "ask"]
 Preset = Literal["strict", "default", "trusted"]
 DEFAULT_FILE = Path(__file__).resolve().parents[2] / "templates" / "approval-rules.yaml"
 CHAIN_OPERATORS = {";", "&&", "||", "|", "&", "|&"}
+_GLOB = re.compile(r"[*?\[]")
 
 
 class RulesError(Exception):
@@ -124,6 +126,8 @@ def _word_matches(word: str, pattern: str) -> bool:
 
 
 def _argv_matches(pattern: list[str], argv: list[str]) -> bool:
+    if pattern and argv and not _GLOB.search(pattern[0]) and pattern[0] != argv[0]:
+        return False  # the program named literally, and another one: no glob to try
     if pattern and pattern[-1] == "*" and len(argv) >= len(pattern) - 1:
         head = pattern[:-1]
         return all(_word_matches(a, p) for p, a in zip(head, argv))
@@ -138,6 +142,9 @@ class Rules:
             id(rule): [shlex.split(p) for p in rule.command]
             for scope in self._all_scopes() for rule in scope.rules
         }
+        # the workspace scopes' roots, longest first (resolved once: the file names them)
+        roots = [(Path(k).expanduser().resolve(), scope) for k, scope in parsed.workspaces.items()]
+        self._roots = sorted(roots, key=lambda item: len(str(item[0])), reverse=True)
 
     def _all_scopes(self) -> list[Scope]:
         return [self.parsed, *self.parsed.workspaces.values(), *self.parsed.conversations.values()]
@@ -147,11 +154,11 @@ class Rules:
         conversation = self.parsed.conversations.get(facts.conversation)
         if conversation is not None:
             scopes.append(conversation)
-        workspace = Path(facts.workspace).resolve()
-        matching = [(Path(k).expanduser().resolve(), s) for k, s in self.parsed.workspaces.items()]
-        for root, scope in sorted(matching, key=lambda item: len(str(item[0])), reverse=True):
-            if workspace == root or root in workspace.parents:
-                scopes.append(scope)
+        if self._roots:
+            workspace = Path(facts.workspace).resolve()
+            for root, scope in self._roots:
+                if workspace == root or root in workspace.parents:
+                    scopes.append(scope)
         scopes.append(self.parsed)
         return scopes
 

@@ -37,7 +37,7 @@ from channels.files import FileKeeper
 FIRST_PROGRESS_DELAY = 0.5  # a turn that finishes sooner shows only its final reply
 PROGRESS_INTERVAL = 1.0  # at most one edit a second per turn
 STOP_GRACE = 15.0  # seconds a runtime has to stop a turn over its time limit, before it is cancelled
-START_RETRY_FIRST = 0.5  # a turn's start the store failed is tried again after this pause, doubling
+START_RETRY_FIRST = 0.5  # a turn's start (or outcome) the store failed is tried again after this pause, doubling
 START_RETRY_MAX = 30.0
 
 
@@ -85,6 +85,10 @@ class _Progress:
             self.last_flush = time.monotonic()
             await self.runner.post(self.scope, self.ref, Reply(text=self.latest), sent=self.sent)
             self.sent = True
+        except Exception as exc:  # noqa: BLE001 - progress is best effort; the outcome is written regardless
+            logger.bind(conversation=self.scope.conversation_key, session=self.scope.session_id,
+                        turn=self.scope.turn_id).warning("turn: a progress edit was not written: {}: {}",
+                                                         type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
         finally:
             self.writing = False
 
@@ -359,15 +363,31 @@ class TurnRunner:
             inbox.finish_op(event_id, "done"),
             conversations.touch_op(scope.session_id),
         ]
-        if self.fenced:
-            # Several replicas: another one may have taken the conversation over while this one
-            # was cut off or paused past its lease, and marked the turn interrupted (and said so).
-            # The outcome is written only if the turn is still running: one outcome per message.
-            written = self.db.write(functools.partial(_finish_if_running, finish, rest))
-        else:
-            written = self.db.execute([finish, *rest])
+        def write() -> Awaitable[Any]:
+            if self.fenced:
+                # Several replicas: another one may have taken the conversation over while this
+                # one was cut off or paused past its lease, and marked the turn interrupted (and
+                # said so). The outcome is written only if the turn is still running: one outcome
+                # per message (and a retry after an unknown commit cannot write it twice).
+                return self.db.write(functools.partial(_finish_if_running, finish, rest))
+            return self.db.execute([finish, *rest])  # idempotent: the reply's outbox key is unique
+
+        written = write()
         handed = time.time()  # the reply is in the outbox's queue; durable once `written` resolves
-        if await written is False:
+        pause, streak = START_RETRY_FIRST, FailureStreak("turn: its outcome's write", every=10)
+        while True:
+            try:
+                result = await written
+                break
+            except Exception as exc:  # noqa: BLE001 - the outcome is never dropped: written once the store is back
+                with logger.contextualize(conversation=scope.conversation_key, session=scope.session_id,
+                                          turn=scope.turn_id):
+                    streak.failed(exc)
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, START_RETRY_MAX)
+                written = write()
+        streak.ok()
+        if result is False:
             logger.bind(conversation=scope.conversation_key, session=scope.session_id, turn=scope.turn_id).warning(
                 "turn: another replica took it over meanwhile (it said so); this outcome ({}) is not sent",
                 outcome.status)

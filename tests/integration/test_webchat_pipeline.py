@@ -245,6 +245,37 @@ async def test_a_turn_whose_start_the_store_fails_is_tried_again_and_keeps_its_p
     assert "turn: its start failed" in proc.log()
 
 
+async def test_a_turn_whose_outcome_the_store_fails_is_written_once_it_is_back(bridge, chat):
+    """The store fails the writes of a running turn (its progress edits, then its outcome) for a
+    few seconds: the turn is not left running with its reply lost until a restart; the reply
+    comes once, and the conversation goes on."""
+    proc = bridge()
+    c = chat(proc)
+    await c.post("c-out", "alice", "sleep 1.5; echo finished")
+    card = await c.wait_card("c-out", "pending")
+    await c.act("c-out", card["id"], "approve", "alice")
+    await asyncio.sleep(0.3)  # the command runs
+    db = proc.data_dir / "bridge.db"
+    with sqlite3.connect(db, timeout=10) as conn:
+        conn.execute("ALTER TABLE outbox RENAME TO outbox_away")
+    try:
+        await asyncio.sleep(3.0)  # the command ended meanwhile; its outcome's write failed
+        with sqlite3.connect(db, timeout=10) as conn:
+            assert conn.execute("SELECT status FROM turns").fetchall() == [("running",)]
+    finally:
+        with sqlite3.connect(db, timeout=10) as conn:
+            conn.execute("ALTER TABLE outbox_away RENAME TO outbox")
+    texts = await c.wait_for("c-out", lambda msgs: [t for t in final_texts(msgs) if "finished" in t], timeout=20)
+    assert len(texts) == 1 and "exit 0" in texts[0]
+    await c.post("c-out", "alice", "echo next")
+    await c.wait_for("c-out", lambda msgs: [t for t in final_texts(msgs) if "next" in t])
+    await asyncio.sleep(0.5)
+    assert len([t for t in final_texts(await c.bot_messages("c-out")) if "finished" in t]) == 1
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT status FROM turns ORDER BY id").fetchall() == [("completed",), ("completed",)]
+    assert "turn: its outcome's write failed" in proc.log()
+
+
 async def test_restart_with_pending_approval_marks_it_interrupted(bridge, chat):
     proc = bridge()
     c = chat(proc)

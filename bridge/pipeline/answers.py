@@ -1,12 +1,43 @@
-"""Small store steps shared by the pipeline stages: claim an inbound event, answer it."""
+"""Small store steps shared by the pipeline stages: claim an inbound event, answer it, and
+write what must not be lost until the store takes it."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from loguru import logger
+
 from bridge import presenter
+from bridge.logs import FailureStreak
 from bridge.delivery.outbox import Outbox
 from bridge.store import inbox
 from bridge.store.db import Database
 from channels.base import ConversationKey, Reply
+
+T = TypeVar("T")
+RETRY_FIRST = 0.5  # seconds before a write the store failed is tried again, doubling
+RETRY_MAX = 30.0
+
+
+async def until_written(write: Callable[[], Awaitable[T]], what: str, **ids: Any) -> T:
+    """`write()` (an idempotent store write), tried again while the store fails it: the first
+    failure logged in full under `what`, then every tenth, then the recovery. The caller waits,
+    and with it its conversation's lane, so nothing is skipped or overtaken; cancelled at
+    shutdown, it leaves the event for the next start."""
+    pause, streak = RETRY_FIRST, FailureStreak(what, every=10)
+    while True:
+        try:
+            result = await write()
+        except Exception as exc:  # noqa: BLE001 - tried again below
+            with logger.contextualize(**ids):
+                streak.failed(exc)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, RETRY_MAX)
+            continue
+        streak.ok()
+        return result
 
 
 async def claim(db: Database, event_id: int):
@@ -34,6 +65,6 @@ async def answer(db: Database, outbox: Outbox, row, reply: Reply | None, *, stat
         ops += outbox.react_ops(channel, key, platform_message_id=(row.payload or {}).get("marked_message_id"),
                                 state="done" if status == "done" else "stopped", key=f"event:{row.id}")
     ops.append(inbox.finish_op(row.id, status))
-    await db.execute(ops)
+    await until_written(lambda: db.execute(ops), "answer: its write", conversation=key, event=row.id)
     if reply is not None:
         outbox.kick(key)

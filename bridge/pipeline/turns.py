@@ -21,9 +21,8 @@ from loguru import logger
 from bridge import presenter
 from bridge.approvals.gate import HumanGate, TurnScope
 from bridge.delivery.outbox import Outbox
-from bridge.logs import FailureStreak
 from bridge.metrics import Metrics
-from bridge.pipeline.answers import answer
+from bridge.pipeline.answers import answer, until_written
 from bridge.pipeline.dispatcher import Job
 from bridge.pipeline.sessions import SessionResolver
 from bridge.runtimes.base import Approval, ApprovalRequest, InputFile, Runtime, TurnOutcome, TurnRequest
@@ -37,8 +36,6 @@ from channels.files import FileKeeper
 FIRST_PROGRESS_DELAY = 0.5  # a turn that finishes sooner shows only its final reply
 PROGRESS_INTERVAL = 1.0  # at most one edit a second per turn
 STOP_GRACE = 15.0  # seconds a runtime has to stop a turn over its time limit, before it is cancelled
-START_RETRY_FIRST = 0.5  # a turn's start (or outcome) the store failed is tried again after this pause, doubling
-START_RETRY_MAX = 30.0
 
 
 @dataclass(slots=True)
@@ -196,26 +193,18 @@ class TurnRunner:
 
     async def _start(self, job: Job, ref: str) -> tuple[SessionRef, Any, int | None]:
         """The session, then the claim of the event with its turn's creation in one writer unit
-        (one commit before the runtime). While the store fails them, they are tried again with
-        a growing pause, and the conversation's later messages wait behind this one: a message
-        is never skipped, nor overtaken, for a store that is briefly away."""
-        pause = START_RETRY_FIRST
-        streak = FailureStreak("turn: its start", every=10)
-        while True:
-            try:
-                session = await self.sessions.resolve(job.conversation_key, is_group=job.is_group)
-                row, turn_id = await self.db.write_batched(turns.claim_and_create_many, turns.Start(
-                    inbound_event_id=job.event_id, conversation_id=session.conversation_id,
-                    session_id=session.session_id, reply_ref=ref, accepts_files=self.runtime.accepts_files,
-                ), urgent=True)  # a person waits on the turn's start
-            except Exception as exc:  # noqa: BLE001 - the event stays accepted; tried again below
-                with logger.contextualize(conversation=job.conversation_key, event=job.event_id):
-                    streak.failed(exc)
-                await asyncio.sleep(pause)  # cancelled at shutdown: the next start dispatches it
-                pause = min(pause * 2, START_RETRY_MAX)
-                continue
-            streak.ok()
+        (one commit before the runtime), tried again while the store fails them (the
+        conversation's later messages wait behind this one)."""
+
+        async def start() -> tuple[SessionRef, Any, int | None]:
+            session = await self.sessions.resolve(job.conversation_key, is_group=job.is_group)
+            row, turn_id = await self.db.write_batched(turns.claim_and_create_many, turns.Start(
+                inbound_event_id=job.event_id, conversation_id=session.conversation_id,
+                session_id=session.session_id, reply_ref=ref, accepts_files=self.runtime.accepts_files,
+            ), urgent=True)  # a person waits on the turn's start
             return session, row, turn_id
+
+        return await until_written(start, "turn: its start", conversation=job.conversation_key, event=job.event_id)
 
     async def process(self, job: Job) -> None:
         ref = self.outbox.new_ref()
@@ -372,21 +361,9 @@ class TurnRunner:
                 return self.db.write(functools.partial(_finish_if_running, finish, rest))
             return self.db.execute([finish, *rest])  # idempotent: the reply's outbox key is unique
 
-        written = write()
-        handed = time.time()  # the reply is in the outbox's queue; durable once `written` resolves
-        pause, streak = START_RETRY_FIRST, FailureStreak("turn: its outcome's write", every=10)
-        while True:
-            try:
-                result = await written
-                break
-            except Exception as exc:  # noqa: BLE001 - the outcome is never dropped: written once the store is back
-                with logger.contextualize(conversation=scope.conversation_key, session=scope.session_id,
-                                          turn=scope.turn_id):
-                    streak.failed(exc)
-                await asyncio.sleep(pause)
-                pause = min(pause * 2, START_RETRY_MAX)
-                written = write()
-        streak.ok()
+        handed = time.time()  # the reply goes into the outbox's queue now; durable once the write resolves
+        result = await until_written(write, "turn: its outcome's write", conversation=scope.conversation_key,
+                                     session=scope.session_id, turn=scope.turn_id)
         if result is False:
             logger.bind(conversation=scope.conversation_key, session=scope.session_id, turn=scope.turn_id).warning(
                 "turn: another replica took it over meanwhile (it said so); this outcome ({}) is not sent",

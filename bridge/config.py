@@ -127,6 +127,13 @@ class Settings(BaseSettings):
     delivery_base_delay: float = Field(0.5, gt=0)
     delivery_max_delay: float = Field(60.0, gt=0)
 
+    @field_validator("runtime")
+    @classmethod
+    def _available(cls, value: str) -> str:
+        if value == "claude":
+            raise ValueError("the claude runtime is not available yet; use shell or codex")
+        return value
+
     @field_validator("admins", mode="before")
     @classmethod
     def _split_admins(cls, value: object) -> object:

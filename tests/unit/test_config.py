@@ -37,7 +37,7 @@ def test_admins_are_split_and_qualified(monkeypatch):
 
 
 @pytest.mark.parametrize("name,value", [
-    ("BRIDGE_PORT", "eighty"), ("BRIDGE_PORT", "70000"), ("BRIDGE_RUNTIME", "gpt"),
+    ("BRIDGE_PORT", "eighty"), ("BRIDGE_PORT", "70000"), ("BRIDGE_RUNTIME", "gpt"), ("BRIDGE_RUNTIME", "claude"),
     ("BRIDGE_DATABASE_URL", "mysql://x"), ("BRIDGE_LOG_LEVEL", "loud"),
     ("BRIDGE_HTTP_WORKERS", "many"), ("BRIDGE_HTTP_WORKERS", "-1"), ("BRIDGE_HTTP_WORKERS", "33"),
 ])

@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from loguru import logger
 
+from bridge.web.webhooks import failed
 from channels.base import Answer, Forward, Webhook
 from channels.http import refusal
 
@@ -29,7 +30,6 @@ HEADER = struct.Struct(">IBIH")
 CONFIG, READY, REQUEST, RESPONSE = 1, 2, 3, 4
 MAX_FRAME = 64 * 1024 * 1024
 
-INTERNAL_ERROR = refusal(500, "internal error")
 UNAVAILABLE = refusal(503, "the service is restarting; try again")
 TIMED_OUT = refusal(503, "the service did not answer in time; try again")
 BUSY = refusal(503, "too many requests in flight; try again")
@@ -145,18 +145,16 @@ class ServiceEnd(_Frames):
             if hook is None:
                 raise LinkError("a request for a route this service does not have")
             answer = await hook.accept(Forward(body))
-        except Exception:
-            logger.exception("edge link {}: a forwarded request failed", self.name)
-            answer = INTERNAL_ERROR
+        except Exception as exc:  # noqa: BLE001 - answered like the service's own route answers it
+            answer = failed(exc, f"edge link {self.name}: a forwarded request")
         self.send(RESPONSE, ident, answer.status, answer.body)
 
     async def _serve_many(self, hook: Webhook, requests: list[tuple[int, bytes]]) -> None:
         assert hook.accept_many is not None
         try:
             answers = await hook.accept_many([Forward(body) for _, body in requests])
-        except Exception:
-            logger.exception("edge link {}: {} forwarded requests failed", self.name, len(requests))
-            answers = [INTERNAL_ERROR] * len(requests)
+        except Exception as exc:  # noqa: BLE001 - answered like the service's own route answers them
+            answers = [failed(exc, f"edge link {self.name}: {len(requests)} forwarded requests")] * len(requests)
         for (ident, _), answer in zip(requests, answers, strict=True):
             self.send(RESPONSE, ident, answer.status, answer.body)
         self._flush()  # the batch's answers at once: the worker is waiting for all of them

@@ -46,6 +46,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from bridge import jsoncodec
+from bridge.errors import Unavailable
 from bridge.store.dialect import plain_statement
 
 T = TypeVar("T")
@@ -82,11 +83,11 @@ class StoreClosed(RuntimeError):
     """A write was queued after the store closed."""
 
 
-class StoreBusy(RuntimeError):
+class StoreBusy(Unavailable):
     """SQLite's write lock stayed with another process for longer than BUSY_LIMIT."""
 
 
-class StoreUnavailable(RuntimeError):
+class StoreUnavailable(Unavailable):
     """PostgreSQL stayed out of reach for longer than OUTAGE_LIMIT, or the connection was lost
     during a COMMIT (whether that write was applied is then unknown)."""
 

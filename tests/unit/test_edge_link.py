@@ -63,6 +63,38 @@ async def test_a_failing_accept_is_a_500_and_the_link_goes_on():
     assert await worker.forward(1, b"x") == Answer(200, b"{}")
 
 
+async def test_a_store_outage_is_a_503_on_both_paths_and_other_failures_a_500():
+    """The service's own route and the edge link answer alike: the store out of reach is a 503
+    (to be sent again), anything else a 500."""
+    from aiohttp import web
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from bridge.store.db import StoreBusy, StoreUnavailable
+    from bridge.web import webhooks
+
+    failures = iter([StoreBusy("locked"), StoreUnavailable("away"), RuntimeError("boom")] * 2)
+
+    async def failing(forward: Forward) -> Answer:
+        raise next(failures)
+
+    _, worker = await _pair([failing])
+    assert [(await worker.forward(0, b"x")).status for _ in range(3)] == [503, 503, 500]
+
+    class Passing(_Check):
+        def check(self, body, headers):
+            return Forward(body)
+
+    app = web.Application()
+    app.add_routes([webhooks.route(Passing(), failing)])
+    async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+        answers = []
+        for _ in range(3):
+            async with client.post("/test", data=b"{}") as resp:
+                answers.append((resp.status, (await resp.json())["error"]))
+    assert [status for status, _ in answers] == [503, 503, 500]
+    assert "send it again" in answers[0][1] and answers[2][1] == "internal error"
+
+
 async def test_unanswered_requests_time_out_with_a_503():
     never = asyncio.Event()
 

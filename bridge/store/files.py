@@ -37,12 +37,12 @@ class StoreFiles:
         data = await self.db.read(_get, offload=True)  # megabytes, maybe
         return None if data is None else bytes(data)
 
-    async def keys(self, prefix: str) -> list[str]:
-        """The keys that start with `prefix` (at most 10)."""
+    async def keys(self, prefix: str, *, kept_since: float = 0.0) -> list[str]:
+        """The keys that start with `prefix` (at most 10), of copies kept at `kept_since` or later."""
         async def _keys(conn) -> list[str]:
             # a range, not LIKE: a prefix may hold `_` and `%`, and the primary key serves it
-            stmt = select(F.key).where(F.key >= prefix, F.key < prefix + "\U0010ffff").order_by(F.key).limit(10)
-            return list((await conn.execute(stmt)).scalars())
+            stmt = select(F.key).where(F.key >= prefix, F.key < prefix + "\U0010ffff", F.created_at >= kept_since)
+            return list((await conn.execute(stmt.order_by(F.key).limit(10))).scalars())
 
         return await self.db.read(_keys)
 

@@ -78,8 +78,10 @@ class Uploads:
             name = kept[0].name
         elif not kept and self.files.shared is not None:
             # uploaded through another replica: the store has it (the turn's replica writes it
-            # to its own disk when it runs)
-            keys = await self.files.shared.keys(f"{FOLDER}/{folder.parent.name}/{file_id}/")
+            # to its own disk when it runs); one older than the unsent uploads' TTL is treated
+            # as that replica's sweep treats it: gone
+            keys = await self.files.shared.keys(f"{FOLDER}/{folder.parent.name}/{file_id}/",
+                                                kept_since=time.time() - self.unsent_ttl)
             if len(keys) != 1:
                 return None
             name = keys[0].rsplit("/", 1)[1]

@@ -516,6 +516,7 @@ async def test_a_file_kept_on_one_replica_is_found_and_written_on_another(db, tm
     assert await shared.keys("slack/C1-1700000000.000100/") == ["slack/C1-1700000000.000100/report_%.bin"]
     assert await shared.keys("slack/C1-1700000000.0001") == ["slack/C1-1700000000.000100/report_%.bin"]
     assert await shared.keys("slack/C1-1700000000.000100/report_x") == []  # `_` and `%` are not wildcards
+    assert await shared.keys("slack/C1-1700000000.000100/", kept_since=time.time() + 60) == []  # kept earlier
     assert await shared.stats() == (1, len(data))
 
     assert await there.local("slack/C1-1700000000.000100/report_%.bin", path) == path  # one volume: as it is

@@ -194,6 +194,7 @@ class Service:
                 on_lost=self.runner.abandon, ttl=settings.lease_ttl,
             )
             self.delivery.owns = self.ownership.owns
+            self.runner.owns = self.ownership.owns
             sink = self.ownership
         self.retrier = Retrier(self.db, self.gate, sink)
         self.routine_runner = RoutineRunner(self.db, self.outbox, self.runtime, self.gate,

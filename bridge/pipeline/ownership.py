@@ -83,7 +83,7 @@ class Ownership:
         self._route_soon(job.conversation_key, [job])
 
     def owns(self, key: str) -> bool:
-        """This replica holds the conversation's lease (for the delivery worker)."""
+        """This replica holds the conversation's lease (for the delivery worker and the turn runner)."""
         until = self.held.get(key)
         if until is None or until < time.time():
             return False

@@ -12,7 +12,7 @@ import asyncio
 import dataclasses
 import functools
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -190,13 +190,23 @@ class TurnRunner:
         self.fenced = fenced  # several replicas: write an outcome only while the turn is still running
         self.running: dict[str, RunningTurn] = {}
         self.files = files  # where attachments are found (and fetched from the store, with several replicas)
+        self.owns: Callable[[str], bool] | None = None  # several replicas: this one holds the conversation
 
-    async def _start(self, job: Job, ref: str) -> tuple[SessionRef, Any, int | None]:
+    async def _start(self, job: Job, ref: str) -> tuple[SessionRef | None, Any, int | None]:
         """The session, then the claim of the event with its turn's creation in one writer unit
         (one commit before the runtime), tried again while the store fails them (the
-        conversation's later messages wait behind this one)."""
+        conversation's later messages wait behind this one). With several replicas a retry
+        first checks that this one still holds the conversation: if its lease ran out meanwhile,
+        the event is left to the holder, which runs it in order (None, None, None)."""
+        tries = 0
 
-        async def start() -> tuple[SessionRef, Any, int | None]:
+        async def start() -> tuple[SessionRef | None, Any, int | None]:
+            nonlocal tries
+            tries += 1
+            if tries > 1 and self.owns is not None and not self.owns(job.conversation_key):
+                logger.bind(conversation=job.conversation_key, event=job.event_id).warning(
+                    "turn: the conversation's lease ran out while the store was away; its holder runs the message")
+                return None, None, None
             session = await self.sessions.resolve(job.conversation_key, is_group=job.is_group)
             row, turn_id = await self.db.write_batched(turns.claim_and_create_many, turns.Start(
                 inbound_event_id=job.event_id, conversation_id=session.conversation_id,
@@ -210,8 +220,8 @@ class TurnRunner:
         ref = self.outbox.new_ref()
         accepts_files = self.runtime.accepts_files
         session, row, turn_id = await self._start(job, ref)
-        if row is None:
-            return  # taken already
+        if row is None or session is None:
+            return  # taken already, or left to the conversation's holder
         payload = row.payload
         sender = payload.get("sender") or {}
         text = (payload.get("text") or "").strip()

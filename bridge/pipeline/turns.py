@@ -362,6 +362,7 @@ class TurnRunner:
             inbox.finish_op(event_id, "done"),
             conversations.touch_op(scope.session_id),
         ]
+
         def write() -> Awaitable[Any]:
             if self.fenced:
                 # Several replicas: another one may have taken the conversation over while this

@@ -259,6 +259,7 @@ class Service:
         try:
             pending = await self.db.read(approvals_repo.count_pending)
             depth = await self.db.read(outbox_repo.count_by_status)
+            kept = await self.shared_files.stats() if self.shared_files is not None else None
         except Exception as exc:  # noqa: BLE001 - reported as a metric; the scrape goes on
             logger.warning("metrics: the store did not answer ({}); its gauges keep their last values",
                            type(exc).__name__)
@@ -268,6 +269,9 @@ class Service:
         self.metrics.approvals_pending.set(pending)
         for status in ("pending", "dead", "delivered", "superseded"):
             self.metrics.outbox_depth.labels(status).set(depth.get(status, 0))
+        if kept is not None:
+            self.metrics.shared_files.set(kept[0])
+            self.metrics.shared_files_bytes.set(kept[1])
 
     async def start(self) -> None:
         started = time.monotonic()

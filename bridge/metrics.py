@@ -37,5 +37,10 @@ class Metrics:
                                    "How long the writer has been waiting for an unreachable database (0: it is not)",
                                    registry=r)
 
+        self.shared_files = Gauge("bridge_shared_files", "Several replicas: attached files kept in the store",
+                                  registry=r)
+        self.shared_files_bytes = Gauge("bridge_shared_files_bytes",
+                                        "Several replicas: bytes of the attached files kept in the store", registry=r)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

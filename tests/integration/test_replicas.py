@@ -258,6 +258,9 @@ async def test_a_file_uploaded_to_one_replica_reaches_the_turn_on_another(replic
         stored = await rows(url, "SELECT key, size FROM shared_files")
         assert [(r["key"], r["size"]) for r in stored] == [
             (f"webchat/c-files/{kept['file_id']}/build-log.bin", len(data))]
+        async with http.get(f"{a.url}/metrics") as resp:
+            scraped = await resp.text()
+        assert "bridge_shared_files 1.0" in scraped and f"bridge_shared_files_bytes {float(len(data))}" in scraped
         # an id never uploaded anywhere is still refused
         async with http.post(f"{a.url}/chat/api/messages", json={
                 "conversation_id": "c-files", "user_id": "alice", "text": "", "client_msg_id": "no-file",

@@ -18,8 +18,8 @@ from aiohttp import web
 from loguru import logger
 
 from bridge.approvals import rules
-from bridge.attachments import AttachmentRetention
 from bridge.approvals.gate import HumanGate
+from bridge.attachments import AttachmentRetention
 from bridge.config import Settings
 from bridge.delivery.outbox import Outbox
 from bridge.delivery.worker import DeliveryWorker

@@ -73,7 +73,7 @@ def sweep(root: Path, cutoff: float) -> int:
     removed = 0
     if not root.is_dir():
         return 0
-    for folder, subfolders, names in os.walk(root, topdown=False):
+    for folder, _subfolders, names in os.walk(root, topdown=False):
         here = Path(folder)
         for name in names:
             path = here / name

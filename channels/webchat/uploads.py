@@ -60,7 +60,7 @@ class Uploads:
                 raise TooLarge(f"the file is larger than {self.max_bytes // (1024 * 1024)} MiB")
         file_id = uuid.uuid4().hex
         name = files.file_names([part.filename])[0]
-        key = f"{FOLDER}/{folder.name}/{file_id}/{name}"
+        key = _key(conversation_id, file_id, name)
         path = await self.files.keep(key, bytes(data))
         return Attachment(name, path, _mime_type(name, part.headers.get("Content-Type")), key)
 
@@ -80,20 +80,18 @@ class Uploads:
             # uploaded through another replica: the store has it (the turn's replica writes it
             # to its own disk when it runs); one older than the unsent uploads' TTL is treated
             # as that replica's sweep treats it: gone
-            keys = await self.files.shared.keys(f"{FOLDER}/{folder.parent.name}/{file_id}/",
+            keys = await self.files.shared.keys(_key(conversation_id, file_id),
                                                 kept_since=time.time() - self.unsent_ttl)
             if len(keys) != 1:
                 return None
             name = keys[0].rsplit("/", 1)[1]
         else:
             return None
-        key = f"{FOLDER}/{folder.parent.name}/{file_id}/{name}"
-        return Attachment(name, str(folder / name), _mime_type(name, None), key)
-
+        return Attachment(name, str(folder / name), _mime_type(name, None), _key(conversation_id, file_id, name))
 
     async def mark_sent(self, conversation_id: str, file_ids: Iterable[str]) -> None:
-        """The uploads a message carries are kept for good (the mark goes beside each folder, so
-        the folder still holds just the file)."""
+        """The uploads a message carries are kept until the attachments' retention (the mark goes
+        beside each folder, so the folder still holds just the file)."""
         folder = self.folder_of(conversation_id)
 
         def mark() -> None:
@@ -124,6 +122,11 @@ class Uploads:
                 except OSError:
                     continue  # gone meanwhile, or not ours to remove: the next sweep looks again
         return removed
+
+
+def _key(conversation_id: str, file_id: str, name: str = "") -> str:
+    """An upload's key in the FileKeeper (without a name: the prefix of its upload's keys)."""
+    return f"{FOLDER}/{conversation_id}/{file_id}/{name}"
 
 
 def _mime_type(name: str, given: str | None) -> str:

@@ -87,7 +87,7 @@ class HumanGate:
         verdict = self.rules.decide(RequestFacts(
             kind=req.kind, command=detail.get("command"), paths=tuple(paths), runtime=scope.runtime,
             workspace=scope.workspace or detail.get("cwd", ""), conversation=scope.conversation_key,
-            mode=scope.mode,
+            mode=scope.mode, cwd=detail.get("cwd") or None,
         ))
         if verdict.action == "ask":
             return None

@@ -29,12 +29,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from bridge.runtimes.shell_policy import is_operator, is_read_only, tokenize
+from bridge.runtimes.shell_policy import CONTROL_CHARS, is_operator, is_read_only, tokenize
 
 Action = Literal["allow", "deny", "ask"]
 Preset = Literal["strict", "default", "trusted"]
 DEFAULT_FILE = Path(__file__).resolve().parents[2] / "templates" / "approval-rules.yaml"
-CHAIN_OPERATORS = {";", "&&", "||", "|", "&", "|&"}
 _GLOB = re.compile(r"[*?\[]")
 
 
@@ -98,22 +97,30 @@ class RequestFacts:
     workspace: str
     conversation: str
     mode: str | None = None  # the session's `/mode`: overrides the files' presets
+    cwd: str | None = None  # where the command runs, when the runtime says (else the workspace)
 
 
 
-def split_commands(line: str) -> list[list[str]] | None:
-    """The argv of each command in a shell line, or None when it cannot be parsed."""
-    tokens = tokenize(line)
+def _chains(operator: str) -> bool:
+    """Whether an operator token (shlex runs adjacent ones together: `;\n`, `)|`) ends a command,
+    rather than redirecting one (`>`, `2>&1`'s `>&`, `&>`). `>|` counts as a chain: the word after
+    it then stands as a command of its own, which can only make an allow rule miss."""
+    return any(ch in operator for ch in ";\n|()") or operator == "&" or "&&" in operator
+
+
+def split_commands(line: str, *, comments: bool = False) -> list[list[str]] | None:
+    """The argv of each command in a shell line, or None when it cannot be parsed. `comments`:
+    as `shell_policy.tokenize` has it (off: every word bash could run, and perhaps more)."""
+    tokens = tokenize(line, comments=comments)
     if tokens is None:
         return None
     commands: list[list[str]] = [[]]
     for token in tokens:
-        if token in CHAIN_OPERATORS:
-            commands.append([])
-        elif is_operator(token):
-            continue  # redirections and grouping: the words around them still count
-        else:
-            commands[-1].append(token)
+        if is_operator(token):
+            if _chains(token):
+                commands.append([])
+            continue  # redirections: the words around them still count
+        commands[-1].append(token)
     return [c for c in commands if c]
 
 
@@ -164,15 +171,15 @@ class Rules:
 
     def decide(self, facts: RequestFacts) -> Verdict:
         scopes = self._scopes_for(facts)
-        commands = split_commands(facts.command) if facts.command is not None else None
+        views = _views(facts.command) if facts.command is not None else None
         for scope in scopes:
             for rule in scope.rules:
-                if self._matches(rule, facts, commands):
+                if self._matches(rule, facts, views):
                     return Verdict(rule.action, rule.name or rule.action, rule.message)
         preset = facts.mode or next((s.preset for s in scopes if s.preset), "default")
         return Verdict(self._preset(preset, facts), f"preset:{preset}")
 
-    def _matches(self, rule: Rule, facts: RequestFacts, commands: list[list[str]] | None) -> bool:
+    def _matches(self, rule: Rule, facts: RequestFacts, views: tuple[list[list[str]], ...] | None) -> bool:
         if rule.runtime and facts.runtime not in rule.runtime:
             return False
         if rule.paths:
@@ -184,11 +191,13 @@ class Rules:
                 return True
         if not rule.command:
             return not rule.paths and bool(rule.runtime)  # a rule on the runtime alone
-        if not commands:
+        if not views:
             return False
         patterns = self._patterns[id(rule)]
-        hits = [any(_argv_matches(p, argv) for p in patterns) for argv in commands]
-        return any(hits) if rule.action == "deny" else all(hits)
+        if rule.action == "deny":  # any command of either reading of the line
+            return any(any(_argv_matches(p, argv) for p in patterns) for commands in views for argv in commands)
+        # allow and ask: every command of every word bash could run (the reading without comments)
+        return all(any(_argv_matches(p, argv) for p in patterns) for argv in views[0])
 
     @staticmethod
     def _preset(preset: str, facts: RequestFacts) -> Action:
@@ -197,22 +206,37 @@ class Rules:
         if facts.kind == "command" and facts.command is not None:
             if is_read_only(facts.command):
                 return "allow"
-            if preset == "trusted" and _stays_inside(facts.command, facts.workspace):
+            if preset == "trusted" and _stays_inside(facts.command, facts.workspace, facts.cwd):
                 return "allow"
             return "ask"
         if facts.kind == "file_change" and preset == "trusted" and facts.paths:
             root = Path(facts.workspace).resolve()
-            inside = all(root in (root / p).resolve().parents or (root / p).resolve() == root for p in facts.paths)
+            inside = all(_within((root / p).resolve(), root) for p in facts.paths)
             return "allow" if inside else "ask"
         return "ask"
 
 
-def _stays_inside(command: str, workspace: str) -> bool:
-    """No argument leaves the workspace: no absolute path outside it, no `..` above it, no `cd`."""
+def _views(command: str) -> tuple[list[list[str]], ...] | None:
+    """A line's commands as bash could run them (every word, `#` kept), then, when it differs,
+    as read with comments: a deny rule matches either, so `rm -rf / # gone` is still refused."""
+    every = split_commands(command)
+    if not every:
+        return None
+    commented = split_commands(command, comments=True) if "#" in command else None
+    return (every,) if not commented or commented == every else (every, commented)
+
+
+def _stays_inside(command: str, workspace: str, cwd: str | None = None) -> bool:
+    """The command runs inside the workspace and no argument leaves it: no absolute path outside
+    it, no `..` above it, no `cd`, and nothing bash would expand into a path the check cannot see
+    (`$HOME/`, `~`, a backslash ...). Relative paths are taken from where the command runs."""
     commands = split_commands(command)
-    if commands is None or any(s in command for s in ("`", "$(", "${", "~")):
+    if commands is None or any(s in command for s in ("`", "$", "~", "\\")) or CONTROL_CHARS.search(command):
         return False
     root = Path(workspace).resolve()
+    here = Path(workspace, cwd).resolve() if cwd else root  # an absolute cwd replaces the workspace
+    if not _within(here, root):
+        return False
     for argv in commands:
         if argv[0] in ("cd", "pushd", "sudo", "su", "chroot"):
             return False
@@ -220,10 +244,13 @@ def _stays_inside(command: str, workspace: str) -> bool:
             value = arg.split("=", 1)[1] if arg.startswith("-") and "=" in arg else arg
             if "/" not in value and value != "..":
                 continue
-            target = (root / value).resolve() if not os.path.isabs(value) else Path(value).resolve()
-            if target != root and root not in target.parents:
+            if not _within((here / value).resolve(), root):
                 return False
     return True
+
+
+def _within(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
 
 
 def load(path: str | Path | None = None) -> Rules:

@@ -17,7 +17,9 @@ def default_rules():
 
 
 @pytest.mark.parametrize("command", ["rm -rf /", "ls && rm -rf /", "echo x; rm -fr /*", "rm -rf ~", "reboot now",
-                                     "dd if=/dev/zero of=/dev/sda", "mkfs.ext4 /dev/sdb1"])
+                                     "dd if=/dev/zero of=/dev/sda", "mkfs.ext4 /dev/sdb1", "rm -rf / # bye",
+                                     "ls x#; rm -rf /", "ls\nrm -rf /", "ls;\nrm -rf /", "(rm -rf /)",
+                                     "npm test '#'; rm -rf /"])
 def test_default_rules_refuse_with_a_message(default_rules, command):
     verdict = default_rules.decide(facts(command))
     assert verdict.action == "deny" and verdict.message
@@ -26,6 +28,7 @@ def test_default_rules_refuse_with_a_message(default_rules, command):
 @pytest.mark.parametrize("command,action", [
     ("git status", "allow"), ("ls -la", "allow"), ("cat a | wc -l", "allow"),
     ("touch a", "ask"), ("rm -rf /tmp/x", "ask"), ("git push origin main", "ask"), ("echo hi > f", "ask"),
+    ("ls x#; touch pwned", "ask"), ("cat /proc/1/environ", "ask"), ("date -us 2000-01-01", "ask"),
 ])
 def test_default_preset(default_rules, command, action):
     assert default_rules.decide(facts(command)).action == action
@@ -103,3 +106,34 @@ def test_errors_name_file_line_and_reason(tmp_path, text, where):
 def test_missing_file(tmp_path):
     with pytest.raises(RulesError, match="cannot read"):
         load(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("command,action", [
+    ("touch a/b", "allow"), ("rm -rf build", "allow"), ("cp a b/c", "allow"),
+    ("rm -rf $HOME/", "ask"), ("cp evil $HOME/.bashrc", "ask"), ("cp evil ~/x", "ask"), ("rm ../x", "ask"),
+    ("rm \\/etc/passwd", "ask"), ("rm x\ny /etc/passwd", "ask"), ("cd /; rm x", "ask"),
+])
+def test_trusted_mode_allows_only_what_stays_inside(tmp_path, command, action):
+    rules = write(tmp_path, "preset: trusted\n")
+    assert rules.decide(facts(command, workspace=str(tmp_path / "ws"))).action == action
+
+
+def test_an_allow_rule_covers_every_word_bash_runs(tmp_path):
+    """A quoted `#` is no comment to bash: what follows it must match the allow rule too."""
+    rules = write(tmp_path, "rules:\n  - {action: allow, command: ['npm test *']}\n")
+    assert rules.decide(facts("npm test --watch=false")).action == "allow"
+    assert rules.decide(facts("npm test # all of them")).action == "allow"
+    assert rules.decide(facts("npm test '#'; touch x")).action == "ask"
+
+
+def test_trusted_mode_takes_relative_paths_from_where_the_command_runs(tmp_path):
+    rules = write(tmp_path, "preset: trusted\n")
+    ws = str(tmp_path / "ws")
+
+    def decide(command, cwd):
+        return rules.decide(RequestFacts("command", command, (), "codex", ws, "webchat:c", cwd=cwd)).action
+
+    assert decide("rm -rf build", str(tmp_path / "ws" / "sub")) == "allow"
+    assert decide("rm -rf build", "sub") == "allow"  # relative to the workspace
+    assert decide("rm -rf build", str(tmp_path / "elsewhere")) == "ask"
+    assert decide("rm -rf ../build", str(tmp_path / "ws")) == "ask"

@@ -25,7 +25,15 @@ from bridge.metrics import Metrics
 from bridge.pipeline.answers import answer, until_written
 from bridge.pipeline.dispatcher import Job
 from bridge.pipeline.sessions import SessionResolver
-from bridge.runtimes.base import Approval, ApprovalRequest, InputFile, Runtime, TurnOutcome, TurnRequest
+from bridge.runtimes.base import (
+    Approval,
+    ApprovalRequest,
+    InputFile,
+    Runtime,
+    TurnOutcome,
+    TurnRequest,
+    storable,
+)
 from bridge.store import conversations, inbox, turns
 from bridge.store import outbox as outbox_repo
 from bridge.store.conversations import SessionRef
@@ -119,7 +127,7 @@ class _Context:
         return now - started - self.waited - waiting
 
     async def progress(self, text: str) -> None:
-        self._progress.latest = text
+        self._progress.latest = storable(text)
         self._progress.schedule()
 
     async def ask_approval(self, request: ApprovalRequest) -> Approval:
@@ -352,8 +360,10 @@ class TurnRunner:
                       ) -> dict[str, float]:
         """Write the outcome; returns the bridge's own overhead around the runtime, when measurable."""
         await progress.close()
-        reply = Reply(text=outcome.text)
-        finish = turns.finish_op(scope.turn_id, status=outcome.status, output=outcome.output, error=outcome.error)
+        reply = Reply(text=storable(outcome.text))
+        finish = turns.finish_op(scope.turn_id, status=outcome.status,
+                                 output=None if outcome.output is None else storable(outcome.output),
+                                 error=None if outcome.error is None else storable(outcome.error))
         rest = [
             *self._post_ops(scope, progress.ref, reply, sent=progress.sent),
             *self.outbox.react_ops(scope.channel, scope.conversation_key, platform_message_id=marked,

@@ -81,6 +81,12 @@ class TurnOutcome:
     timing: dict[str, float] | None = None
 
 
+def storable(text: str) -> str:
+    """Text as the store can keep it: PostgreSQL refuses NUL in text, which a command's output
+    (`head -c9 /dev/zero`) or a model's can carry."""
+    return text.replace("\x00", "\ufffd") if "\x00" in text else text
+
+
 class TurnContext(Protocol):
     async def progress(self, text: str) -> None:
         """The turn's current state as markdown (replaces the previous progress)."""

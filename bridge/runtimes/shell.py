@@ -21,7 +21,15 @@ from loguru import logger
 
 from bridge.markdown import fence
 from bridge.processes import exited
-from bridge.runtimes.base import Approval, ApprovalRequest, Decision, TurnContext, TurnOutcome, TurnRequest
+from bridge.runtimes.base import (
+    Approval,
+    ApprovalRequest,
+    Decision,
+    TurnContext,
+    TurnOutcome,
+    TurnRequest,
+    storable,
+)
 
 KEEP_BYTES = 4 * 1024 * 1024
 SECRET_ENV_PREFIXES = ("BRIDGE_", "FEISHU_", "SLACK_", "OPENAI_", "ANTHROPIC_", "CODEX_")
@@ -33,8 +41,11 @@ def _clean_env() -> dict[str, str]:
 
 
 class _Run:
-    def __init__(self, process: subprocess.Popen[bytes]) -> None:
-        self.process = process
+    """A session's command from the moment it is asked for: `/stop` before its process exists
+    (while its approval is decided, or it waits for a slot or the spawner) still stops it."""
+
+    def __init__(self) -> None:
+        self.process: subprocess.Popen[bytes] | None = None
         self.stopped = False
 
 
@@ -53,8 +64,11 @@ class ShellRuntime:
         return None
 
     async def stop(self) -> None:
-        for session_id in list(self._runs):
-            await self.interrupt(session_id)
+        """Every command still running is ended (its whole process group), and waited for."""
+        runs = list(self._runs.values())
+        for run in runs:
+            run.stopped = True
+        await asyncio.gather(*(_terminate(run.process) for run in runs if run.process is not None))
         self._spawner.shutdown(wait=False)
 
     async def health(self) -> dict[str, Any]:
@@ -65,28 +79,36 @@ class ShellRuntime:
 
     async def interrupt(self, session_id: int) -> bool:
         run = self._runs.get(session_id)
-        if run is None:
+        if run is None or run.stopped:
             return False
         run.stopped = True
-        self._kill(run.process)
+        if run.process is not None:
+            _stop_soon(run.process)
         return True
 
     async def run_turn(self, request: TurnRequest, ctx: TurnContext) -> TurnOutcome:
         command = request.text.strip()
         if not command:
             return TurnOutcome("completed", "Send a shell command, e.g. `ls` or `git status`.")
-        # The gate's rules decide what runs at once (by default: read-only commands), what is
-        # refused, and what asks a person.
-        approval = await ctx.ask_approval(
-            ApprovalRequest(
-                kind="command",
-                summary=f"Run `{command}`" if len(command) < 200 else "Run a shell command",
-                detail={"command": command, "cwd": request.workspace},
+        run = self._runs[request.session_id] = _Run()
+        try:
+            # The gate's rules decide what runs at once (by default: read-only commands), what is
+            # refused, and what asks a person.
+            approval = await ctx.ask_approval(
+                ApprovalRequest(
+                    kind="command",
+                    summary=f"Run `{command}`" if len(command) < 200 else "Run a shell command",
+                    detail={"command": command, "cwd": request.workspace},
+                )
             )
-        )
-        if not approval.allows:
-            return self._not_run(command, approval)
-        return await self._execute(request, command, ctx)
+            if not approval.allows:
+                return self._not_run(command, approval)
+            if run.stopped:
+                return self._not_run(command, Approval(Decision.STOP, "Stopped before it started."))
+            return await self._execute(request, command, ctx, run)
+        finally:
+            if self._runs.get(request.session_id) is run:
+                del self._runs[request.session_id]
 
     @staticmethod
     def _not_run(command: str, approval: Approval) -> TurnOutcome:
@@ -112,11 +134,10 @@ class ShellRuntime:
         await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), process.stdout)
         return process, reader
 
-    async def _execute(self, request: TurnRequest, command: str, ctx: TurnContext) -> TurnOutcome:
+    async def _execute(self, request: TurnRequest, command: str, ctx: TurnContext, run: _Run) -> TurnOutcome:
         os.makedirs(request.workspace, exist_ok=True)
         process, reader = await self._spawn(command, request.workspace)
-        run = _Run(process)
-        self._runs[request.session_id] = run
+        run.process = process
         started = time.monotonic()
         buffer = bytearray()
         dropped = 0
@@ -124,6 +145,8 @@ class ShellRuntime:
         log = logger.bind(session=request.session_id, turn=request.turn_id)
         log.debug("shell: started pid {}", process.pid)
         try:
+            if run.stopped:  # stopped while it was being spawned
+                _stop_soon(process)
             async with asyncio.timeout(self.timeout):
                 while chunk := await reader.read(65536):
                     buffer += chunk
@@ -131,51 +154,72 @@ class ShellRuntime:
                         cut = len(buffer) - KEEP_BYTES
                         del buffer[:cut]
                         dropped += cut
-                    await ctx.progress(self._render(command, buffer, running=True))
+                    await ctx.progress(self._render(command, buffer, dropped, running=True))
                 await exited(process)
         except TimeoutError:
             timed_out = True
-            self._kill(process)
-            await exited(process)
         finally:
-            self._runs.pop(request.session_id, None)
-            if process.returncode is None:
-                self._kill(process)
+            # a timeout, a stop (bash may be gone, what it started not), or the turn cancelled
+            # (shutdown): the whole group goes, and is waited for, so nothing outlives the turn
+            if process.returncode is None or timed_out or run.stopped:
+                await asyncio.shield(_terminate(process))
         elapsed = time.monotonic() - started
-        output = buffer.decode("utf-8", errors="replace")
+        output = storable(buffer.decode("utf-8", errors="replace"))
         if dropped:
             output = f"[first {dropped} bytes not kept]\n" + output
         if run.stopped:
             note = f"Stopped after {elapsed:.1f}s."
-            return TurnOutcome("stopped", self._render(command, buffer, note=note), output=output)
+            return TurnOutcome("stopped", self._render(command, buffer, dropped, note=note), output=output)
         if timed_out:
             note = f"Timed out after {self.timeout:g}s; the process group was killed."
-            return TurnOutcome("failed", self._render(command, buffer, note=note), output=output, error="timeout")
+            return TurnOutcome("failed", self._render(command, buffer, dropped, note=note), output=output,
+                               error="timeout")
         code = process.returncode
         note = f"exit {code} · {elapsed:.1f}s"
-        return TurnOutcome("completed", self._render(command, buffer, note=note), output=output)
+        return TurnOutcome("completed", self._render(command, buffer, dropped, note=note), output=output)
 
-    def _render(self, command: str, data: bytes | bytearray, *, running: bool = False, note: str = "") -> str:
-        text = bytes(data).decode("utf-8", errors="replace").rstrip("\n")
-        cut_note = ""
+    def _render(self, command: str, data: bytes | bytearray, dropped: int = 0, *, running: bool = False,
+                note: str = "") -> str:
+        """The reply: the output's end (at most `output_limit` characters), and how much is not
+        shown. Only the end is decoded (a character is at most 4 bytes), so a command that pours
+        out megabytes costs the loop the same per chunk as one that prints a line."""
+        start = max(0, len(data) - self.output_limit * 4)
+        text = bytes(data[start:]).decode("utf-8", errors="replace")
+        hidden = dropped + start
         if len(text) > self.output_limit:
-            cut = len(text) - self.output_limit
+            hidden += len(text[:-self.output_limit].encode("utf-8", errors="replace"))
             text = text[-self.output_limit:]
-            cut_note = f"\n_Output truncated: the first {cut} characters are not shown; `/output` shows the rest._"
+        text = storable(text).rstrip("\n")
+        cut_note = ""
+        if hidden:
+            cut_note = f"\n_Output truncated: the first {hidden} bytes are not shown; `/output` shows the rest._"
         status = "_running…_" if running else note
         return f"{fence(text)}{cut_note}\n{status}".strip()
 
-    @staticmethod
-    def _kill(process: subprocess.Popen[bytes]) -> None:
-        try:
-            os.killpg(process.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            return
 
-        def _hard_kill() -> None:
-            try:
-                os.killpg(process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+def _signal_group(process: subprocess.Popen[bytes], sig: int) -> None:
+    try:
+        os.killpg(process.pid, sig)
+    except ProcessLookupError:
+        pass
 
-        asyncio.get_running_loop().call_later(KILL_GRACE, _hard_kill)
+
+def _stop_soon(process: subprocess.Popen[bytes]) -> None:
+    """`/stop`: SIGTERM to the group now, SIGKILL after KILL_GRACE (the turn's loop, which reads
+    the output to its end, then finishes it)."""
+    _signal_group(process, signal.SIGTERM)
+    asyncio.get_running_loop().call_later(KILL_GRACE, _signal_group, process, signal.SIGKILL)
+
+
+async def _terminate(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM to the command's process group, SIGKILL after KILL_GRACE if bash is still there,
+    and bash reaped. SIGKILL goes to the group even when bash left at once: what it started may
+    have stayed (a trapped TERM, a child of its own)."""
+    _signal_group(process, signal.SIGTERM)
+    try:
+        async with asyncio.timeout(KILL_GRACE):
+            await exited(process)
+    except TimeoutError:
+        pass
+    _signal_group(process, signal.SIGKILL)
+    await exited(process)

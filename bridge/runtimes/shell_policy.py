@@ -92,8 +92,10 @@ def _into_system_tree(arg: str) -> bool:
     may climb to, one of the system trees (`src/dev` does not)."""
     for path in (arg, arg.split("=", 1)[1]) if "=" in arg else (arg,):
         parts = path.split("/")
-        if path.startswith("/") and posixpath.normpath(path).lstrip("/").split("/")[0] in SYSTEM_TREES:
-            return True
+        if path.startswith("/"):
+            absolute = posixpath.normpath(path).lstrip("/")
+            if absolute != "dev/null" and absolute.split("/")[0] in SYSTEM_TREES:
+                return True
         if ".." in parts and any(part in SYSTEM_TREES for part in parts):
             return True
     return False

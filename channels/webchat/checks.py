@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Annotated
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, Field, ValidationError
 
 from bridge.web.http import validation_message
 from channels.base import Answer, Forward
@@ -16,19 +17,29 @@ ID_PATTERN = r"^[A-Za-z0-9_.@-]{1,128}$"
 MAX_FILES = 10  # files one message may carry
 
 
+def _no_nul(value: str) -> str:
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    return value
+
+
+# free text the store keeps (PostgreSQL refuses NUL in text): refused with a 400 rather than a 500
+Text = Annotated[str, AfterValidator(_no_nul)]
+
+
 class PostMessage(BaseModel):
     conversation_id: str = Field(pattern=ID_PATTERN)
     user_id: str = Field(pattern=ID_PATTERN)
-    text: str = Field(max_length=100_000)
-    client_msg_id: str = Field(min_length=1, max_length=128)
+    text: Text = Field(max_length=100_000)
+    client_msg_id: Text = Field(min_length=1, max_length=128)
     # files uploaded before (POST /chat/api/files) in this conversation; optional
     file_ids: list[str] = Field(default_factory=list, max_length=MAX_FILES)
 
 
 class PostAction(BaseModel):
     conversation_id: str = Field(pattern=ID_PATTERN)
-    message_id: str = Field(min_length=1, max_length=64)
-    action_id: str = Field(min_length=1, max_length=64)
+    message_id: Text = Field(min_length=1, max_length=64)
+    action_id: Text = Field(min_length=1, max_length=64)
     user_id: str = Field(pattern=ID_PATTERN)
 
 

@@ -106,3 +106,22 @@ async def test_a_turn_waiting_for_approval_outlasts_a_database_outage(bridge, ch
         assert "exit 0" in texts[0]
         assert (proc.data_dir / "workspace" / "approved-after-outage.txt").exists()
         proc.stop()
+
+
+async def test_nul_bytes_in_a_command_output_are_replied_and_refused_in_a_message(bridge, chat):
+    """PostgreSQL refuses NUL in text: a binary file's output is still stored and answered (its
+    NULs shown as U+FFFD), the conversation goes on, and a message carrying NUL gets a 400."""
+    async with postgres_database() as url:
+        proc = bridge(BRIDGE_DATABASE_URL=url)
+        workspace = proc.data_dir / "workspace"
+        workspace.mkdir(parents=True, exist_ok=True)
+        (workspace / "bin.dat").write_bytes(b"a\x00b\n")
+        c = chat(proc)
+        await c.post("c-nul", "alice", "cat bin.dat")
+        await c.post("c-nul", "alice", "echo next")
+        texts = await c.wait_for("c-nul", finals(2))
+        assert "a\ufffdb" in texts[0] and "exit 0" in texts[0] and "next" in texts[1]
+        status, body = await c.post("c-nul", "alice", "echo a\x00b")
+        assert status == 400 and "NUL" in body["error"]
+        assert [m["role"] for m in await c.messages("c-nul")].count("user") == 2
+        proc.stop()

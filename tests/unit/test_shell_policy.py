@@ -8,7 +8,7 @@ from bridge.runtimes.shell_policy import is_read_only
     "echo hello world", "echo 'a > b'", "date", "whoami", "uname -a", "git status", "git log --oneline -5",
     "git diff HEAD~1", "git show HEAD", "cat a.txt | wc -l", "ls | head", "echo $HOME",
     "git log --grep '#12' --oneline", "echo issue#3", "date +%Y-%m-%d", "date -u", "date -d yesterday +%F",
-    "date --iso-8601=seconds", "tail -n 5 log", "tail -5 log", "ls -la src/dev", "cat '/tmp/a b'",
+    "date --iso-8601=seconds", "tail -n 5 log", "tail -5 log", "ls -la src/dev", "cat '/tmp/a b'", "cat /dev/null | wc -l",
 ])
 def test_read_only(command):
     assert is_read_only(command)

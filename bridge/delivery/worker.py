@@ -135,14 +135,17 @@ class DeliveryWorker:
             if due:
                 task = asyncio.create_task(self._deliver_lane(key, due), name=f"deliver:{key}")
                 self._inflight[key] = task
-                task.add_done_callback(lambda _t, k=key: self._lane_done(k))
+                task.add_done_callback(lambda t, k=key: self._lane_done(k, t))
                 started += 1
         if len(ops) == self.page and started:
             # more than a page: come back for the rest. When nothing on this page could start
             # (its conversations are being delivered), the next lane to finish wakes the worker.
             self._wake.set()
 
-    def _lane_done(self, key: str) -> None:
+    def _lane_done(self, key: str, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            # its outcome was not written (the store failed): the next round has its operations again
+            logger.bind(conversation=key).opt(exception=task.exception()).error("delivery: a lane failed")
         self._inflight.pop(key, None)
         self._settled[key] = time.monotonic()
         self._wake.set()  # its conversation may have more by now
@@ -173,7 +176,13 @@ class DeliveryWorker:
             self.metrics.delivery_failures.labels(op.channel, "dead").inc()
             log.error("delivery: op {} is dead: channel {!r} is not configured", op.id, op.channel)
             return True, repo.dead(op.id, attempts, f"no channel {op.channel!r}")
-        conversation = ConversationKey.parse(op.conversation_key)
+        try:
+            conversation = ConversationKey.parse(op.conversation_key)
+            reply = None if op.op == "react" else Reply.from_payload(op.payload)
+        except Exception as exc:  # noqa: BLE001 - it would fail every attempt: dead, and the lane goes on
+            self.metrics.delivery_failures.labels(op.channel, "dead").inc()
+            log.opt(exception=exc).error("delivery: op {} is dead: it cannot be read", op.id)
+            return True, repo.dead(op.id, attempts, f"unreadable: {type(exc).__name__}: {exc}")
         if op.op == "react":
             self.metrics.delivery_attempts.labels(op.channel).inc()
             try:
@@ -182,19 +191,28 @@ class DeliveryWorker:
                 log.warning("delivery: reaction of op {} failed: {}", op.id, exc)
                 return True, repo.dead(op.id, attempts, f"{type(exc).__name__}: {exc}")
             return True, repo.delivered(op.id, attempts, op.message_ref, None)
-        reply = Reply.from_payload(op.payload)
-        target = platform_ids.get(op.message_ref) or op.platform_message_id
-        if op.op == "update" and target is None:
-            target = await self.db.read(lambda c: repo.platform_id(c, op.message_ref))
+        assert reply is not None
         self.metrics.delivery_attempts.labels(op.channel).inc()
         try:
+            target = platform_ids.get(op.message_ref) or op.platform_message_id
+            if op.op == "update" and target is None:
+                target = await self.db.read(lambda c: repo.platform_id(c, op.message_ref))
             if op.op == "send" or target is None:
                 # An edit of a message whose send died is delivered as a new message: nothing is lost.
                 platform_id = await channel.send(conversation, reply, idempotency_key=op.idempotency_key)
                 platform_ids[op.message_ref] = platform_id
             else:
-                await channel.update(conversation, target, reply)
-                platform_id = None
+                try:
+                    await channel.update(conversation, target, reply)
+                    platform_id = None
+                except DeliveryError as exc:
+                    if exc.transient:
+                        raise
+                    # The message cannot be edited (deleted, recalled, too old): the reply is sent
+                    # as a new one, and later edits go to that one.
+                    log.warning("delivery: op {} cannot edit its message ({}); sending it anew", op.id, exc)
+                    platform_id = await channel.send(conversation, reply, idempotency_key=op.idempotency_key)
+                    platform_ids[op.message_ref] = platform_id
         except DeliveryError as exc:
             return self._failed(op, attempts, str(exc), exc.transient, exc.retry_after, log)
         except Exception as exc:  # noqa: BLE001 - an unexpected adapter error is treated as transient

@@ -239,3 +239,39 @@ async def test_a_full_page_of_busy_conversations_does_not_hold_the_loop(db):
     assert sorted(sends) == sorted(f"m{n}-{i}" for n in range(3) for i in range(3))
     for n in range(3):  # each conversation in its own order
         assert [t for t in sends if t.startswith(f"m{n}-")] == [f"m{n}-{i}" for i in range(3)]
+
+
+async def test_an_operation_that_cannot_be_read_is_dead_and_the_lane_goes_on(db):
+    """A payload this code cannot read (left by another version, say) fails on every attempt:
+    it is dead at once, visibly, and the conversation's next operation is delivered."""
+    channel = ScriptedChannel()
+    worker = await make_worker(db, channel)
+    await db.execute(repo.send_ops(db.dialect, channel="fake", conversation_key="fake:c9",
+                                   payload={"text": "x", "card": {"title": "no kind"}}, ref="r1"))
+    await enqueue(db, "fake:c9", "after it", "r2")
+    worker.kick("fake:c9")
+    await settle(worker, db)
+    assert channel.log == [("send", "fake:c9", "after it")]
+    dead = await db.read(repo.list_dead)
+    assert len(dead) == 1 and dead[0].last_error.startswith("unreadable: KeyError")
+    await worker.stop()
+
+
+async def test_an_edit_the_platform_refuses_for_good_is_sent_as_a_new_message(db):
+    """The message to edit was deleted (or recalled, or is too old to edit): the reply is posted
+    anew, and later edits go to the new message."""
+    channel = ScriptedChannel({"final": [DeliveryError("message_not_found", transient=False)]})
+    worker = await make_worker(db, channel)
+    await enqueue(db, "fake:c10", "working", "r1")
+    worker.kick("fake:c10")
+    await settle(worker, db)
+    await enqueue(db, "fake:c10", "final", "r1", op="update")
+    worker.kick("fake:c10")
+    await settle(worker, db)
+    await enqueue(db, "fake:c10", "final, edited", "r1", op="update")
+    worker.kick("fake:c10")
+    await settle(worker, db)
+    assert channel.log == [("send", "fake:c10", "working"), ("send", "fake:c10", "final"),
+                           ("update", "P2", "final, edited")]
+    assert await db.read(repo.count_by_status) == {"delivered": 3}
+    await worker.stop()

@@ -69,6 +69,7 @@ class Ownership:
         self._loop_task: asyncio.Task[None] | None = None
         self._closing = False
         self.taken_over = 0
+        self._taking_over: set[str] = set()  # leases taken whose takeover has not succeeded yet
         self._swept_at = time.monotonic()
 
     # -- the pipeline's entry (in place of Dispatcher.submit)
@@ -114,23 +115,26 @@ class Ownership:
     async def _hold(self, key: str) -> bool:
         """Hold the conversation's lease: renewed without a look at the store while it has more
         than two thirds of its time left, else taken (and the conversation taken over when it was
-        not this process's)."""
+        not this process's). A takeover that failed (the store away) is tried again on the next
+        route, and the renewals route such a conversation until it succeeds."""
         now = time.time()
         until = self.held.get(key)
         self._used[key] = time.monotonic()
-        if until is not None and until - now > self.ttl * 2 / 3:
-            return True
-        got = await self.db.write(lambda c: leases.acquire(c, [key], owner=self.owner, until=now + self.ttl, now=now),
-                                  urgent=True)
-        if key not in got:
-            self.held.pop(key, None)
-            return False
-        fresh = until is None or until < now
-        self.held[key] = now + self.ttl
-        if fresh:
+        if until is None or until - now <= self.ttl * 2 / 3:
+            got = await self.db.write(
+                lambda c: leases.acquire(c, [key], owner=self.owner, until=now + self.ttl, now=now), urgent=True)
+            if key not in got:
+                self.held.pop(key, None)
+                self._taking_over.discard(key)
+                return False
+            if until is None or until < now:
+                self._taking_over.add(key)
+            self.held[key] = now + self.ttl
+        if key in self._taking_over:
             # the conversation may hold what a stopped replica left (this one's earlier life included)
             mine = {event for event, k in self._known.items() if k == key}
             interrupted = await self._take_over(key, mine)
+            self._taking_over.discard(key)
             if interrupted:
                 self.taken_over += 1
                 logger.bind(conversation=key).warning("ownership: took the conversation over ({} turn(s) interrupted)",
@@ -201,6 +205,7 @@ class Ownership:
                     self.held[key] = now + self.ttl
                 else:
                     self.held.pop(key, None)
+                    self._taking_over.discard(key)
                     logger.bind(conversation=key).warning("ownership: lease lost to another replica")
                     if self._on_lost is not None:
                         task = asyncio.create_task(self._on_lost(key), name=f"lost:{key}")
@@ -211,6 +216,10 @@ class Ownership:
             for key in idle:
                 self.held.pop(key, None)
                 self._used.pop(key, None)
+                self._taking_over.discard(key)
+        for key in self._taking_over & set(self.held):
+            if key not in self._routing and not self._closing:
+                self._route_soon(key, [])  # its takeover failed: try again
         done = set(idle) | {key for key in self.held if not self.dispatcher.busy(key)
                             and not self.dispatcher.queued(key) and key not in self._routing}
         self._known = {event: key for event, key in self._known.items() if key not in done}

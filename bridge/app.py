@@ -284,12 +284,13 @@ class Service:
             await self.webchat_live.start()
         self.retention.start()
         await self.runtime.start()
+        if self.ownership is None:
+            # before any channel takes a message: what the last run left keeps its place in line
+            await recover(self.db, self.outbox, self.gate, self.dispatcher)
         for channel in self.channels.values():
             await channel.start(self.ingest)
         await self.delivery.start()
-        if self.ownership is None:
-            await recover(self.db, self.outbox, self.gate, self.dispatcher)
-        else:
+        if self.ownership is not None:
             await self.ownership.start()  # its sweep takes over what stopped replicas left
         await self.scheduler.start()
         self._runner = web.AppRunner(self.app, access_log=None, handler_cancellation=False)

@@ -28,14 +28,19 @@ from bridge.store.schema import inbound_events
 from channels.base import ConversationKey
 
 
-async def recover(db: Database, outbox: Outbox, gate: HumanGate, dispatcher: Dispatcher) -> dict[str, int]:
+async def recover(db: Database, outbox: Outbox, gate: HumanGate, dispatcher: Dispatcher, *,
+                  page_size: int = 10_000) -> dict[str, int]:
     """Everything (one process, at start-up): interrupt, reset, and dispatch again."""
     stale = await interrupt_and_reset(db, outbox, gate)
-    open_events = await db.read(inbox.list_open, offload=True)  # up to 10,000 rows
-    resubmitted = 0
-    for event in open_events:
-        dispatcher.submit(Job.of_event(event.id, event.conversation_key, event.payload))
-        resubmitted += 1
+    resubmitted, after = 0, 0
+    while True:  # page by page: a backlog of any size is dispatched again, in order
+        page = await db.read(lambda c, after=after: inbox.list_open(c, after=after, limit=page_size), offload=True)
+        for event in page:
+            dispatcher.submit(Job.of_event(event.id, event.conversation_key, event.payload))
+        resubmitted += len(page)
+        if len(page) < page_size:
+            break
+        after = page[-1].id
     if stale or resubmitted:
         logger.warning("recovery: {} interrupted turn(s), {} event(s) dispatched again", stale, resubmitted)
     return {"interrupted_turns": stale, "redispatched_events": resubmitted}

@@ -164,11 +164,12 @@ def reply_ref_op(event_id: int, ref: str):
     return SET_REPLY_REF, {"b_id": event_id, "b_ref": ref}
 
 
-async def list_open(conn: AsyncConnection, limit: int = 10_000):
-    """Events accepted but not finished, oldest first (for recovery)."""
+async def list_open(conn: AsyncConnection, *, after: int = 0, limit: int = 10_000):
+    """Events accepted but not finished, oldest first, from id `after` on (for recovery, page
+    by page)."""
     result = await conn.execute(
         select(inbound_events)
-        .where(inbound_events.c.status.in_(OPEN_STATUSES))
+        .where(inbound_events.c.status.in_(OPEN_STATUSES), inbound_events.c.id > after)
         .order_by(inbound_events.c.id)
         .limit(limit)
     )

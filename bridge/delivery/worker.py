@@ -1,9 +1,10 @@
 """The delivery worker: drains the outbox into the channels.
 
-It works in rounds: one read fetches the pending operations of every conversation (oldest first);
-each conversation not already being delivered gets a task that delivers its operations in order
-and stops at the first that fails or is not due yet, so an operation never overtakes an earlier
-one of its conversation. Of several pending edits of one message only the latest is sent. The
+It works in rounds: a read fetches the pending operations of the conversations whose first
+pending operation is due, oldest first (a conversation waiting for a retry is left out whole, so
+a platform's outage cannot crowd the others out of the page); each conversation not already
+being delivered gets a task that delivers its operations in order and stops at the first that
+fails or is not due yet, so an operation never overtakes an earlier one of its conversation. Of several pending edits of one message only the latest is sent. The
 outcome of a conversation's operations is written as one coalescible unit.
 
 Transient failures retry with exponential backoff and jitter (or the platform's Retry-After);
@@ -30,6 +31,7 @@ from channels.base import ChannelAdapter, ConversationKey, DeliveryError, Reply
 
 SWEEP_INTERVAL = 1.0
 PAGE = 1000
+MAX_PAGES = 10  # pages one round reads while nothing it read can start here
 
 
 class DeliveryWorker:
@@ -54,6 +56,8 @@ class DeliveryWorker:
         # None: one process delivers everything.
         self.owns: Callable[[str], bool] | None = None
         self._pending_here: set[str] = set()  # conversations with pending operations, last round
+        self._retrying: dict[str, float] = {}  # conversation -> when its first operation is due again
+        self._cursor = 0  # where the next round starts reading (an operation id)
 
     def in_delivery(self) -> set[str]:
         """Conversations whose operations this process is delivering or has yet to deliver."""
@@ -82,8 +86,14 @@ class DeliveryWorker:
     async def _any_pending(self) -> bool:
         if self.owns is None:
             return bool((await self.db.read(repo.count_by_status)).get("pending", 0))
-        ops = await self.db.read(lambda c: repo.pending(c, self.page))
-        return any(self.owns(op.conversation_key) for op in ops)
+        after = 0
+        while True:  # other replicas' operations may fill many pages before one of this one's
+            ops = await self.db.read(lambda c, after=after: repo.pending(c, self.page, after=after))
+            if any(self.owns(op.conversation_key) for op in ops):
+                return True
+            if len(ops) < self.page:
+                return False
+            after = ops[-1].id
 
     async def stop(self) -> None:
         tasks = list(self._inflight.values()) + ([self._task] if self._task else [])
@@ -114,33 +124,51 @@ class DeliveryWorker:
             await asyncio.sleep(0)
 
     async def _round(self) -> None:
+        """Start a lane for each conversation whose first pending operation is due, page by page
+        (of those, oldest first): from the first page, or where the last round stopped when it
+        read MAX_PAGES pages of which nothing could start here (conversations being delivered,
+        or held by other replicas)."""
         read_at = time.monotonic()
-        ops = await self.db.read(lambda c: repo.pending(c, self.page))
-        lanes: OrderedDict[str, list] = OrderedDict()
-        for op in ops:
-            if self.owns is None or self.owns(op.conversation_key):
-                lanes.setdefault(op.conversation_key, []).append(op)
-        self._pending_here = set(lanes)
         now = time.time()
         self._settled = {k: t for k, t in self._settled.items() if t >= read_at}
-        started = 0
-        for key, lane in lanes.items():
-            if key in self._inflight or key in self._settled:
-                continue  # being delivered, or settled after this read: the next round has it
-            due = []
-            for op in lane:
-                if op.next_attempt_at > now:
-                    break
-                due.append(op)
-            if due:
-                task = asyncio.create_task(self._deliver_lane(key, due), name=f"deliver:{key}")
-                self._inflight[key] = task
-                task.add_done_callback(lambda t, k=key: self._lane_done(k, t))
-                started += 1
-        if len(ops) == self.page and started:
-            # more than a page: come back for the rest. When nothing on this page could start
-            # (its conversations are being delivered), the next lane to finish wakes the worker.
-            self._wake.set()
+        self._retrying = {k: t for k, t in self._retrying.items() if t > now}
+        seen: set[str] = set()
+        after, pages, started = self._cursor, 0, 0
+        while True:
+            ops = await self.db.read(lambda c, after=after: repo.pending(c, self.page, after=after, due_by=now))
+            pages += 1
+            lanes: OrderedDict[str, list] = OrderedDict()
+            for op in ops:
+                if self.owns is None or self.owns(op.conversation_key):
+                    lanes.setdefault(op.conversation_key, []).append(op)
+            seen.update(lanes)
+            for key, lane in lanes.items():
+                if key in self._inflight or key in self._settled:
+                    continue  # being delivered, or settled after this read: the next round has it
+                due = []
+                for op in lane:
+                    if op.next_attempt_at > now:
+                        break
+                    due.append(op)
+                if due:
+                    task = asyncio.create_task(self._deliver_lane(key, due), name=f"deliver:{key}")
+                    self._inflight[key] = task
+                    task.add_done_callback(lambda t, k=key: self._lane_done(k, t))
+                    started += 1
+            if len(ops) < self.page:
+                self._cursor = 0
+                break
+            after = ops[-1].id
+            if started:
+                # more than a page: come back for the rest. When nothing read could start (its
+                # conversations are being delivered), the next lane to finish wakes the worker.
+                self._cursor = 0
+                self._wake.set()
+                break
+            if pages >= MAX_PAGES:
+                self._cursor = after  # the next round reads on from here
+                break
+        self._pending_here = seen | set(self._retrying)
 
     def _lane_done(self, key: str, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:
@@ -232,6 +260,7 @@ class DeliveryWorker:
             delay = max(delay, retry_after)
         log.warning("delivery: op {} attempt {} failed ({}); retrying in {:.2f}s", op.id, attempts, error, delay)
         asyncio.get_running_loop().call_later(delay, self._wake.set)
+        self._retrying[op.conversation_key] = time.time() + delay
         return False, repo.retry(op.id, attempts, time.time() + delay, error)
 
     def backoff(self, attempts: int) -> float:

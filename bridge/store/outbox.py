@@ -122,16 +122,36 @@ def superseded(op_id: int) -> Ops:
 PENDING = (
     select(outbox, bot_messages.c.platform_message_id)
     .join(bot_messages, bot_messages.c.ref == outbox.c.message_ref, isouter=True)
-    .where(outbox.c.status == "pending")
+    .where(outbox.c.status == "pending", outbox.c.id > bindparam("b_after"))
+    .order_by(outbox.c.id)
+    .limit(bindparam("b_limit"))
+)
+# each conversation's first pending operation
+_HEADS = (select(outbox.c.conversation_key, func.min(outbox.c.id).label("head_id"))
+          .where(outbox.c.status == "pending").group_by(outbox.c.conversation_key).subquery("heads"))
+_HEAD = outbox.alias("head")
+# Pending operations of the conversations whose first pending operation is due: the ones a round
+# can start on. A conversation waiting for a retry (a platform away, rate limits) has none here,
+# however many operations it has queued, so it cannot crowd the others out of the page.
+PENDING_DUE = (
+    select(outbox, bot_messages.c.platform_message_id)
+    .join(_HEADS, _HEADS.c.conversation_key == outbox.c.conversation_key)
+    .join(_HEAD, _HEAD.c.id == _HEADS.c.head_id)
+    .join(bot_messages, bot_messages.c.ref == outbox.c.message_ref, isouter=True)
+    .where(outbox.c.status == "pending", outbox.c.id > bindparam("b_after"),
+           _HEAD.c.next_attempt_at <= bindparam("b_now"))
     .order_by(outbox.c.id)
     .limit(bindparam("b_limit"))
 )
 PLATFORM_ID = select(bot_messages.c.platform_message_id).where(bot_messages.c.ref == bindparam("b_ref"))
 
 
-async def pending(conn: AsyncConnection, limit: int = 1000):
-    """Pending operations of every conversation, oldest first, with the platform id of their message."""
-    return (await conn.execute(PENDING, {"b_limit": limit})).all()
+async def pending(conn: AsyncConnection, limit: int = 1000, *, after: int = 0, due_by: float | None = None):
+    """Pending operations, oldest first, after id `after`, with the platform id of their message:
+    of every conversation, or (`due_by`) of the conversations whose first one is due by then."""
+    if due_by is None:
+        return (await conn.execute(PENDING, {"b_limit": limit, "b_after": after})).all()
+    return (await conn.execute(PENDING_DUE, {"b_limit": limit, "b_after": after, "b_now": due_by})).all()
 
 
 async def platform_id(conn: AsyncConnection, ref: str) -> str | None:

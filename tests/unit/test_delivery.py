@@ -275,3 +275,42 @@ async def test_an_edit_the_platform_refuses_for_good_is_sent_as_a_new_message(db
                            ("update", "P2", "final, edited")]
     assert await db.read(repo.count_by_status) == {"delivered": 3}
     await worker.stop()
+
+
+async def test_a_conversation_waiting_for_a_retry_does_not_crowd_out_the_others(db):
+    """A page's worth of operations behind one that waits for a long Retry-After (a platform
+    rate-limiting one chat): another conversation's reply is still delivered at once."""
+    channel = ScriptedChannel({"limited": [DeliveryError("429", transient=True, retry_after=30)]})
+    worker = DeliveryWorker(db, {"fake": channel}, Metrics(), max_attempts=5, base_delay=0.01, max_delay=0.05,
+                            page=3)
+    await enqueue(db, "fake:busy", "limited", "r1")
+    for i in range(4):
+        await enqueue(db, "fake:busy", f"after {i}", f"r{i + 2}")
+    await worker.start()
+    _workers.append(worker)
+    async with asyncio.timeout(5):  # its first attempt failed: it waits 30 s
+        while not any(op.attempts for op in await db.read(lambda c: repo.list_ops(c, "pending"))):
+            await asyncio.sleep(0.01)
+    await enqueue(db, "fake:other", "hello", "o1")
+    worker.kick("fake:other")
+    async with asyncio.timeout(3):
+        while ("send", "fake:other", "hello") not in channel.log:
+            await asyncio.sleep(0.02)
+    assert not any(conv == "fake:busy" for _kind, conv, _text in channel.log)  # still in its order
+
+
+async def test_this_replicas_operations_are_found_behind_many_pages_of_others(db):
+    """Several replicas: other replicas' due operations fill more pages than a round reads; this
+    replica's own are still delivered, and flush waits for them."""
+    channel = ScriptedChannel()
+    worker = DeliveryWorker(db, {"fake": channel}, Metrics(), max_attempts=5, base_delay=0.01, max_delay=0.05,
+                            page=2)
+    worker.owns = lambda key: key == "fake:mine"
+    for i in range(25):
+        await enqueue(db, f"fake:theirs{i}", f"theirs {i}", f"t{i}")
+    await enqueue(db, "fake:mine", "mine", "m1")
+    assert await worker._any_pending()
+    await worker.start()
+    _workers.append(worker)
+    await settle(worker, db)
+    assert channel.log == [("send", "fake:mine", "mine")]

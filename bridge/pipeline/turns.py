@@ -75,6 +75,9 @@ class _Progress:
         self.task: asyncio.Task[None] | None = None
         self.writing = False
         self.closed = False
+        # a send of the message failed, perhaps only after it was committed (PostgreSQL lost during
+        # COMMIT): the message may exist with an older text, so the final reply also edits it
+        self.uncertain = False
 
     def schedule(self) -> None:
         if not self.closed and (self.task is None or self.task.done()):
@@ -91,6 +94,7 @@ class _Progress:
             await self.runner.post(self.scope, self.ref, Reply(text=self.latest), sent=self.sent)
             self.sent = True
         except Exception as exc:  # noqa: BLE001 - progress is best effort; the outcome is written regardless
+            self.uncertain = self.uncertain or not self.sent
             logger.bind(conversation=self.scope.conversation_key, session=self.scope.session_id,
                         turn=self.scope.turn_id).warning("turn: a progress edit was not written: {}: {}",
                                                          type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
@@ -365,7 +369,7 @@ class TurnRunner:
                                  output=None if outcome.output is None else storable(outcome.output),
                                  error=None if outcome.error is None else storable(outcome.error))
         rest = [
-            *self._post_ops(scope, progress.ref, reply, sent=progress.sent),
+            *self._post_ops(scope, progress.ref, reply, sent=progress.sent, uncertain=progress.uncertain),
             *self.outbox.react_ops(scope.channel, scope.conversation_key, platform_message_id=marked,
                                    state="done" if outcome.status == "completed" else "stopped",
                                    key=f"turn:{scope.turn_id}"),
@@ -430,12 +434,17 @@ class TurnRunner:
         await self.runtime.interrupt(running.session_id)
         return True
 
-    def _post_ops(self, scope: TurnScope, ref: str, reply: Reply, *, sent: bool):
+    def _post_ops(self, scope: TurnScope, ref: str, reply: Reply, *, sent: bool, uncertain: bool = False):
+        """The message's send (it is new), or its edit (`sent`), or both (`uncertain`: a send
+        that may have been committed: then the send is a no-op on its key and the edit lands)."""
         if sent:
             return self.outbox.update_ops(scope.channel, scope.conversation_key, reply, ref=ref)
         if scope.reply_to and reply.reply_to is None:
             reply = dataclasses.replace(reply, reply_to=scope.reply_to)
-        return self.outbox.send_ops(scope.channel, scope.conversation_key, reply, ref=ref)
+        ops = self.outbox.send_ops(scope.channel, scope.conversation_key, reply, ref=ref)
+        if uncertain:
+            ops += self.outbox.update_ops(scope.channel, scope.conversation_key, reply, ref=ref)
+        return ops
 
     def notify_backlog(self, conversation_key: str, count: int) -> None:
         """One notice for the messages of a conversation still waiting after a burst."""

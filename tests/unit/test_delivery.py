@@ -314,3 +314,19 @@ async def test_this_replicas_operations_are_found_behind_many_pages_of_others(db
     _workers.append(worker)
     await settle(worker, db)
     assert channel.log == [("send", "fake:mine", "mine")]
+
+
+@pytest.mark.parametrize("committed_before", [True, False])
+async def test_a_final_reply_after_a_send_of_unknown_outcome_shows_once(db, committed_before):
+    """A turn's progress send failed, maybe after its COMMIT: the final reply is queued as the
+    same send (a no-op if that one was kept) and an edit. Either way one message, showing it."""
+    channel = ScriptedChannel()
+    worker = await make_worker(db, channel)
+    if committed_before:
+        await enqueue(db, "fake:u", "working", "r1")
+    await enqueue(db, "fake:u", "final", "r1")
+    await enqueue(db, "fake:u", "final", "r1", op="update")
+    worker.kick("fake:u")
+    await settle(worker, db)
+    first = "working" if committed_before else "final"
+    assert channel.log == [("send", "fake:u", first), ("update", "P1", "final")]

@@ -47,6 +47,14 @@ class _Lane:
     queue: deque[Job | int] = field(default_factory=deque)
     active: Job | None = None
     task: asyncio.Task[None] | None = None
+    # the busy policy's messages (steer, interrupt), taken one after another in arrival order, so
+    # that none overtakes another while the policy's work (a steer, a stop) is under way
+    busy_jobs: deque[Job] = field(default_factory=deque)
+    busy_task: asyncio.Task[None] | None = None
+    fronted: int = 0  # jobs put at the queue's head (to run next) since the active one started
+
+    def idle(self) -> bool:
+        return not self.queue and self.active is None and self.task is None and self.busy_task is None
 
     def job_at(self, index: int) -> Job:
         """The queued entry at `index` as a Job (a held one becomes a Job in place)."""
@@ -95,10 +103,24 @@ class Dispatcher:
             self._side_task(self._control(job), job, "control")
             return
         lane = self._lanes.get(job.conversation_key)
-        if self.on_busy is not None and lane is not None and lane.active is not None:
-            self._side_task(self.on_busy(job), job, "busy")
+        if self.on_busy is not None and lane is not None and (lane.active is not None or lane.busy_task is not None):
+            lane.busy_jobs.append(job)
+            if lane.busy_task is None:
+                lane.busy_task = asyncio.create_task(self._run_busy(lane), name=f"busy:{lane.key}")
+                self._controls.add(lane.busy_task)
+                lane.busy_task.add_done_callback(self._controls.discard)
             return
         self.enqueue(job)
+
+    async def _run_busy(self, lane: _Lane) -> None:
+        try:
+            while lane.busy_jobs:
+                job = lane.busy_jobs.popleft()
+                await self._guard(self.on_busy(job), job)  # type: ignore[misc]
+        finally:
+            lane.busy_task = None
+            if lane.idle() and self._lanes.get(lane.key) is lane:
+                del self._lanes[lane.key]
 
     def _side_task(self, work: Awaitable[None], job: Job, kind: str) -> None:
         task = asyncio.create_task(self._guard(work, job), name=f"{kind}:{job.event_id}")
@@ -106,7 +128,8 @@ class Dispatcher:
         task.add_done_callback(self._controls.discard)
 
     def enqueue(self, job: Job, *, front: bool = False) -> None:
-        """Into the conversation's queue (at its head: the next to run)."""
+        """Into the conversation's queue (`front`: at its head, the next to run, after any put there
+        earlier while the same job runs)."""
         if self._closing:
             return
         lane = self._lanes.get(job.conversation_key)
@@ -115,8 +138,9 @@ class Dispatcher:
         waits = lane.active is not None or bool(lane.queue)
         bursting = waits and self._pacer is not None and self._pacer.bursting
         held = False
-        if front:
-            lane.queue.appendleft(job)
+        if front:  # after those put there before it while the same job runs: in arrival order
+            lane.queue.insert(min(lane.fronted, len(lane.queue)), job)
+            lane.fronted += 1
         elif bursting and job.notice is None and job.timer is None:
             lane.queue.append(job.event_id)  # held by id; its notice waits for the burst's end
             self._held.add(job.conversation_key)
@@ -211,6 +235,7 @@ class Dispatcher:
                         break
                 job = lane.job_at(0)
                 lane.queue.popleft()
+                lane.fronted = 0
                 job.started = True
                 if job.timer is not None:
                     job.timer.cancel()
@@ -223,7 +248,7 @@ class Dispatcher:
                     lane.active = None
         finally:
             lane.task = None
-            if not lane.queue and self._lanes.get(key) is lane:
+            if lane.idle() and self._lanes.get(key) is lane:
                 del self._lanes[key]
 
     @staticmethod

@@ -123,6 +123,7 @@ class _Context:
         self._progress = progress
         self.waited = 0.0  # seconds spent waiting for a person's decision (not counted as running)
         self.waiting_since: float | None = None
+        self.holds_slot = False  # one of the runner's runtime slots (given back while a person decides)
 
     def running_for(self, started: float) -> float:
         """Seconds the turn has run since `started`, less the time it waited for a person."""
@@ -141,14 +142,17 @@ class _Context:
         # A turn waiting for a person does not hold one of the runtime slots.
         self._progress.latest = presenter.waiting_for_approval().text
         self._progress.schedule()
+        self.holds_slot = False
         self.runner.slots.release()
         self.waiting_since = time.monotonic()
         try:
             return await self.runner.gate.request(self.scope, request)
         finally:
+            await self.runner.slots.acquire()
+            self.holds_slot = True
+            # the wait for the slot counts as waiting too: the turn runs again only once it has one
             self.waited += time.monotonic() - self.waiting_since
             self.waiting_since = None
-            await self.runner.slots.acquire()
             self._progress.latest = presenter.working().text
             self._progress.schedule()
 
@@ -279,10 +283,17 @@ class TurnRunner:
                                                          progress)
         self.metrics.turns_running.inc()
         log.info("turn: started")
+        ctx = _Context(self, scope, progress)
         try:
-            async with self.slots:
+            await self.slots.acquire()
+            ctx.holds_slot = True
+            try:
                 progress.schedule()
-                outcome = await self._run_limited(request, _Context(self, scope, progress), log)
+                outcome = await self._run_limited(request, ctx, log)
+            finally:
+                if ctx.holds_slot:  # not when cancelled while it waited to take its slot back
+                    ctx.holds_slot = False
+                    self.slots.release()
         except asyncio.CancelledError:
             await asyncio.shield(self._finish(scope, row.id, progress, self._shutdown_outcome(), row.received_at,
                                               job.accepted_at, marked=payload.get("marked_message_id")))

@@ -66,3 +66,26 @@ async def test_a_start_the_store_fails_is_retried_while_the_conversation_is_held
         assert (status, turns) == ("done", [("completed",)])
     else:
         assert (status, turns) == ("accepted", [])  # the holder's sweep dispatches it
+
+
+async def test_a_turn_cancelled_while_it_waits_for_its_slot_back_gives_none_back(runner):
+    """A turn gives its runtime slot back while a person decides, and waits to take it again
+    after. Cancelled in that wait (a shutdown, a stop), it must not give back the slot it does
+    not hold: the runtime's cap would grow by one each time."""
+    event_id = await _accepted(runner.db, "webchat:c2", "touch made")
+    turn = asyncio.create_task(runner.process(Job(event_id, "webchat:c2", "touch made")))
+    async with asyncio.timeout(10):
+        while not runner.gate.has_pending("webchat:c2"):
+            await asyncio.sleep(0.02)
+    for _ in range(4):  # every slot taken by other turns
+        await runner.slots.acquire()
+    await runner.gate.stop_turn(runner.running["webchat:c2"].turn_id, "alice")
+    await asyncio.sleep(0.2)  # decided: the turn now waits for a slot
+    assert not turn.done()
+    turn.cancel()
+    await asyncio.gather(turn, return_exceptions=True)
+    for _ in range(4):
+        runner.slots.release()
+    for _ in range(4):
+        await runner.slots.acquire()
+    assert runner.slots.locked()  # four slots in all, as configured

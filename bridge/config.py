@@ -276,6 +276,11 @@ class Settings(BaseSettings):
     def _feishu_pair(self) -> "Settings":
         if bool(self.feishu_app_id) != bool(self.feishu_app_secret.get_secret_value()):
             raise ValueError("FEISHU_APP_ID and FEISHU_APP_SECRET must be set together")
+        if (self.feishu_enabled and self.feishu_connection == "webhook"
+                and not (self.feishu_verification_token.get_secret_value() or self.feishu_encrypt_key.get_secret_value())):
+            # unchecked, anyone who reaches the port could post events and card clicks as anyone
+            raise ValueError("FEISHU_VERIFICATION_TOKEN or FEISHU_ENCRYPT_KEY: webhook mode needs at least one "
+                             "(from the app's Events and Callbacks page), or set FEISHU_CONNECTION=websocket")
         return self
 
     @property

@@ -165,6 +165,8 @@ class FeishuChannel:
         return []
 
     def webhooks(self) -> list[Webhook]:
+        if self.config.connection != "webhook":
+            return []  # events come over the long connection: no public route to forge them on
         check = checks.EventsCheck(self.config.encrypt_key, self.config.verification_token)
         return [Webhook(check, self.accept_event, self.accept_events)]
 

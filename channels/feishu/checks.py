@@ -38,6 +38,8 @@ def open_envelope(body: bytes, headers: Mapping[str, str], *, encrypt_key: str,
         raise Refused(400, "malformed JSON") from None
     if not isinstance(outer, dict):
         raise Refused(400, "malformed body")
+    if not (encrypt_key or verification_token):
+        raise Refused(401, "the bridge has neither FEISHU_ENCRYPT_KEY nor FEISHU_VERIFICATION_TOKEN to check this by")
     plain = body
     if encrypt_key:
         timestamp = headers.get("X-Lark-Request-Timestamp", "")
@@ -67,7 +69,7 @@ def open_envelope(body: bytes, headers: Mapping[str, str], *, encrypt_key: str,
         if not isinstance(outer, dict):
             raise Refused(400, "malformed body")
     token = outer.get("token") if "schema" not in outer else (outer.get("header") or {}).get("token")
-    if verification_token and not hmac.compare_digest(str(token or ""), verification_token):
+    if verification_token and not hmac.compare_digest(str(token or "").encode(), verification_token.encode()):
         raise Refused(401, "wrong verification token")
     return outer, plain
 

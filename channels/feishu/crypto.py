@@ -26,7 +26,8 @@ def signature(timestamp: str, nonce: str, encrypt_key: str, body: bytes) -> str:
 
 def signature_ok(timestamp: str, nonce: str, encrypt_key: str, body: bytes, given: str) -> bool:
     """Constant-time comparison of the request's signature with the expected one."""
-    return hmac.compare_digest(signature(timestamp, nonce, encrypt_key, body), given or "")
+    # as bytes: a str holding anything but ASCII makes compare_digest raise (a 500, not a 401)
+    return hmac.compare_digest(signature(timestamp, nonce, encrypt_key, body).encode(), (given or "").encode())
 
 
 @functools.lru_cache(maxsize=8)

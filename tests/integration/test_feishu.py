@@ -217,6 +217,9 @@ async def test_forged_or_stale_requests_are_refused_and_nothing_is_stored(servic
             assert resp.status == 401
         async with http.post(f"{proc.url}/feishu/events", data=b"{not json", headers=headers) as resp:
             assert resp.status == 400
+        odd = dict(headers, **{"X-Lark-Signature": "é" * 64})  # not ASCII: still a 401, never a 500
+        async with http.post(f"{proc.url}/feishu/events", data=body, headers=odd) as resp:
+            assert resp.status == 401
     status, _ = await post_event(proc, fp.message_event(token="wrong-token", text="echo x"))
     assert status == 401
     status, _ = await post_event(proc, fp.message_event(token=TOKEN, text="echo old"),
@@ -347,6 +350,10 @@ async def test_a_long_reply_is_split_into_valid_cards(service, emulator):
 async def test_the_long_connection_end_to_end(service, emulator):
     proc = service(FEISHU_CONNECTION="websocket")
     assert await asyncio.get_running_loop().run_in_executor(None, emulator.wait_ws, 1, 15.0)
+    headers, body = fp.webhook_request(fp.message_event(token=TOKEN, text="echo forged"), encrypt_key=KEY)
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{proc.url}/feishu/events", data=body, headers=headers) as resp:
+            assert resp.status == 404  # events come over the connection: no webhook to forge them on
     event = fp.message_event(token=TOKEN, text="echo over-websocket", chat_id="oc_ws")
     ack = await asyncio.get_running_loop().run_in_executor(None, emulator.push_ws, event)
     assert ack["acked"] and ack["code"] == 200

@@ -222,6 +222,10 @@ async def test_bad_or_stale_signatures_are_refused_and_nothing_is_stored(service
         async with http.post(f"{proc.url}/slack/events", data=body,
                              headers={"X-Slack-Request-Timestamp": "junk", "X-Slack-Signature": "v0=00"}) as resp:
             assert resp.status == 401
+        async with http.post(f"{proc.url}/slack/events", data=body,  # not ASCII: a 401, never a 500
+                             headers={"X-Slack-Request-Timestamp": str(int(time.time())),
+                                      "X-Slack-Signature": "v0=" + "é" * 64}) as resp:
+            assert resp.status == 401
     assert (await post(proc, "/slack/events", b"{not json"))[0] == 400
     assert inbox_count(proc) == 0
     assert emulator.messages() == []

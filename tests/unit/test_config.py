@@ -60,3 +60,15 @@ def test_env_file_is_read(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     Path(".env").write_text("BRIDGE_PORT=9123\n")
     assert load_settings().port == 9123
+
+
+def test_a_feishu_webhook_needs_something_to_check_requests_by(monkeypatch):
+    monkeypatch.setenv("FEISHU_APP_ID", "cli_x")
+    monkeypatch.setenv("FEISHU_APP_SECRET", "secret")
+    with pytest.raises(ConfigError, match="FEISHU_VERIFICATION_TOKEN"):
+        load_settings()
+    monkeypatch.setenv("FEISHU_CONNECTION", "websocket")  # no webhook: nothing to check
+    assert load_settings().feishu_enabled
+    monkeypatch.setenv("FEISHU_CONNECTION", "webhook")
+    monkeypatch.setenv("FEISHU_VERIFICATION_TOKEN", "t")
+    assert load_settings().feishu_enabled

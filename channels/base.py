@@ -12,6 +12,8 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
+from bridge.errors import Unavailable
+
 
 @dataclass(frozen=True, slots=True)
 class ConversationKey:
@@ -251,6 +253,11 @@ class Webhook:
 
 class ChannelStartError(RuntimeError):
     """A channel cannot start (its credentials were refused): the service stops with this message."""
+
+
+class ChannelNotReady(Unavailable):
+    """The channel cannot handle this event yet (it does not know the bot's own identity, so it
+    cannot tell whether the bot was mentioned): answered 503, which the platform sends again."""
 
 
 class DeliveryError(Exception):

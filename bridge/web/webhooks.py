@@ -11,7 +11,7 @@ from loguru import logger
 
 from bridge.errors import Unavailable
 from bridge.web.http import MAX_BODY
-from channels.base import Answer, Forward, WebhookCheck
+from channels.base import Answer, ChannelNotReady, Forward, WebhookCheck
 from channels.http import refusal
 
 TOO_LARGE = refusal(413, f"request body too large (limit {MAX_BODY} bytes)")
@@ -24,6 +24,9 @@ def failed(exc: BaseException, what: str) -> Answer:
     another process, PostgreSQL away past the writer's patience) is an outage, not a bug: 503,
     which platforms retry and the web chat shows, with a one-line log; anything else is a 500
     with its traceback in the log."""
+    if isinstance(exc, ChannelNotReady):
+        logger.warning("{}: {}; answered 503", what, exc)
+        return refusal(503, str(exc))
     if isinstance(exc, Unavailable):
         logger.warning("{}: the store is unavailable ({}); answered 503", what, exc)
         return STORE_AWAY

@@ -39,6 +39,7 @@ from channels.files import FileKeeper
 from channels.base import (
     Answer,
     Attachment,
+    ChannelNotReady,
     ConversationKey,
     DeliveryError,
     InboundAction,
@@ -62,6 +63,7 @@ MEMORY_WORKING = 50_000  # message ids whose "OnIt" reaction this process rememb
 ACTION_MEMORY = 4096
 DOWNLOAD_BUDGET = 1.5  # seconds for attachments before the ack (Feishu waits 3 s)
 LOAD_WAIT = 30.0  # seconds an event or a reply waits for the client to load at start-up
+IDENTITY_RETRY_FIRST, IDENTITY_RETRY_MAX = 1.0, 60.0  # the bot's identity, read again after a failure
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +100,7 @@ class FeishuChannel:
         self._api_factory = api_factory  # builds the FeishuApi (imports lark-oapi's messaging API: done off the loop)
         self._api: Any = None
         self._loading: asyncio.Future[None] | None = None
+        self._identifying: asyncio.Task[None] | None = None  # the bot's identity, read again until known
         self.bot_open_id = ""
         self._ingest: Ingest | None = None
         self._actions: OrderedDict[str, dict[str, Any]] = OrderedDict()
@@ -119,13 +122,28 @@ class FeishuChannel:
 
     async def _load(self) -> None:
         self._api = await asyncio.get_running_loop().run_in_executor(None, self._api_factory)
+        if not await self._identify():
+            self._identifying = asyncio.create_task(self._identify_until_known(), name="feishu:identity")
+
+    async def _identify(self) -> bool:
         try:
             self.bot_open_id = await self._api.bot_open_id()
-            logger.info("feishu: bot open_id {}", self.bot_open_id)
         except DeliveryError as exc:
-            # Still serve: events are persisted, replies retried; /readyz shows the problem.
+            # Still serve: events are persisted, replies retried; /readyz shows the problem, and
+            # group messages wait (503, sent again) until it is known.
             self._started_error = str(exc)
             logger.error("feishu: cannot read the bot's identity: {}", exc)
+            return False
+        self._started_error = ""
+        logger.info("feishu: bot open_id {}", self.bot_open_id)
+        return True
+
+    async def _identify_until_known(self) -> None:
+        delay = IDENTITY_RETRY_FIRST
+        while not self.bot_open_id:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, IDENTITY_RETRY_MAX)
+            await self._identify()
 
     async def loaded(self) -> None:
         if self._loading is not None:
@@ -141,6 +159,10 @@ class FeishuChannel:
         return self._api
 
     async def stop(self) -> None:
+        if self._identifying is not None:
+            self._identifying.cancel()
+            await asyncio.gather(self._identifying, return_exceptions=True)
+            self._identifying = None
         if self.transport is not None:
             await self.transport.stop()
         self._working.cancel_all()
@@ -238,6 +260,9 @@ class FeishuChannel:
             log().info("feishu: user {} is not allowed", parsed.sender_open_id)
             return None
         policy = self.config.policy_for(parsed.chat_id)
+        if parsed.is_group and policy.trigger == "mention" and not self.bot_open_id:
+            raise ChannelNotReady("the bot's own identity is not known yet, so a mention of it cannot be told: "
+                                  "send the event again")
         if parsed.is_group and policy.trigger == "mention" and not parsed.mentions_bot:
             log().debug("feishu: group message without a mention of the bot; not for us")
             return None

@@ -44,6 +44,8 @@ from channels.files import FileKeeper
 from channels.base import (
     Answer,
     Attachment,
+    ChannelNotReady,
+    ChannelStartError,
     ConversationKey,
     DeliveryError,
     Forward,
@@ -69,8 +71,13 @@ MEMORY = 10_000
 DOWNLOAD_BUDGET = 1.5
 
 
-class SlackStartError(RuntimeError):
+class SlackStartError(ChannelStartError):
     """The channel cannot start (a bad token): the service must not pretend it runs."""
+
+
+REFUSED_TOKEN = ("invalid_auth", "not_authed", "token_revoked", "token_expired", "account_inactive",
+                 "not_allowed_token_type")
+IDENTITY_RETRY_FIRST, IDENTITY_RETRY_MAX = 1.0, 60.0  # auth.test, again after a failure
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,37 +152,90 @@ class SlackChannel:
         ])
         if not any(isinstance(h, AsyncConnectionErrorRetryHandler) for h in self.client.retry_handlers):
             self.client.retry_handlers.append(AsyncConnectionErrorRetryHandler())
-        try:
-            auth = await self.client.auth_test()
-            self.bot_user_id, self.bot_id = auth.get("user_id", ""), auth.get("bot_id", "")
-            logger.info("slack: connected as {} ({})", auth.get("user"), self.bot_user_id)
-        except SlackApiError as exc:
-            error = exc.response.get("error") if isinstance(exc.response.data, dict) else exc.response.status_code
-            if error in ("invalid_auth", "not_authed", "token_revoked", "account_inactive"):
-                await self._session.close()
-                raise SlackStartError(f"SLACK_BOT_TOKEN was refused by Slack ({error})") from None
-            logger.error("slack: auth.test failed: {}", error)
-        except aiohttp.ClientError as exc:
-            logger.error("slack: cannot reach {}: {}", self.config.api_url, exc)
+        if not await self._identify():
+            task = asyncio.create_task(self._identify_until_known(), name="slack:identity")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         if self.config.app_token:
             await self._start_socket_mode()
 
+    async def _identify(self) -> bool:
+        """auth.test: the bot's own ids (to tell its mentions and its own messages). A refused
+        token stops the start; Slack away is logged, and the ids are read again later."""
+        try:
+            auth = await self.client.auth_test()
+        except SlackApiError as exc:
+            error = exc.response.get("error") if isinstance(exc.response.data, dict) else exc.response.status_code
+            if error in REFUSED_TOKEN:
+                await self._session.close()
+                raise SlackStartError(f"SLACK_BOT_TOKEN was refused by Slack ({error})") from None
+            logger.error("slack: auth.test failed: {}", error)
+            return False
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            logger.error("slack: cannot reach {}: {}", self.config.api_url, exc)
+            return False
+        self.bot_user_id, self.bot_id = auth.get("user_id", ""), auth.get("bot_id", "")
+        logger.info("slack: connected as {} ({})", auth.get("user"), self.bot_user_id)
+        return True
+
+    async def _identify_until_known(self) -> None:
+        delay = IDENTITY_RETRY_FIRST
+        while not self.bot_user_id:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, IDENTITY_RETRY_MAX)
+            try:
+                await self._identify()
+            except SlackStartError as exc:  # the token was revoked meanwhile: said, and tried no more
+                logger.error("slack: {}", exc)
+                return
+
     async def _start_socket_mode(self) -> None:
+        """Connect Socket Mode. A refused app token stops the start; Slack away for a moment
+        (5xx, service_unavailable, no network) does not: the connection is tried again in the
+        background with backoff, and /readyz says it is not connected meanwhile."""
+        if not await self._connect_socket():
+            task = asyncio.create_task(self._connect_socket_until_up(), name="slack:socket")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _connect_socket(self) -> bool:
         from slack_sdk.socket_mode.aiohttp import SocketModeClient
 
         app_client = AsyncWebClient(token=self.config.app_token, base_url=self.config.api_url, session=self._session)
         socket = SocketModeClient(app_token=self.config.app_token, web_client=app_client, ping_interval=10,
                                   auto_reconnect_enabled=True)
         try:
-            await socket.issue_new_wss_url()  # fail fast: connect() itself would retry a bad token forever
+            # first: connect() itself would retry a refused token forever
+            socket.wss_uri = await socket.issue_new_wss_url()
         except SlackApiError as exc:
             await socket.close()
             error = exc.response.get("error") if isinstance(exc.response.data, dict) else exc.response.status_code
-            raise SlackStartError(f"SLACK_APP_TOKEN was refused by Slack ({error}); Socket Mode cannot start") from None
+            if error in REFUSED_TOKEN:
+                raise SlackStartError(f"SLACK_APP_TOKEN was refused by Slack ({error}); Socket Mode cannot start") from None
+            logger.warning("slack: apps.connections.open failed ({}); Socket Mode is tried again", error)
+            return False
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            await socket.close()
+            logger.warning("slack: cannot reach {} ({}); Socket Mode is tried again", self.config.api_url, exc)
+            return False
         socket.socket_mode_request_listeners.append(self._on_socket_request)
         await socket.connect()
         self._socket = socket
         logger.info("slack: Socket Mode connected")
+        return True
+
+    async def _connect_socket_until_up(self) -> None:
+        delay = IDENTITY_RETRY_FIRST
+        while self._socket is None:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, IDENTITY_RETRY_MAX)
+            try:
+                await self._connect_socket()
+            except SlackStartError as exc:  # the token was revoked meanwhile: said, and tried no more
+                logger.error("slack: {}", exc)
+                return
+            except Exception as exc:  # noqa: BLE001 - tried again
+                logger.warning("slack: Socket Mode did not connect: {}: {}", type(exc).__name__, exc)
 
     async def loaded(self) -> None:
         return None
@@ -267,6 +327,9 @@ class SlackChannel:
             return None
         event = payload.get("event") or {}
         channel = event.get("channel", "")
+        if not self.bot_user_id and event.get("type") in ("message", "app_mention"):
+            raise ChannelNotReady("the bot's own identity is not known yet (auth.test failed), so its mentions and "
+                                  "its own messages cannot be told: send the event again")
         why = normalize.acted_on(event, bot_user_id=self.bot_user_id, bot_id=self.bot_id,
                                  policy=self.config.policy_for(channel))
 
@@ -435,7 +498,9 @@ class SlackChannel:
             status = exc.response.status_code
             data = exc.response.data if isinstance(exc.response.data, dict) else {}
             error = data.get("error") or f"HTTP {status}"
-            if error in ("invalid_blocks", "invalid_blocks_format", "msg_blocks_too_long") and self._fmt == "markdown":
+            has_buttons = any(block.get("type") == "actions" for block in message.get("blocks") or ())
+            if (error in ("invalid_blocks", "invalid_blocks_format", "msg_blocks_too_long") and self._fmt == "markdown"
+                    and not has_buttons):  # a card sent again as text would lose its buttons
                 logger.warning("slack: {} refused the blocks ({}); sending mrkdwn sections", what, error)
                 text = _message_markdown(message)
                 fallback = render.render(Reply(text=text), fmt="mrkdwn")[0]

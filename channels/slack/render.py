@@ -169,14 +169,20 @@ def _mrkdwn_messages(text: str) -> list[dict[str, Any]]:
     return out
 
 
+CUT_NOTE = "\n…_(cut to fit; the full request is in the approval audit)_"
+
+
 def _card(card: Card) -> dict[str, Any]:
+    """The title and the body in sections of their own, the body cut to fit one (with its code
+    fence closed): a section over Slack's limit gets the whole message refused, buttons and all."""
     body = to_mrkdwn(card.body or " ")
     if len(body) > SECTION_LIMIT:
-        body = body[:SECTION_LIMIT - 60] + "\n…_(cut to fit; the full request is in the approval audit)_"
+        body = body[:SECTION_LIMIT - len(CUT_NOTE) - 4] + CUT_NOTE
     if body.count("```") % 2:
         body += "\n```"
     blocks: list[dict[str, Any]] = [
-        {"type": "section", "text": {"type": "mrkdwn", "text": f"*{escape(card.title)[:280]}*\n{body}"}},
+        {"type": "section", "text": {"type": "mrkdwn", "text": f"*{escape(card.title)[:280]}*"}},
+        {"type": "section", "text": {"type": "mrkdwn", "text": body}},
     ]
     if card.status:
         blocks.append({"type": "context", "elements": [{"type": "mrkdwn", "text": f"Status: {card.status}"}]})

@@ -394,3 +394,24 @@ def test_doctor_checks_the_credentials(tmp_path, emulator):
     bad = subprocess.run([sys.executable, "-m", "bridge", "doctor"], env={**env, "FEISHU_APP_SECRET": "wrong"},
                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1 and "channel:feishu" in bad.stdout
+
+
+async def test_group_mentions_wait_while_the_bots_identity_is_unknown(tmp_path, emulator):
+    """Feishu's API fails the bot's identity at start: a group @mention cannot be told from any
+    other message, so it is answered 503 (Feishu sends it again) rather than dropped as "not for
+    the bot"; the identity is read again in the background, and the mention then gets its turn."""
+    emulator.fault("GET", "/open-apis/bot/v3/info", status=502, raw_body="<html>bad gateway</html>", times=2)
+    proc = BridgeProcess(tmp_path / "data", env=feishu_env(emulator)).start()
+    try:
+        statuses = []
+        async with asyncio.timeout(30):
+            while not statuses or statuses[-1] == 503:
+                event = fp.message_event(token=TOKEN, text="@_user_1 echo once-known", chat_type="group",
+                                         chat_id="oc_g9", mentions=[fp.mention("@_user_1", BOT, "Bridge Bot")])
+                statuses.append((await post_event(proc, event))[0])
+                await asyncio.sleep(0.3)
+        assert statuses[0] == 503 and statuses[-1] == 200, statuses
+        await wait_until(lambda: replies_with(emulator, "once-known"), what="the reply to the mention")
+        assert inbox_count(proc) == 1
+    finally:
+        proc.stop()

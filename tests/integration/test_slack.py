@@ -388,3 +388,27 @@ async def test_a_reply_slack_refused_is_listed_and_delivered_again_from_the_comm
     assert len(replies_with(emulator, "refused-once", "exit 0")) == 1 and dead_ops(proc) == []
     assert "no dead outbound operations" in cli(proc, "outbox", "list").stdout
     assert cli(proc, "outbox", "retry").returncode == 2  # nothing named
+
+
+async def test_events_wait_while_the_bots_identity_is_unknown(service, emulator):
+    """auth.test fails at start (Slack away for a moment): the service starts all the same, an
+    event is answered 503 (Slack sends it again) until the bot's ids are read again, then run."""
+    emulator.fault("auth.test", status=500, error="internal_error", times=4)
+    proc = service()
+    statuses = []
+    async with asyncio.timeout(30):
+        while not statuses or statuses[-1] == 503:
+            event = sp.message_event(text=f"<@{BOT}> echo once-known", channel="D9", channel_type="im")
+            statuses.append((await send_event(proc, event))[0])
+            await asyncio.sleep(0.3)
+    assert statuses[0] == 503 and statuses[-1] == 200, statuses
+    await wait_until(lambda: replies_with(emulator, "once-known"), what="the reply")
+    assert inbox_count(proc) == 1
+
+
+async def test_socket_mode_starts_when_slack_is_away_for_a_moment(service, emulator):
+    """apps.connections.open fails once with a 503 at start: not a refused token; the service
+    starts and Socket Mode connects on a later try."""
+    emulator.fault("apps.connections.open", status=503, error="service_unavailable", times=1)
+    service(SLACK_APP_TOKEN="xapp-test")
+    assert await asyncio.get_running_loop().run_in_executor(None, emulator.wait_socket, 1, 20.0)

@@ -97,3 +97,17 @@ def test_an_approval_card_is_valid_block_kit():
     actions = message["blocks"][-1]["elements"]
     assert [json.loads(a["value"]) for a in actions][0] == {"action_id": "approve", "approval_id": "a1"}
     assert [a.get("style") for a in actions] == ["primary", None, "danger"]
+
+
+def test_a_card_with_a_long_request_keeps_every_section_within_slacks_limit():
+    """A command of 3.4k characters and a long title: each section under 3,000 characters (one
+    over it gets the whole message refused, buttons and all), the code fence closed."""
+    title = "Waiting for approval: Run `" + "t" * 300 + "`"
+    body = "```\ncat <<'EOF' > big.txt\n" + "x" * 3400 + "\nEOF\n```\nin `/srv/ws`"
+    card = Card(kind="approval", title=title, body=body, status="pending",
+                actions=(Button("approve", "Approve", "primary", {"approval_id": "a1"}),))
+    [message] = render.render(Reply(card=card))
+    sections = [b["text"]["text"] for b in message["blocks"] if b["type"] == "section"]
+    assert all(len(text) <= 3000 for text in sections)
+    assert sections[-1].count("```") % 2 == 0 and "cut to fit" in sections[-1]
+    assert message["blocks"][-1]["type"] == "actions"

@@ -105,6 +105,7 @@ class FeishuChannel:
         self._ingest: Ingest | None = None
         self._actions: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._last_message: OrderedDict[str, str] = OrderedDict()  # conversation -> latest inbound message id
+        self._sent_in: OrderedDict[str, str] = OrderedDict()  # message id -> the conversation it was sent to
         self._started_error = ""
         self._working = WorkingMarks(MEMORY_WORKING)  # "OnIt" on messages whose turn runs
         self.transport = None  # the long connection, when FEISHU_CONNECTION=websocket
@@ -330,11 +331,13 @@ class FeishuChannel:
         chat_id = context.get("open_chat_id", "")
         if not isinstance(value, dict) or "action_id" not in value or not message_id:
             return {"toast": {"type": "error", "content": "This button is not from agent-bridge."}}
-        dedupe = json.dumps([message_id, operator, value], sort_keys=True)
-        if dedupe in self._actions:
+        # A click is one event: Feishu sends the same event_id again when it retries; two clicks
+        # on the same button are two events (a second /status, a second Stop).
+        dedupe = ((payload.get("header") or {}).get("event_id") or "") or None
+        if dedupe is not None and dedupe in self._actions:
             return self._actions[dedupe]
         assert self._ingest is not None, "channel not started"
-        conversation = await self._conversation_of(chat_id, value)
+        conversation = self._conversation_of(chat_id, operator, message_id, value)
         result = await self._ingest.act(InboundAction(
             conversation=conversation, actor=Sender(operator), action_id=str(value["action_id"]),
             value={k: v for k, v in value.items() if k != "action_id"}, platform_message_id=message_id,
@@ -343,17 +346,26 @@ class FeishuChannel:
         answer: dict[str, Any] = {"toast": {"type": kind, "content": result.toast}}
         if result.card is not None:
             answer["card"] = {"type": "raw", "data": self.render(result.card)[0]}
-        self._actions[dedupe] = answer
-        if len(self._actions) > ACTION_MEMORY:
-            self._actions.popitem(last=False)
+        if dedupe is not None:
+            self._actions[dedupe] = answer
+            if len(self._actions) > ACTION_MEMORY:
+                self._actions.popitem(last=False)
         return answer
 
-    async def _conversation_of(self, chat_id: str, value: dict[str, Any]) -> ConversationKey:
+    def _conversation_of(self, chat_id: str, operator: str, message_id: str, value: dict[str, Any]) -> ConversationKey:
+        """The conversation a clicked card belongs to: the one this process sent it to; else, for a
+        chat scoped per person, the clicker's; else the chat's (a topic's card clicked after a
+        restart: its topic is not in the click)."""
         if value.get("conversation"):
             try:
                 return ConversationKey.parse(str(value["conversation"]))
             except ValueError:
                 pass
+        sent_in = self._sent_in.get(message_id)
+        if sent_in is not None:
+            return ConversationKey.parse(sent_in)
+        if self.config.policy_for(chat_id).scope == "user" and operator:
+            return ConversationKey(CHANNEL, chat_id or "unknown", f"u-{operator}")
         return ConversationKey(CHANNEL, chat_id or "unknown")
 
     # -- outbound
@@ -378,6 +390,9 @@ class FeishuChannel:
                 for part, card in enumerate(cards):
                     uuid = _uuid(f"{idempotency_key}:{budget}", part)
                     message_id = await self._post(conversation, card, uuid, reply_to, in_thread)
+                    self._sent_in[message_id] = str(conversation)
+                    if len(self._sent_in) > MEMORY_WORKING:
+                        self._sent_in.popitem(last=False)
                     first = first or message_id
                 return first
             except TooLarge:

@@ -405,12 +405,12 @@ class SlackChannel:
                 continue
             if not isinstance(value, dict) or "action_id" not in value:
                 continue
-            dedupe = json.dumps([channel, message_ts, user, value], sort_keys=True)
+            # a click is one delivery (its action_ts): Socket Mode may deliver it again; a second
+            # click on the same button is a click of its own. Kept once the click was handled, so
+            # one that failed (the store away) is taken when Slack delivers it again.
+            dedupe = json.dumps([channel, message_ts, user, action.get("action_ts") or value], sort_keys=True)
             if dedupe in self._actions:
                 continue
-            self._actions[dedupe] = None
-            if len(self._actions) > MEMORY:
-                self._actions.popitem(last=False)
             assert self._ingest is not None, "channel not started"
             thread = (payload.get("message") or {}).get("thread_ts")
             conversation = self._conversation_for(channel, thread, user)
@@ -418,6 +418,9 @@ class SlackChannel:
                 conversation=conversation, actor=Sender(user), action_id=str(value["action_id"]),
                 value={k: v for k, v in value.items() if k != "action_id"}, platform_message_id=message_ts,
             ))
+            self._actions[dedupe] = None
+            if len(self._actions) > MEMORY:
+                self._actions.popitem(last=False)
             if result.status != "ok":
                 self._spawn(self._ephemeral(channel, user, result.toast, thread))
         return {}

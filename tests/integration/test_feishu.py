@@ -248,10 +248,11 @@ def _buttons(message: dict) -> dict[str, dict]:
     return out
 
 
-async def _click(proc, card_message: dict, action: str, operator: str = "ou_alice", chat_id: str = "oc_chat1"):
+async def _click(proc, card_message: dict, action: str, operator: str = "ou_alice", chat_id: str = "oc_chat1",
+                 event_id: str | None = None):
     value = _buttons(card_message)[action]
     event = fp.card_action_event(token=TOKEN, value=value, operator_open_id=operator,
-                                 message_id=card_message["message_id"], chat_id=chat_id)
+                                 message_id=card_message["message_id"], chat_id=chat_id, event_id=event_id)
     return await post_event(proc, event)
 
 
@@ -266,11 +267,13 @@ async def test_approval_card_approve_and_deny(service, emulator):
     assert set(_buttons(card)) == {"approve", "approve_session", "deny", "stop"}
     status, body = await _click(proc, card, "approve", operator="ou_bob")  # not the requester
     assert status == 200 and body["toast"]["type"] == "error"
-    status, body = await _click(proc, card, "approve")
+    status, body = await _click(proc, card, "approve", event_id="ev-approve-1")
     assert status == 200 and body["toast"]["type"] == "success"
     assert body["card"]["type"] == "raw" and '"button"' not in json.dumps(body["card"]["data"])
-    again = await _click(proc, card, "approve")  # Feishu redelivers the same click
+    again = await _click(proc, card, "approve", event_id="ev-approve-1")  # Feishu redelivers the same click
     assert again == (status, body)
+    status, body = await _click(proc, card, "approve")  # a click of its own: the card is decided
+    assert status == 200 and body["toast"]["type"] != "success"
     await wait_until(lambda: replies_with(emulator, "exit 0"), what="the command's reply")
     assert (proc.data_dir / "workspace" / "approved.txt").exists()
     assert len(emulator.message(card["message_id"])["history"]) >= 2  # the card was patched
@@ -415,3 +418,20 @@ async def test_group_mentions_wait_while_the_bots_identity_is_unknown(tmp_path, 
         assert inbox_count(proc) == 1
     finally:
         proc.stop()
+
+
+async def test_help_card_buttons_act_in_the_conversation_they_came_from_each_click_once(service, emulator):
+    """A group scoped per person: the help card's buttons act in the clicker's conversation, not
+    the chat's; two clicks on Status are two commands, a redelivered click one."""
+    proc = service(FEISHU_CONVERSATION_SCOPE="user")
+    mention = [fp.mention("@_user_1", BOT, "Bridge Bot")]
+    await post_event(proc, fp.message_event(token=TOKEN, text="@_user_1 /help", chat_type="group", chat_id="oc_gu",
+                                             mentions=mention))
+    card = (await wait_until(lambda: [m for m in bot_messages(emulator) if "cmd:status" in m["content"]],
+                             what="the help card"))[0]
+    for event_id in ("ev-status-1", "ev-status-1", "ev-status-2"):
+        status, body = await _click(proc, card, "cmd:status", chat_id="oc_gu", event_id=event_id)
+        assert status == 200 and body["toast"]["type"] == "success"
+    with sqlite3.connect(proc.data_dir / "bridge.db") as db:
+        keys = [key for (key,) in db.execute("SELECT conversation_key FROM inbound_events ORDER BY id")]
+    assert keys == ["feishu:oc_gu:u-ou_alice"] * 3  # /help, then two clicks

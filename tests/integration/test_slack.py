@@ -412,3 +412,15 @@ async def test_socket_mode_starts_when_slack_is_away_for_a_moment(service, emula
     emulator.fault("apps.connections.open", status=503, error="service_unavailable", times=1)
     service(SLACK_APP_TOKEN="xapp-test")
     assert await asyncio.get_running_loop().run_in_executor(None, emulator.wait_socket, 1, 20.0)
+
+
+async def test_two_clicks_on_the_same_help_button_are_two_commands(service, emulator):
+    proc = service()
+    await send_event(proc, sp.message_event(text="/help", channel="D8", channel_type="im"))
+    card = (await wait_until(lambda: [m for m in emulator.messages() if m["channel"] == "D8"
+                                      and any(b.get("type") == "actions" for b in m.get("blocks") or [])],
+                             what="the help card"))[0]
+    for _ in range(2):
+        assert (await click(proc, card, "cmd:status"))[0] == 200
+        await asyncio.sleep(0.01)  # each click its own action_ts
+    await wait_until(lambda: inbox_count(proc) == 3, what="both clicks taken")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import ipaddress
 import os
 import secrets
 import signal
@@ -145,17 +146,20 @@ class Service:
         self.files = FileKeeper(settings.data_dir / "attachments", shared=self.shared_files)
         self.retention = AttachmentRetention(self.files, keep_days=settings.attachments_keep_days,
                                              store=self.shared_files)
-        self.webchat = WebChatChannel(self.db, Uploads(self.files,
-                                                       max_bytes=settings.webchat_max_file_mb * 1024 * 1024,
-                                                       unsent_ttl=settings.webchat_upload_ttl_hours * 3600),
-                                      shared_store=not self.db.is_sqlite)
-        # Several replicas: a page open on one sees live what any replica writes to its transcript.
+        self.channels: dict[str, ChannelAdapter] = {}
+        self.webchat: WebChatChannel | None = None
         self.webchat_live: Listener | None = None
-        if not self.db.is_sqlite:
-            self.webchat_live = Listener(settings.database_url, transcript.LIVE_CHANNEL,
-                                         on_notify=self.webchat.changed, on_gap=self.webchat.changed_all,
-                                         application_name=f"agent-bridge {settings.replica_id}")
-        self.channels: dict[str, ChannelAdapter] = {self.webchat.name: self.webchat}
+        if settings.webchat:
+            self.webchat = WebChatChannel(self.db, Uploads(self.files,
+                                                           max_bytes=settings.webchat_max_file_mb * 1024 * 1024,
+                                                           unsent_ttl=settings.webchat_upload_ttl_hours * 3600),
+                                          shared_store=not self.db.is_sqlite)
+            self.channels[self.webchat.name] = self.webchat
+            # Several replicas: a page open on one sees live what any replica writes to its transcript.
+            if not self.db.is_sqlite:
+                self.webchat_live = Listener(settings.database_url, transcript.LIVE_CHANNEL,
+                                             on_notify=self.webchat.changed, on_gap=self.webchat.changed_all,
+                                             application_name=f"agent-bridge {settings.replica_id}")
         if settings.feishu_enabled:
             feishu = build_feishu(settings, self.files)
             self.channels[feishu.name] = feishu
@@ -317,6 +321,10 @@ class Service:
         # and back. With the default 5 ms switch interval a busy loop makes every hand-over wait
         # up to 5 ms, so a write of a few statements took tens of ms under load.
         sys.setswitchinterval(SWITCH_INTERVAL)
+        if self.webchat is not None and not _loopback(self.settings.host):
+            logger.warning("the web chat has no sign-in and {} is reachable from other machines: anyone who "
+                           "reaches /chat may post as any user; set BRIDGE_WEBCHAT=off, or put it behind a proxy "
+                           "that signs people in", self.settings.host)
         logger.info(
             "agent-bridge ready on http://{}:{} (runtime {}, store {}) in {:.2f}s",
             self.settings.host, self.port, self.runtime.name, "sqlite" if self.db.is_sqlite else "postgresql",
@@ -370,6 +378,13 @@ class Service:
             await stop.wait()
         finally:
             await self.stop()
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def _freeze_heap() -> None:

@@ -51,6 +51,9 @@ class Settings(BaseSettings):
     admins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     log_level: Literal["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     log_format: Literal["text", "json"] = "text"
+    # The built-in web chat (`/chat`). It has no sign-in: whoever reaches the port may post as any
+    # user id; off where the port is reachable by others (the platforms' webhooks stay served).
+    webchat: bool = True
     # Web chat: the largest file a person may attach (MiB).
     webchat_max_file_mb: int = Field(20, gt=0, le=1024)
     # Days the files people attach are kept on this replica's disk (0: for good).

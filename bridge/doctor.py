@@ -89,7 +89,9 @@ async def run_checks(settings: Settings) -> list[Row]:
     rows += _runtime(settings)
     rows += _workspace(settings)
     rows += _rules(settings)
-    rows.append(("channel:webchat", True, f"http://{settings.host}:{settings.port}/chat"))
+    if settings.webchat:
+        rows.append(("channel:webchat", True, f"http://{settings.host}:{settings.port}/chat (no sign-in: anyone who "
+                                              "reaches the port may post as any user)"))
     if settings.feishu_enabled:
         rows += await _feishu(settings)
     if settings.slack_enabled:

@@ -581,3 +581,19 @@ async def test_attachments_past_their_keeping_time_are_deleted_from_disk(bridge,
     await wait_until(lambda: not old.exists(), timeout=10, what="the old attachment deleted")
     assert not old.parent.exists() and new.read_bytes() == b"x"
     assert "1 file(s) past 30 days deleted from disk" in proc.log()
+
+
+async def test_the_web_chat_can_be_turned_off(bridge, http):
+    """BRIDGE_WEBCHAT=off (the port reachable by others, the platforms' webhooks served): no page,
+    no API, nothing stored; the service is ready without it."""
+    proc = bridge(BRIDGE_WEBCHAT="off")
+    async with http.get(proc.url + "/chat") as r:
+        assert r.status == 404
+    body = {"conversation_id": "c1", "user_id": "alice", "text": "echo hi", "client_msg_id": "m1"}
+    async with http.post(proc.url + "/chat/api/messages", json=body) as r:
+        assert r.status == 404
+    async with http.get(proc.url + "/readyz") as r:
+        ready = await r.json()
+    assert r.status == 200 and "channel:webchat" not in ready["checks"]
+    with sqlite3.connect(proc.data_dir / "bridge.db") as db:
+        assert db.execute("SELECT count(*) FROM inbound_events").fetchone()[0] == 0

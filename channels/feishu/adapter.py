@@ -50,6 +50,7 @@ from channels.base import (
     Sender,
     Webhook,
 )
+from channels.backoff import again_until
 from channels.feishu import checks, normalize, render
 from channels.feishu.errors import TooLarge
 from channels.feishu.normalize import ChatPolicy
@@ -63,7 +64,6 @@ MEMORY_WORKING = 50_000  # message ids whose "OnIt" reaction this process rememb
 ACTION_MEMORY = 4096
 DOWNLOAD_BUDGET = 1.5  # seconds for attachments before the ack (Feishu waits 3 s)
 LOAD_WAIT = 30.0  # seconds an event or a reply waits for the client to load at start-up
-IDENTITY_RETRY_FIRST, IDENTITY_RETRY_MAX = 1.0, 60.0  # the bot's identity, read again after a failure
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,7 +124,7 @@ class FeishuChannel:
     async def _load(self) -> None:
         self._api = await asyncio.get_running_loop().run_in_executor(None, self._api_factory)
         if not await self._identify():
-            self._identifying = asyncio.create_task(self._identify_until_known(), name="feishu:identity")
+            self._identifying = asyncio.create_task(again_until(self._identify), name="feishu:identity")
 
     async def _identify(self) -> bool:
         try:
@@ -138,13 +138,6 @@ class FeishuChannel:
         self._started_error = ""
         logger.info("feishu: bot open_id {}", self.bot_open_id)
         return True
-
-    async def _identify_until_known(self) -> None:
-        delay = IDENTITY_RETRY_FIRST
-        while not self.bot_open_id:
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, IDENTITY_RETRY_MAX)
-            await self._identify()
 
     async def loaded(self) -> None:
         if self._loading is not None:

@@ -56,6 +56,7 @@ from channels.base import (
     Sender,
     Webhook,
 )
+from channels.backoff import again_until
 from channels.http import json_answer
 from channels.marks import WorkingMarks
 from channels.names import NameCache
@@ -77,7 +78,6 @@ class SlackStartError(ChannelStartError):
 
 REFUSED_TOKEN = ("invalid_auth", "not_authed", "token_revoked", "token_expired", "account_inactive",
                  "not_allowed_token_type")
-IDENTITY_RETRY_FIRST, IDENTITY_RETRY_MAX = 1.0, 60.0  # auth.test, again after a failure
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,9 +153,7 @@ class SlackChannel:
         if not any(isinstance(h, AsyncConnectionErrorRetryHandler) for h in self.client.retry_handlers):
             self.client.retry_handlers.append(AsyncConnectionErrorRetryHandler())
         if not await self._identify():
-            task = asyncio.create_task(self._identify_until_known(), name="slack:identity")
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._again_in_background(self._identify, "auth.test")
         if self.config.app_token:
             await self._start_socket_mode()
 
@@ -178,25 +176,28 @@ class SlackChannel:
         logger.info("slack: connected as {} ({})", auth.get("user"), self.bot_user_id)
         return True
 
-    async def _identify_until_known(self) -> None:
-        delay = IDENTITY_RETRY_FIRST
-        while not self.bot_user_id:
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, IDENTITY_RETRY_MAX)
+    def _again_in_background(self, attempt, what: str) -> None:
+        """`attempt()` again, with backoff, until it works; a token refused meanwhile ends it."""
+        async def again() -> bool:
             try:
-                await self._identify()
-            except SlackStartError as exc:  # the token was revoked meanwhile: said, and tried no more
+                return await attempt()
+            except SlackStartError as exc:  # said, and tried no more
                 logger.error("slack: {}", exc)
-                return
+                return True
+            except Exception as exc:  # noqa: BLE001 - tried again
+                logger.warning("slack: {} failed: {}: {}", what, type(exc).__name__, exc)
+                return False
+
+        task = asyncio.create_task(again_until(again), name=f"slack:{what}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _start_socket_mode(self) -> None:
         """Connect Socket Mode. A refused app token stops the start; Slack away for a moment
         (5xx, service_unavailable, no network) does not: the connection is tried again in the
         background with backoff, and /readyz says it is not connected meanwhile."""
         if not await self._connect_socket():
-            task = asyncio.create_task(self._connect_socket_until_up(), name="slack:socket")
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._again_in_background(self._connect_socket, "Socket Mode")
 
     async def _connect_socket(self) -> bool:
         from slack_sdk.socket_mode.aiohttp import SocketModeClient
@@ -223,19 +224,6 @@ class SlackChannel:
         self._socket = socket
         logger.info("slack: Socket Mode connected")
         return True
-
-    async def _connect_socket_until_up(self) -> None:
-        delay = IDENTITY_RETRY_FIRST
-        while self._socket is None:
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, IDENTITY_RETRY_MAX)
-            try:
-                await self._connect_socket()
-            except SlackStartError as exc:  # the token was revoked meanwhile: said, and tried no more
-                logger.error("slack: {}", exc)
-                return
-            except Exception as exc:  # noqa: BLE001 - tried again
-                logger.warning("slack: Socket Mode did not connect: {}: {}", type(exc).__name__, exc)
 
     async def loaded(self) -> None:
         return None

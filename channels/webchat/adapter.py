@@ -30,7 +30,7 @@ from channels.base import (
 )
 from channels.http import json_answer, refusal
 from channels.webchat import transcript, uploads
-from channels.webchat.checks import ACTIONS, ID_PATTERN, MESSAGES, PostAction, PostMessage
+from channels.webchat.checks import ACTIONS, ID_PATTERN, MESSAGES, PostAction, PostMessage, foreign_origin
 from channels.webchat.uploads import Uploads
 
 CHANNEL = "webchat"
@@ -257,7 +257,12 @@ class WebChatChannel:
         return answers  # type: ignore[return-value]
 
     async def post_file(self, request: web.Request) -> web.Response:
-        """One file (multipart/form-data, field `file`) for a message to come; 201 with its id."""
+        """One file (multipart/form-data, field `file`) for a message to come; 201 with its id.
+        Another site's page may not upload through a visitor's browser (a form can post
+        multipart/form-data across sites): refused like the JSON posts."""
+        refused = foreign_origin(request.headers)
+        if refused is not None:
+            return error(403, refused)
         conversation_id = request.query.get("conversation_id", "")
         if not re.match(ID_PATTERN, conversation_id) or not re.match(ID_PATTERN, request.query.get("user_id", "")):
             return error(400, "conversation_id and user_id (query) are required: letters, digits, _ . @ -")

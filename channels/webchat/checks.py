@@ -1,5 +1,7 @@
-"""The web chat's POST bodies and their checks (schema only: the web chat has no signatures).
-Light on purpose: an HTTP edge worker imports this module, not the adapter."""
+"""The web chat's POST bodies and their checks. The web chat has no signatures; what keeps other
+web pages from posting through a visitor's browser is the request's origin and its Content-Type
+(see `foreign_origin`). Light on purpose: an HTTP edge worker imports this module, not the
+adapter."""
 
 from __future__ import annotations
 
@@ -15,6 +17,10 @@ from channels.http import refusal
 
 ID_PATTERN = r"^[A-Za-z0-9_.@-]{1,128}$"
 MAX_FILES = 10  # files one message may carry
+# How the service and its edge workers are reached: plain HTTP (neither terminates TLS; a proxy
+# in front that does says so with X-Forwarded-Proto).
+SCHEME = "http"
+DEFAULT_PORTS = {"http": ":80", "https": ":443"}
 
 
 def _no_nul(value: str) -> str:
@@ -43,14 +49,53 @@ class PostAction(BaseModel):
     user_id: str = Field(pattern=ID_PATTERN)
 
 
+def foreign_origin(headers: Mapping[str, str]) -> str | None:
+    """Why a POST from a browser must be refused as cross-site, or None. A browser names the page
+    that sent a POST in `Origin`; when it is not this service's own origin (the scheme and the
+    Host the request came to), another site's page is posting through the visitor's browser,
+    which a plain form or a "simple" fetch can do without asking first. A request without
+    `Origin` (curl, scripts, servers) is not a browser's cross-site request: it passes."""
+    origin = headers.get("Origin")
+    if origin is None:
+        return None
+    scheme = (headers.get("X-Forwarded-Proto") or SCHEME).split(",")[0].strip().lower()
+    host = headers.get("Host", "").strip().lower()
+    if host and _origin(origin.strip().lower()) == _origin(f"{scheme}://{host}"):
+        return None
+    return f"cross-origin request refused: Origin {origin!r} is not this service's origin"
+
+
+def _origin(origin: str) -> str:
+    """An origin with its scheme's default port left out, as browsers write it."""
+    scheme = origin.split("://", 1)[0]
+    default = DEFAULT_PORTS.get(scheme)
+    return origin[:-len(default)] if default and origin.endswith(default) else origin
+
+
+def _not_json(headers: Mapping[str, str]) -> str | None:
+    given = headers.get("Content-Type", "")
+    if given.split(";", 1)[0].strip().lower() == "application/json":
+        return None
+    return f"Content-Type must be application/json (got {given!r})" if given else \
+        "Content-Type must be application/json"
+
+
 @dataclass(frozen=True, slots=True)
 class ModelCheck:
-    """A JSON body validated against `model`: 400 saying what is wrong, or passed on."""
+    """A JSON body from this service's own pages or from a script: another site's page refused
+    (403), a body that is not declared JSON refused (415), then validated against `model` (400
+    saying what is wrong), or passed on."""
 
     path: str
     model: type[BaseModel]
 
     def check(self, body: bytes, headers: Mapping[str, str]) -> Forward | Answer:
+        refused = foreign_origin(headers)
+        if refused is not None:
+            return refusal(403, refused)
+        refused = _not_json(headers)
+        if refused is not None:
+            return refusal(415, refused)
         try:
             return Forward(body, self.model.model_validate_json(body))
         except ValidationError as exc:

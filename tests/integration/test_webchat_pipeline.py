@@ -76,6 +76,62 @@ async def test_malformed_and_oversized_bodies_store_nothing(bridge, http, worker
     assert db_counts(proc) == {"inbound_events": 0, "webchat_messages": 0, "turns": 0, "outbox": 0}
 
 
+@HTTP_MODES
+async def test_another_sites_page_cannot_post_through_a_visitors_browser(bridge, chat, http, workers):
+    """What a page on another site can make a visitor's browser send without asking first (a
+    form, or a "simple" fetch: text/plain or multipart, carrying that site's Origin) is refused
+    before anything is stored or run. The service's own page (its own Origin), a proxy's HTTPS
+    front (X-Forwarded-Proto) and clients that send no Origin (curl, scripts) go through."""
+    proc = bridge(BRIDGE_HTTP_WORKERS=workers)
+    c = chat(proc)
+    messages, actions = proc.url + "/chat/api/messages", proc.url + "/chat/api/actions"
+
+    def body(client_id: str) -> str:
+        return json.dumps({"conversation_id": "c-csrf", "user_id": "alice", "text": "echo csrf",
+                           "client_msg_id": client_id})
+
+    action = json.dumps({"conversation_id": "c-csrf", "message_id": "m", "action_id": "approve", "user_id": "alice"})
+    for url, data in ((messages, body("x1")), (actions, action)):
+        for origin in ("https://evil.example", "null", f"https://127.0.0.1:{proc.port}", "http://127.0.0.1"):
+            for content_type in ("text/plain", "application/x-www-form-urlencoded", "application/json"):
+                async with http.post(url, data=data, headers={"Origin": origin, "Content-Type": content_type}) as r:
+                    assert r.status == 403, (url, origin, content_type)
+                    assert "cross-origin request refused" in (await r.json())["error"]
+        for content_type in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"):
+            async with http.post(url, data=data, headers={"Content-Type": content_type}) as r:
+                assert r.status == 415, (url, content_type)
+                assert "Content-Type must be application/json" in (await r.json())["error"]
+        async with http.post(url, data=data.encode()) as r:  # no Content-Type at all
+            assert r.status == 415
+    form = aiohttp.FormData()
+    form.add_field("file", b"x", filename="a.txt", content_type="text/plain")
+    async with http.post(f"{proc.url}/chat/api/files", params={"conversation_id": "c-csrf", "user_id": "alice"},
+                         data=form, headers={"Origin": "https://evil.example"}) as r:
+        assert r.status == 403 and "cross-origin request refused" in (await r.json())["error"]
+    assert db_counts(proc) == {"inbound_events": 0, "webchat_messages": 0, "turns": 0, "outbox": 0}
+    assert not (proc.data_dir / "attachments" / "webchat" / "c-csrf").exists()
+
+    # the service's own page, a proxy's HTTPS front, and a client without Origin
+    own = {"Origin": f"http://127.0.0.1:{proc.port}", "Content-Type": "application/json; charset=utf-8"}
+    async with http.post(messages, data=body("x2"), headers=own) as r:
+        assert r.status == 202, await r.text()
+    proxied = {"Origin": f"https://127.0.0.1:{proc.port}", "X-Forwarded-Proto": "https",
+               "Content-Type": "application/json"}
+    async with http.post(messages, data=body("x3"), headers=proxied) as r:
+        assert r.status == 202, await r.text()
+    async with http.post(messages, data=body("x4"), headers={"Content-Type": "application/json"}) as r:
+        assert r.status == 202
+    form = aiohttp.FormData()
+    form.add_field("file", b"x", filename="a.txt", content_type="text/plain")
+    async with http.post(f"{proc.url}/chat/api/files", params={"conversation_id": "c-csrf", "user_id": "alice"},
+                         data=form, headers={"Origin": f"http://127.0.0.1:{proc.port}"}) as r:
+        assert r.status == 201
+    async with http.post(actions, data=action, headers=own) as r:
+        assert r.status == 404  # past the checks: no such message
+    await c.wait_for("c-csrf", finals(3))
+    assert db_counts(proc)["inbound_events"] == 3
+
+
 async def test_approve_runs_the_command_and_updates_the_card(bridge, chat):
     proc = bridge()
     c = chat(proc)

@@ -185,6 +185,9 @@ class AcceptResult:
     # False when the event was stored closed: nothing will run and nothing will answer it (a
     # mention with no text, a bot's message), so a channel shows no "working on it" sign
     answered: bool = True
+    # `accept_many` only: why this event could not be kept (nothing of it was kept; the others
+    # of the batch were). The channel answers it as a failed request (503 or 500), to be resent.
+    error: BaseException | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,7 +205,9 @@ class Ingest(Protocol):
         are durable. Ack the platform after this."""
 
     async def accept_many(self, events: Sequence[tuple[InboundMessage, Record | None]]) -> list[AcceptResult]:
-        """`accept` for several events at once (one write); results in order."""
+        """`accept` for several events at once (one write); results in order. One event that
+        cannot be kept fails alone: its result carries the `error`, the others are kept and
+        dispatched as usual."""
 
     async def act(self, action: InboundAction) -> ActionResult:
         """Apply a card action. A store write plus a wake-up; never waits on a running turn."""

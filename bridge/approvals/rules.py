@@ -19,7 +19,6 @@ A file with an error stops start-up naming the file, the line and the reason.
 from __future__ import annotations
 
 import fnmatch
-import os
 import re
 import shlex
 from dataclasses import dataclass

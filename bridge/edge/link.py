@@ -22,9 +22,8 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from loguru import logger
 
-from bridge.web.webhooks import failed
 from channels.base import Answer, Forward, Webhook
-from channels.http import refusal
+from channels.http import failed, refusal
 
 HEADER = struct.Struct(">IBIH")
 CONFIG, READY, REQUEST, RESPONSE = 1, 2, 3, 4

@@ -40,7 +40,8 @@ class Ingestor:
 
     async def accept_many(self, events: Sequence[tuple[InboundMessage, Record | None]]) -> list[AcceptResult]:
         """`accept` for requests that arrived together: one write unit for all of them. Should
-        that unit fail, each is tried alone, so one bad event fails by itself."""
+        that unit fail, each is tried alone, so one bad event fails by itself: its result carries
+        the error, and every other one is kept and dispatched."""
         items = [self._item(event, record) for event, record in events]
         try:
             stored = await self.db.write_batched_many(inbox.insert_with_records, items, urgent=True)
@@ -48,10 +49,13 @@ class Ingestor:
             stored = await asyncio.gather(*(self.db.write_batched(inbox.insert_with_records, item, urgent=True)
                                             for item in items), return_exceptions=True)
         results: list[AcceptResult] = []
-        for (event, _), item, outcome in zip(events, items, stored):
-            if isinstance(outcome, BaseException):
+        for (event, _), item, outcome in zip(events, items, stored, strict=True):
+            if isinstance(outcome, asyncio.CancelledError):
                 raise outcome
-            results.append(self._accepted(event, item[0], *outcome))
+            if isinstance(outcome, BaseException):
+                results.append(AcceptResult(None, False, answered=False, error=outcome))
+            else:
+                results.append(self._accepted(event, item[0], *outcome))
         return results
 
     @staticmethod

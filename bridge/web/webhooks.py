@@ -7,31 +7,12 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
-from loguru import logger
 
-from bridge.errors import Unavailable
 from bridge.web.http import MAX_BODY
-from channels.base import Answer, ChannelNotReady, Forward, WebhookCheck
-from channels.http import refusal
+from channels.base import Answer, Forward, WebhookCheck
+from channels.http import failed, refusal
 
 TOO_LARGE = refusal(413, f"request body too large (limit {MAX_BODY} bytes)")
-INTERNAL_ERROR = refusal(500, "internal error")
-STORE_AWAY = refusal(503, "the bridge's store is unavailable right now; nothing was kept: send it again")
-
-
-def failed(exc: BaseException, what: str) -> Answer:
-    """The answer to a request whose `accept` raised. The store out of reach (SQLite locked by
-    another process, PostgreSQL away past the writer's patience) is an outage, not a bug: 503,
-    which platforms retry and the web chat shows, with a one-line log; anything else is a 500
-    with its traceback in the log."""
-    if isinstance(exc, ChannelNotReady):
-        logger.warning("{}: {}; answered 503", what, exc)
-        return refusal(503, str(exc))
-    if isinstance(exc, Unavailable):
-        logger.warning("{}: the store is unavailable ({}); answered 503", what, exc)
-        return STORE_AWAY
-    logger.opt(exception=exc).error("{} failed", what)
-    return INTERNAL_ERROR
 
 
 async def read_body(request: web.Request) -> bytes | Answer:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import mimetypes
 import time
 from collections import OrderedDict
@@ -54,7 +53,7 @@ from channels.backoff import again_until
 from channels.feishu import checks, normalize, render
 from channels.feishu.errors import TooLarge
 from channels.feishu.normalize import ChatPolicy
-from channels.http import json_answer
+from channels.http import event_answer
 from channels.marks import WorkingMarks
 
 CHANNEL = "feishu"
@@ -193,16 +192,22 @@ class FeishuChannel:
 
     async def accept_events(self, forwards: Sequence[Forward]) -> list[Answer]:
         payloads = [f.parsed if f.parsed is not None else orjson.loads(f.body) for f in forwards]
-        return [json_answer(body, status) for status, body in await self.handle_many(payloads)]
+        return [event_answer(outcome, "feishu: an event") for outcome in await self.handle_many(payloads)]
 
     async def handle(self, payload: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-        """A verified, decrypted event (from the webhook or the long connection) -> (status, body)."""
-        return (await self.handle_many([payload]))[0]
+        """A verified, decrypted event (from the webhook or the long connection) -> (status, body).
+        Raises when it could not be taken (not kept: to be sent again)."""
+        answer = (await self.handle_many([payload]))[0]
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
 
-    async def handle_many(self, payloads: Sequence[dict[str, Any]]) -> list[tuple[int, dict[str, Any]]]:
+    async def handle_many(self, payloads: Sequence[dict[str, Any]]) -> list[tuple[int, dict[str, Any]] | BaseException]:
         """Events that arrived together: messages normalized one by one and persisted in one
-        write; card clicks and the rest answered each on its own."""
-        answers: list[tuple[int, dict[str, Any]]] = [(200, {})] * len(payloads)
+        write; card clicks and the rest answered each on its own. An event that could not be
+        taken (the store away, the bot's identity unknown, a bug) is its own answer's exception;
+        the others are taken as usual."""
+        answers: list[tuple[int, dict[str, Any]] | BaseException] = [(200, {})] * len(payloads)
         messages: list[tuple[int, InboundMessage, normalize.Parsed]] = []
         for index, payload in enumerate(payloads):
             if payload.get("type") == "url_verification":
@@ -210,22 +215,28 @@ class FeishuChannel:
                 continue
             header = payload.get("header") or {}
             event_type = header.get("event_type") or (payload.get("event") or {}).get("type") or ""
-            if event_type == "im.message.receive_v1":
-                try:
-                    message = await self._message(payload)
-                except normalize.NotAMessage as exc:
-                    answers[index] = (400, {"error": str(exc)})
-                    continue
-                if message is not None:
-                    messages.append((index, *message))
-            elif event_type == "card.action.trigger":
-                answers[index] = (200, await self._on_card_action(payload))
-            else:
-                logger.info("feishu: ignoring event type {!r} (event {})", event_type, header.get("event_id"))
+            try:
+                if event_type == "im.message.receive_v1":
+                    try:
+                        message = await self._message(payload)
+                    except normalize.NotAMessage as exc:
+                        answers[index] = (400, {"error": str(exc)})
+                        continue
+                    if message is not None:
+                        messages.append((index, *message))
+                elif event_type == "card.action.trigger":
+                    answers[index] = (200, await self._on_card_action(payload))
+                else:
+                    logger.info("feishu: ignoring event type {!r} (event {})", event_type, header.get("event_id"))
+            except Exception as exc:  # noqa: BLE001 - this event fails alone
+                answers[index] = exc
         if messages:
             assert self._ingest is not None, "channel not started"
             results = await self._ingest.accept_many([(event, None) for _, event, _ in messages])
-            for (_, event, parsed), result in zip(messages, results, strict=True):
+            for (index, event, parsed), result in zip(messages, results, strict=True):
+                if result.error is not None:
+                    answers[index] = result.error
+                    continue
                 self._remember(str(event.conversation), parsed.message_id)
                 if event.stale:
                     logger.bind(conversation=str(event.conversation), event=parsed.event_id).warning(

@@ -57,7 +57,7 @@ from channels.base import (
     Webhook,
 )
 from channels.backoff import again_until
-from channels.http import json_answer
+from channels.http import event_answer, json_answer
 from channels.marks import WorkingMarks
 from channels.names import NameCache
 from channels.slack import checks, normalize, render
@@ -263,7 +263,7 @@ class SlackChannel:
 
     async def accept_events(self, forwards: Sequence[Forward]) -> list[Answer]:
         payloads = [f.parsed if f.parsed is not None else orjson.loads(f.body) for f in forwards]
-        return [json_answer(body, status) for status, body in await self.handle_events(payloads)]
+        return [event_answer(outcome, "slack: an event") for outcome in await self.handle_events(payloads)]
 
     async def accept_interaction(self, forward: Forward) -> Answer:
         payload = forward.parsed if forward.parsed is not None else orjson.loads(forward.body)
@@ -290,20 +290,34 @@ class SlackChannel:
     # -- events
 
     async def handle_event(self, payload: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-        return (await self.handle_events([payload]))[0]
+        """One event -> (status, body). Raises when it could not be taken (not kept: to be sent
+        again)."""
+        answer = (await self.handle_events([payload]))[0]
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
 
-    async def handle_events(self, payloads: Sequence[dict[str, Any]]) -> list[tuple[int, dict[str, Any]]]:
-        """Events that arrived together: each normalized, the messages persisted in one write."""
-        answers: list[tuple[int, dict[str, Any]]] = [(200, {})] * len(payloads)
-        messages: list[tuple[InboundMessage, normalize.Parsed]] = []
-        for payload in payloads:
-            message = await self._message(payload)
+    async def handle_events(self, payloads: Sequence[dict[str, Any]]) -> list[tuple[int, dict[str, Any]] | BaseException]:
+        """Events that arrived together: each normalized, the messages persisted in one write.
+        An event that could not be taken (the store away, the bot's identity unknown, a bug) is
+        its own answer's exception; the others are taken as usual."""
+        answers: list[tuple[int, dict[str, Any]] | BaseException] = [(200, {})] * len(payloads)
+        messages: list[tuple[int, InboundMessage, normalize.Parsed]] = []
+        for index, payload in enumerate(payloads):
+            try:
+                message = await self._message(payload)
+            except Exception as exc:  # noqa: BLE001 - this event fails alone
+                answers[index] = exc
+                continue
             if message is not None:
-                messages.append(message)
+                messages.append((index, *message))
         if messages:
             assert self._ingest is not None, "channel not started"
-            results = await self._ingest.accept_many([(event, None) for event, _ in messages])
-            for (_, parsed), result in zip(messages, results, strict=True):
+            results = await self._ingest.accept_many([(event, None) for _, event, _ in messages])
+            for (index, _, parsed), result in zip(messages, results, strict=True):
+                if result.error is not None:
+                    answers[index] = result.error
+                    continue
                 if result.answered and not result.duplicate and self.config.reactions:
                     self._working.add(parsed.ts, self._react(parsed.channel, parsed.ts, WORKING))
         return answers

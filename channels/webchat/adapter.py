@@ -18,6 +18,7 @@ from bridge.store.db import Database
 from bridge.web.http import error
 from channels.base import (
     Answer,
+    Attachment,
     ConversationKey,
     Forward,
     InboundAction,
@@ -28,7 +29,7 @@ from channels.base import (
     Sender,
     Webhook,
 )
-from channels.http import json_answer, refusal
+from channels.http import failed, json_answer, refusal
 from channels.webchat import transcript, uploads
 from channels.webchat.checks import ACTIONS, ID_PATTERN, MESSAGES, PostAction, PostMessage, foreign_origin
 from channels.webchat.uploads import Uploads
@@ -220,17 +221,14 @@ class WebChatChannel:
         events: list[tuple[InboundMessage, Record]] = []
         for index, forward in enumerate(forwards):
             body: PostMessage = MESSAGES.parsed(forward)  # type: ignore[assignment]
-            attachments = []
-            for file_id in dict.fromkeys(body.file_ids):
-                found = await self.uploads.find(body.conversation_id, file_id)
-                if found is None:
-                    answers[index] = refusal(400, f"file_ids: no file {file_id!r} was uploaded in this conversation")
-                    break
-                attachments.append(found)
-            if answers[index] is not None:
+            try:
+                attachments = await self._attachments(body)
+            except Exception as exc:  # noqa: BLE001 - this message fails alone; the others go on
+                answers[index] = failed(exc, f"webchat: the files of a message in {body.conversation_id}")
                 continue
-            if attachments:
-                await self.uploads.mark_sent(body.conversation_id, dict.fromkeys(body.file_ids))
+            if isinstance(attachments, Answer):
+                answers[index] = attachments
+                continue
             event = InboundMessage(
                 conversation=ConversationKey(CHANNEL, body.conversation_id),
                 sender=Sender(body.user_id, body.user_id),
@@ -251,10 +249,25 @@ class WebChatChannel:
         if events:
             results = await ingest.accept_many(events)
             for index, result in zip(accepted, results, strict=True):
+                if result.error is not None:
+                    answers[index] = failed(result.error, "webchat: a posted message")
+                    continue
                 if result.record is not None:
                     self.hub.publish(result.record)
                 answers[index] = ACKS[result.duplicate]
         return answers  # type: ignore[return-value]
+
+    async def _attachments(self, body: PostMessage) -> list[Attachment] | Answer:
+        """The uploaded files a message names (marked sent), or the 400 saying which is unknown."""
+        attachments = []
+        for file_id in dict.fromkeys(body.file_ids):
+            found = await self.uploads.find(body.conversation_id, file_id)
+            if found is None:
+                return refusal(400, f"file_ids: no file {file_id!r} was uploaded in this conversation")
+            attachments.append(found)
+        if attachments:
+            await self.uploads.mark_sent(body.conversation_id, dict.fromkeys(body.file_ids))
+        return attachments
 
     async def post_file(self, request: web.Request) -> web.Response:
         """One file (multipart/form-data, field `file`) for a message to come; 201 with its id.

@@ -52,7 +52,7 @@ class Uploads:
 
     async def receive(self, conversation_id: str, part: BodyPartReader) -> Attachment:
         """Read one file part (at most `max_bytes`, or TooLarge and nothing kept) and keep it."""
-        folder = self.folder_of(conversation_id)
+        self.folder_of(conversation_id)  # ValueError for an id that cannot name a folder
         data = bytearray()
         while chunk := await part.read_chunk(CHUNK):
             data += chunk

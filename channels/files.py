@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Protocol
+
+NAME_BYTES = 200  # a kept file's name, at most (UTF-8)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # not kept in a file name (NUL cannot be)
 
 
 class SharedFiles(Protocol):
@@ -98,7 +102,7 @@ def file_names(names: Sequence[str | None], fallback: str = "file") -> list[str]
     taken: set[str] = set()
     out: list[str] = []
     for raw in names:
-        name = PureWindowsPath(PurePosixPath(raw or "").name).name.strip()
+        name = _fit(_CONTROL.sub("", PureWindowsPath(PurePosixPath(raw or "").name).name).strip())
         if name in ("", ".", ".."):
             name = fallback
         stem, suffix = _split(name)
@@ -115,6 +119,18 @@ def safe_name(raw: str, fallback: str = "message") -> str:
     """A platform's id as one folder name: no separators, never `.` or `..`."""
     name = raw.replace("/", "_").replace("\\", "_").strip()
     return fallback if name in ("", ".", "..") else name
+
+
+def _fit(name: str) -> str:
+    """A name short enough for any file system (255 bytes, with room for a " (2)" and the
+    ".partial" of its write): a longer one is cut, its suffix kept when it is short."""
+    if len(name.encode()) <= NAME_BYTES:
+        return name
+    stem, suffix = _split(name)
+    if len(suffix.encode()) > 16:
+        stem, suffix = name, ""
+    room = NAME_BYTES - len(suffix.encode())
+    return stem.encode()[:room].decode(errors="ignore").rstrip() + suffix
 
 
 def _split(name: str) -> tuple[str, str]:

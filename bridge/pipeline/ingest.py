@@ -69,8 +69,8 @@ class Ingestor:
         item = inbox.NewEvent(
             channel=event.conversation.channel,
             kind=event.kind,
-            event_key=event.event_key,
-            message_key=event.message_key,
+            event_key=inbox.fit_key(event.event_key),
+            message_key=None if event.message_key is None else inbox.fit_key(event.message_key),
             conversation_key=key,
             sender_id=event.sender.id,
             payload=payload,

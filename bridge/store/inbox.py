@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -16,6 +17,16 @@ from bridge.store.dialect import sqlite_driver, sqlite_insert_many, upsert
 from bridge.store.schema import inbound_events
 
 OPEN_STATUSES = ("accepted", "processing")
+KEY_LIMIT = 255  # the key columns' length (PostgreSQL refuses a longer value; SQLite would keep it)
+
+
+def fit_key(key: str) -> str:
+    """A dedupe or event key that fits its column: a longer one (a client's long message id in
+    a long conversation id) keeps its start and ends with a digest of the whole, so it still
+    names one event, the same one each time it is sent."""
+    if len(key) <= KEY_LIMIT:
+        return key
+    return f"{key[:KEY_LIMIT - 41]}#{hashlib.sha256(key.encode()).hexdigest()[:40]}"
 
 
 @dataclass(slots=True)

@@ -36,6 +36,8 @@ from channels.webchat.uploads import Uploads
 
 CHANNEL = "webchat"
 PAGE_LIMIT = 500
+MAX_SEQ = 2**63 - 1  # the store's integers; a larger `after` is no seq
+ID = re.compile(ID_PATTERN)
 SSE_PING = 15.0
 # the two answers to a posted message, encoded once (they are on every ack's path)
 ACKS = {dup: Answer(202, json.dumps({"accepted": True, "duplicate": dup}).encode()) for dup in (False, True)}
@@ -277,7 +279,7 @@ class WebChatChannel:
         if refused is not None:
             return error(403, refused)
         conversation_id = request.query.get("conversation_id", "")
-        if not re.match(ID_PATTERN, conversation_id) or not re.match(ID_PATTERN, request.query.get("user_id", "")):
+        if not ID.fullmatch(conversation_id) or not ID.fullmatch(request.query.get("user_id", "")):
             return error(400, "conversation_id and user_id (query) are required: letters, digits, _ . @ -")
         try:
             self.uploads.folder_of(conversation_id)
@@ -386,8 +388,11 @@ class WebChatChannel:
         try:
             after = int(request.query.get("after", "0"))
         except ValueError:
-            raise web.HTTPBadRequest(text='{"error": "after must be an integer"}', content_type="application/json")
-        if not re.match(ID_PATTERN, conversation_id):
+            after = None
+        if after is None or abs(after) > MAX_SEQ:
+            raise web.HTTPBadRequest(text='{"error": "after must be an integer (a seq the API gave, or 0)"}',
+                                     content_type="application/json")
+        if not ID.fullmatch(conversation_id):
             raise web.HTTPBadRequest(text='{"error": "conversation_id is missing or invalid"}',
                                      content_type="application/json")
         return conversation_id, after

@@ -125,3 +125,21 @@ async def test_nul_bytes_in_a_command_output_are_replied_and_refused_in_a_messag
         assert status == 400 and "NUL" in body["error"]
         assert [m["role"] for m in await c.messages("c-nul")].count("user") == 2
         proc.stop()
+
+
+async def test_the_longest_ids_a_message_may_carry_are_kept_and_deduped(bridge, chat):
+    """A 128-character conversation id with a 128-character client id makes a dedupe key longer
+    than the store's key column: still kept (not a 500), still deduped, and run once."""
+    async with postgres_database() as url:
+        proc = bridge(BRIDGE_DATABASE_URL=url)
+        c = chat(proc)
+        conversation, client_id = "c" * 128, "m" * 128
+        first = await c.post(conversation, "alice", "echo long-ids", client_msg_id=client_id)
+        again = await c.post(conversation, "alice", "echo long-ids", client_msg_id=client_id)
+        assert first == (202, {"accepted": True, "duplicate": False})
+        assert again == (202, {"accepted": True, "duplicate": True})
+        other = await c.post(conversation, "alice", "echo other", client_msg_id=client_id[:-1] + "n")
+        assert other == (202, {"accepted": True, "duplicate": False})
+        texts = await c.wait_for(conversation, finals(2))
+        assert "long-ids" in texts[0] and "other" in texts[1]
+        proc.stop()

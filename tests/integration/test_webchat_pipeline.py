@@ -653,3 +653,28 @@ async def test_the_web_chat_can_be_turned_off(bridge, http):
     assert r.status == 200 and "channel:webchat" not in ready["checks"]
     with sqlite3.connect(proc.data_dir / "bridge.db") as db:
         assert db.execute("SELECT count(*) FROM inbound_events").fetchone()[0] == 0
+
+
+async def test_odd_queries_and_file_names_get_a_clear_answer_not_a_500(bridge, chat, http):
+    proc = bridge(BRIDGE_HTTP_WORKERS="0")
+    c = chat(proc)
+    for query in ({"conversation_id": "c-odd", "after": str(10**30)}, {"conversation_id": "c-odd", "after": "x"},
+                  {"conversation_id": "c-odd\n"}, {"conversation_id": ""}):
+        async with http.get(f"{proc.url}/chat/api/messages", params=query) as r:
+            assert r.status == 400, query
+            assert "error" in await r.json()
+    async with http.get(f"{proc.url}/chat/api/messages", params={"conversation_id": "c-odd", "after": "-1"}) as r:
+        assert r.status == 200 and (await r.json()) == {"messages": []}
+    # a name longer than a file system takes: kept, shortened, its suffix kept
+    long_name = "é" * 200 + "name.txt"
+    status, kept = await upload(http, proc, "c-odd", long_name, b"data\n")
+    assert status == 201, kept
+    assert kept["name"].endswith(".txt") and len(kept["name"].encode()) <= 200
+    status, body = await c._retrying("post", "/chat/api/messages", json={
+        "conversation_id": "c-odd", "user_id": "alice", "text": "echo with-file", "client_msg_id": "f1",
+        "file_ids": [kept["file_id"]]})
+    assert status == 202, body
+    texts = await c.wait_for("c-odd", finals(1))
+    assert "with-file" in texts[0]
+    status, kept = await upload(http, proc, "c-odd", "x" * 300, b"data\n")
+    assert status == 201 and kept["name"] == "x" * 200

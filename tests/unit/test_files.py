@@ -39,3 +39,13 @@ def test_the_sweep_deletes_what_is_older_than_the_cutoff_and_the_folders_left_em
     assert (new / "image.png").read_bytes() == b"new" and (mixed / "a" / "kept.txt").exists()
     assert not (mixed / "gone.txt").exists() and root.is_dir()
     assert sweep(tmp_path / "none", time.time()) == 0
+
+
+def test_a_long_name_is_cut_to_what_a_file_system_takes_and_control_characters_go():
+    from channels.files import NAME_BYTES
+
+    names = file_names(["é" * 300 + ".tar.gz", "a" * 300, "x\x00y\x1fz.txt", "n" * 190 + "." + "s" * 40])
+    assert names[0].endswith(".gz") and len(names[0].encode()) <= NAME_BYTES
+    assert names[1] == "a" * NAME_BYTES
+    assert names[2] == "xyz.txt"
+    assert len(names[3].encode()) == NAME_BYTES and names[3].startswith("n" * 190)

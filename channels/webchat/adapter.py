@@ -39,6 +39,8 @@ PAGE_LIMIT = 500
 MAX_SEQ = 2**63 - 1  # the store's integers; a larger `after` is no seq
 ID = re.compile(ID_PATTERN)
 SSE_PING = 15.0
+SSE_QUEUE = 1000  # rows waiting for one page before it reads the store instead
+SSE_WRITE_TIMEOUT = 30.0  # a page that takes nothing for this long is let go (it reconnects)
 # the two answers to a posted message, encoded once (they are on every ack's path)
 ACKS = {dup: Answer(202, json.dumps({"accepted": True, "duplicate": dup}).encode()) for dup in (False, True)}
 NOT_STARTED = refusal(503, "web chat is not started")
@@ -66,13 +68,17 @@ def public_message(row: dict[str, Any]) -> dict[str, Any]:
 
 
 class _Subscription:
-    """One open page's live stream: rows pushed to it (one process), or a flag to look again."""
+    """One open page's live stream: rows pushed to it (one process), or a flag to look again.
+    A page that reads slower than its conversation is written falls behind: once its queue is
+    full it is behind (from the first row left out), and its stream reads the rest from the
+    store instead, so it loses none."""
 
-    __slots__ = ("queue", "woken")
+    __slots__ = ("queue", "woken", "behind_from")
 
     def __init__(self) -> None:
-        self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=1000)
+        self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=SSE_QUEUE)
         self.woken = asyncio.Event()
+        self.behind_from: int | None = None  # the seq of the first row left out of the queue
 
 
 class _Hub:
@@ -105,7 +111,9 @@ class _Hub:
             return
         for sub in self._subs.get(row["conversation_id"], ()):
             if sub.queue.full():
-                continue  # a stalled page catches up through `after` on reconnect
+                if sub.behind_from is None or row["seq"] < sub.behind_from:
+                    sub.behind_from = row["seq"]  # its stream reads the store from there
+                continue
             sub.queue.put_nowait(public_message(row))
 
     def changed(self, conversation_id: str) -> None:
@@ -136,6 +144,7 @@ class WebChatChannel:
         self._ingest: Ingest | None = None
         self._page: bytes | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        self._streams: set[asyncio.Task[Any]] = set()  # the open pages' live streams
 
     # -- ChannelAdapter ----------------------------------------------------------------------
 
@@ -161,11 +170,18 @@ class WebChatChannel:
         return None
 
     async def stop(self) -> None:
+        """Stop taking messages and end the open pages' streams (they would otherwise hold the
+        HTTP server's shutdown open); each page reconnects to the next start after its last id."""
         self._ingest = None
         if self._sweeper is not None:
             self._sweeper.cancel()
             await asyncio.gather(self._sweeper, return_exceptions=True)
             self._sweeper = None
+        streams = list(self._streams)
+        for task in streams:
+            task.cancel()
+        if streams:
+            await asyncio.wait(streams, timeout=5.0)
 
     def render(self, reply: Reply) -> dict[str, Any]:
         payload = reply.to_payload()
@@ -336,9 +352,12 @@ class WebChatChannel:
     async def stream(self, request: web.Request) -> web.StreamResponse:
         conversation_id, after = self._query(request)
         sub = self.hub.subscribe(conversation_id)
+        task = asyncio.current_task()
+        assert task is not None
+        self._streams.add(task)
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-        await response.prepare(request)
         try:
+            await response.prepare(request)
             last = await self._send_after(response, conversation_id, after)
             while True:
                 try:
@@ -348,16 +367,29 @@ class WebChatChannel:
                         else:
                             message = await sub.queue.get()
                 except TimeoutError:
-                    await response.write(b": ping\n\n")
+                    await _write(response, b": ping\n\n")
                     continue
                 if self.hub.from_store:
                     sub.woken.clear()
                     last = await self._send_after(response, conversation_id, last)
+                elif sub.behind_from is not None:
+                    # Rows were left out while the page was slow: the store has them. Read from
+                    # the first one left out (what the page has again, it drops by id and seq).
+                    while not sub.queue.empty():
+                        sub.queue.get_nowait()
+                    since, sub.behind_from = min(last, sub.behind_from - 1), None
+                    last = max(last, await self._send_after(response, conversation_id, since))
                 else:
-                    await response.write(_sse(message))
-        except (ConnectionResetError, asyncio.CancelledError):
-            pass
+                    await _write(response, _sse(message))
+                    last = max(last, message["seq"])
+        except (ConnectionResetError, TimeoutError):
+            pass  # the page went away, or took nothing for SSE_WRITE_TIMEOUT: it reconnects with its last id
+        except asyncio.CancelledError:
+            if self._ingest is not None:
+                raise  # the connection was dropped
+            # the channel is stopping: the stream ends, the page reconnects to the next start
         finally:
+            self._streams.discard(task)
             self.hub.unsubscribe(conversation_id, sub)
         return response
 
@@ -367,7 +399,7 @@ class WebChatChannel:
             rows = await self.db.read(lambda c: transcript.list_after(c, conversation_id, after, PAGE_LIMIT),
                                       offload=True)
             for row in rows:
-                await response.write(_sse(public_message(row)))
+                await _write(response, _sse(public_message(row)))
                 after = row["seq"]
             if len(rows) < PAGE_LIMIT:
                 return after
@@ -396,6 +428,12 @@ class WebChatChannel:
             raise web.HTTPBadRequest(text='{"error": "conversation_id is missing or invalid"}',
                                      content_type="application/json")
         return conversation_id, after
+
+
+async def _write(response: web.StreamResponse, data: bytes) -> None:
+    """Write to a page's stream; TimeoutError when it takes nothing for SSE_WRITE_TIMEOUT."""
+    async with asyncio.timeout(SSE_WRITE_TIMEOUT):
+        await response.write(data)
 
 
 def _sse(message: dict[str, Any]) -> bytes:

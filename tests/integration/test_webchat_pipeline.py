@@ -678,3 +678,18 @@ async def test_odd_queries_and_file_names_get_a_clear_answer_not_a_500(bridge, c
     assert "with-file" in texts[0]
     status, kept = await upload(http, proc, "c-odd", "x" * 300, b"data\n")
     assert status == 201 and kept["name"] == "x" * 200
+
+
+async def test_sigterm_with_pages_open_stops_at_once(bridge, chat, http):
+    """Open live streams end at shutdown (each page reconnects to the next start) instead of
+    holding the HTTP server's shutdown open past the deadline."""
+    proc = bridge(BRIDGE_HTTP_WORKERS="0", BRIDGE_SHUTDOWN_TIMEOUT="5")
+    c = chat(proc)
+    await c.post("c-open", "alice", "echo before")
+    await c.wait_for("c-open", finals(1))
+    async with http.get(f"{proc.url}/chat/api/stream", params={"conversation_id": "c-open"}) as stream:
+        assert stream.status == 200
+        await stream.content.readline()
+        started = time.monotonic()
+        assert await asyncio.to_thread(proc.stop, 25.0) == 0
+        assert time.monotonic() - started < 20

@@ -386,25 +386,28 @@ class FeishuChannel:
 
     async def send(self, conversation: ConversationKey, reply: Reply, *, idempotency_key: str) -> str:
         reply_to, in_thread = self._target(conversation, reply)
-        budget = render.BUDGET
-        while True:
-            cards = render.render(reply, budget)
+        first = ""
+        for part, card in enumerate(render.render(reply)):
             try:
-                first = ""
-                for part, card in enumerate(cards):
-                    uuid = _uuid(f"{idempotency_key}:{budget}", part)
-                    message_id = await self._post(conversation, card, uuid, reply_to, in_thread)
-                    self._sent_in[message_id] = str(conversation)
-                    if len(self._sent_in) > MEMORY_WORKING:
-                        self._sent_in.popitem(last=False)
-                    first = first or message_id
-                return first
+                posted = [await self._post(conversation, card, _uuid(f"{idempotency_key}:{render.BUDGET}", part),
+                                           reply_to, in_thread)]
             except TooLarge:
-                # The platform measured it bigger than we did (230025): smaller parts, once more.
-                if budget < render.BUDGET or reply.card is not None:
+                # The platform measured this part bigger than we did (230025): it goes again as
+                # smaller parts. The parts already posted stay: each part's uuid is its own, so
+                # neither this nor a retried send posts any of them twice.
+                if reply.card is not None:
                     raise
-                budget //= 2
-                logger.warning("feishu: a card was too large; splitting into smaller parts")
+                logger.warning("feishu: part {} of a reply was too large; sent in smaller parts", part + 1)
+                half = render.BUDGET // 2
+                posted = [await self._post(conversation, piece, _uuid(f"{idempotency_key}:{half}:{part}", sub),
+                                           reply_to, in_thread)
+                          for sub, piece in enumerate(render.smaller(reply, part, half))]
+            for message_id in posted:
+                self._sent_in[message_id] = str(conversation)
+                if len(self._sent_in) > MEMORY_WORKING:
+                    self._sent_in.popitem(last=False)
+            first = first or posted[0]
+        return first
 
     async def _post(self, conversation: ConversationKey, card: dict[str, Any], uuid: str,
                     reply_to: str | None, in_thread: bool) -> str:

@@ -117,5 +117,19 @@ def render(reply: Reply, budget: int = BUDGET) -> list[dict[str, Any]]:
             for n, chunk in enumerate(chunks, start=1)]
 
 
+def smaller(reply: Reply, index: int, budget: int) -> list[dict[str, Any]]:
+    """Part `index` of `render(reply)` again as smaller cards (of at most `budget`), for a part
+    the platform measured bigger than we did; labelled within that part ("2.1 / 3")."""
+    text = reply.text or " "
+    chunks = split_markdown(text, BUDGET)
+    pieces = split_markdown(chunks[index], budget)
+    total = len(chunks)
+    if total == 1:
+        return [_frame([_markdown(piece), _markdown(f"*({k} / {len(pieces)})*")], summary=_summary(piece))
+                for k, piece in enumerate(pieces, start=1)]
+    return [_frame([_markdown(piece), _markdown(f"*({index + 1}.{k} / {total})*")], summary=_summary(piece))
+            for k, piece in enumerate(pieces, start=1)]
+
+
 def card_json(card: dict[str, Any]) -> str:
     return json.dumps(card, ensure_ascii=False, separators=(",", ":"))

@@ -92,6 +92,15 @@ def runtime_failed(error: str) -> Reply:
     return Reply(text=f"⚠️ The turn failed: {_short(error, 300)}")
 
 
+def not_stored(error: str) -> Reply:
+    return Reply(text=f"⚠️ This answer could not be stored, so it is not shown: {_short(error, 200)}")
+
+
+def start_refused(error: str) -> Reply:
+    return Reply(text=f"⚠️ This message could not be started: the store refused it ({_short(error, 200)}). "
+                      "Nothing ran; the conversation goes on with the next message.")
+
+
 def nothing_to_stop() -> Reply:
     return Reply(text="Nothing is running.")
 

@@ -22,7 +22,7 @@ from bridge import presenter
 from bridge.approvals.gate import HumanGate, TurnScope
 from bridge.delivery.outbox import Outbox
 from bridge.metrics import Metrics
-from bridge.pipeline.answers import answer, until_written
+from bridge.pipeline.answers import WriteRefused, answer, until_written
 from bridge.pipeline.dispatcher import Job
 from bridge.pipeline.sessions import SessionResolver
 from bridge.runtimes.base import (
@@ -230,7 +230,23 @@ class TurnRunner:
             ), urgent=True)  # a person waits on the turn's start
             return session, row, turn_id
 
-        return await until_written(start, "turn: its start", conversation=job.conversation_key, event=job.event_id)
+        try:
+            return await until_written(start, "turn: its start", conversation=job.conversation_key,
+                                       event=job.event_id)
+        except WriteRefused as exc:
+            await self._start_refused(job, str(exc))
+            return None, None, None
+
+    async def _start_refused(self, job: Job, error: str) -> None:
+        """The store refused this message's start for good: the event is closed, and the
+        conversation told, so the next message is not held behind it."""
+        channel = ConversationKey.parse(job.conversation_key).channel
+        ops = [*self.outbox.send_ops(channel, job.conversation_key, presenter.start_refused(error),
+                                     ref=self.outbox.new_ref()),
+               inbox.finish_op(job.event_id, "failed", error)]
+        await until_written(lambda: self.db.execute(ops), "turn: its refused start's note",
+                            conversation=job.conversation_key, event=job.event_id)
+        self.outbox.kick(job.conversation_key)
 
     async def process(self, job: Job) -> None:
         ref = self.outbox.new_ref()
@@ -379,14 +395,15 @@ class TurnRunner:
         finish = turns.finish_op(scope.turn_id, status=outcome.status,
                                  output=None if outcome.output is None else storable(outcome.output),
                                  error=None if outcome.error is None else storable(outcome.error))
-        rest = [
-            *self._post_ops(scope, progress.ref, reply, sent=progress.sent, uncertain=progress.uncertain),
+        closing = [
             *self.outbox.react_ops(scope.channel, scope.conversation_key, platform_message_id=marked,
                                    state="done" if outcome.status == "completed" else "stopped",
                                    key=f"turn:{scope.turn_id}"),
             inbox.finish_op(event_id, "done"),
             conversations.touch_op(scope.session_id),
         ]
+        rest = [*self._post_ops(scope, progress.ref, reply, sent=progress.sent, uncertain=progress.uncertain),
+                *closing]
 
         def write() -> Awaitable[Any]:
             if self.fenced:
@@ -398,8 +415,19 @@ class TurnRunner:
             return self.db.execute([finish, *rest])  # idempotent: the reply's outbox key is unique
 
         handed = time.time()  # the reply goes into the outbox's queue now; durable once the write resolves
-        result = await until_written(write, "turn: its outcome's write", conversation=scope.conversation_key,
-                                     session=scope.session_id, turn=scope.turn_id)
+        ids = {"conversation": scope.conversation_key, "session": scope.session_id, "turn": scope.turn_id}
+        try:
+            result = await until_written(write, "turn: its outcome's write", **ids)
+        except WriteRefused as exc:
+            # The store refuses this outcome (what the runtime said, its output): the turn is
+            # closed as failed with a short note instead, so that its conversation goes on.
+            error = f"the outcome could not be stored: {exc}"
+            note = presenter.not_stored(str(exc))
+            finish = turns.finish_op(scope.turn_id, status="failed", output=None, error=error)
+            rest = [*self._post_ops(scope, progress.ref, note, sent=progress.sent, uncertain=progress.uncertain),
+                    *closing]
+            outcome = TurnOutcome("failed", note.text or "", error=error)
+            result = await until_written(write, "turn: its refused outcome's note", **ids)
         if result is False:
             logger.bind(conversation=scope.conversation_key, session=scope.session_id, turn=scope.turn_id).warning(
                 "turn: another replica took it over meanwhile (it said so); this outcome ({}) is not sent",

@@ -83,8 +83,15 @@ class TurnOutcome:
 
 def storable(text: str) -> str:
     """Text as the store can keep it: PostgreSQL refuses NUL in text, which a command's output
-    (`head -c9 /dev/zero`) or a model's can carry."""
-    return text.replace("\x00", "\ufffd") if "\x00" in text else text
+    (`head -c9 /dev/zero`) or a model's can carry, and neither store takes half of a UTF-16
+    surrogate pair (a JSON "\\ud83d" alone decodes to one)."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\ufffd")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "replace").decode("utf-8")
+    return text
 
 
 class TurnContext(Protocol):

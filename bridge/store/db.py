@@ -332,7 +332,7 @@ class Database:
                 try:  # leave a short WAL behind
                     self._conn.sync.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
                 except Exception as exc:  # noqa: BLE001 - another process may be reading
-                    logger.debug("store: final checkpoint skipped: {}", _brief(exc))
+                    logger.debug("store: final checkpoint skipped: {}", brief(exc))
             await self._conn.close()
             self._conn = None
         if self._sync_reader is not None:
@@ -527,8 +527,8 @@ class Database:
             except (OperationalError, sqlite3.OperationalError) as exc:
                 await self._rollback(conn)
                 if _lock_held(exc):
-                    raise _LockHeld(_brief(exc)) from None
-                logger.error("store: cannot begin a write transaction: {}", _brief(exc))
+                    raise _LockHeld(brief(exc)) from None
+                logger.error("store: cannot begin a write transaction: {}", brief(exc))
                 for unit in units:
                     self._fail(unit, exc)
                 return
@@ -541,16 +541,16 @@ class Database:
             await self._rollback(conn)
             if remote and _connection_lost(exc, conn):
                 if not committing:
-                    raise _Lost(_brief(exc)) from None  # nothing was applied: run it again
-                logger.error("store: the connection was lost during COMMIT of {} writes ({})", len(units), _brief(exc))
+                    raise _Lost(brief(exc)) from None  # nothing was applied: run it again
+                logger.error("store: the connection was lost during COMMIT of {} writes ({})", len(units), brief(exc))
                 for unit in units:
-                    self._fail(unit, StoreUnavailable(f"the connection was lost during COMMIT: {_brief(exc)}"))
+                    self._fail(unit, StoreUnavailable(f"the connection was lost during COMMIT: {brief(exc)}"))
                 return
             if len(units) == 1:
                 self._fail(units[0], exc)
                 return
             self.stats.failed_batches += 1
-            logger.warning("store: batch of {} failed ({}); retrying it in halves", len(units), _brief(exc))
+            logger.warning("store: batch of {} failed ({}); retrying it in halves", len(units), brief(exc))
             half = len(units) // 2
             await self._commit_group(units[:half])
             await self._commit_group(units[half:])
@@ -621,7 +621,7 @@ class Database:
             if not conn.invalidated:
                 return
         except Exception as exc:  # noqa: BLE001
-            logger.error("store: rollback failed: {}", _brief(exc))
+            logger.error("store: rollback failed: {}", brief(exc))
         await self._reconnect(conn)
 
     async def _reconnect(self, conn: AsyncConnection) -> None:
@@ -635,7 +635,7 @@ class Database:
             self._conn = await self._connect_writer()
             logger.warning("store: writer reconnected")
         except Exception as exc:  # noqa: BLE001 - the next cycle tries again (_commit_remote says so)
-            self._connect_error = _brief(exc)
+            self._connect_error = brief(exc)
             logger.debug("store: writer cannot reconnect: {}", self._connect_error)
 
     async def _checkpoints(self) -> None:
@@ -650,7 +650,7 @@ class Database:
                 async with self.reader.connect() as conn:
                     await conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)")
             except Exception as exc:  # noqa: BLE001 - the next round tries again
-                logger.warning("store: WAL checkpoint failed: {}", _brief(exc))
+                logger.warning("store: WAL checkpoint failed: {}", brief(exc))
 
     @staticmethod
     def _fail(unit: _Unit, exc: BaseException) -> None:
@@ -665,7 +665,7 @@ def _connection_lost(exc: BaseException, conn: Any) -> bool:
                 or isinstance(exc, (OSError, ConnectionError)))
 
 
-def _brief(exc: BaseException) -> str:
+def brief(exc: BaseException) -> str:
     """The error's type and first line: never the statement's parameters (they carry user data)."""
     first = str(getattr(exc, "orig", None) or exc).splitlines()
     return f"{type(exc).__name__}: {first[0] if first else ''}"[:300]

@@ -89,3 +89,65 @@ async def test_a_turn_cancelled_while_it_waits_for_its_slot_back_gives_none_back
     for _ in range(4):
         await runner.slots.acquire()
     assert runner.slots.locked()  # four slots in all, as configured
+
+
+def _rows(tmp_path, sql: str, *args) -> list[tuple]:
+    with sqlite3.connect(tmp_path / "store.db", timeout=10) as conn:
+        return conn.execute(sql, args).fetchall()
+
+
+async def test_a_start_the_store_refuses_for_good_closes_the_event_and_says_so(runner, tmp_path):
+    """Not an outage: the store refuses this message's turn (here a trigger, as a constraint
+    would). Tried a few times, then the event is closed with a note in the conversation, and
+    the conversation's next message runs."""
+    db = runner.db
+    refused = await _accepted(db, "webchat:c3", "echo refused")
+    with sqlite3.connect(tmp_path / "store.db", timeout=10) as conn:
+        conn.execute(f"CREATE TRIGGER no_turn BEFORE INSERT ON turns WHEN NEW.inbound_event_id = {refused} "
+                     "BEGIN SELECT RAISE(ABORT, 'this turn is refused'); END")
+    await asyncio.wait_for(runner.process(Job(refused, "webchat:c3", "echo refused")), 20)
+    [(status, error)] = _rows(tmp_path, "SELECT status, error FROM inbound_events WHERE id = ?", refused)
+    assert status == "failed" and "this turn is refused" in error
+    notes = [p for (p,) in _rows(tmp_path, "SELECT payload FROM outbox WHERE conversation_key = 'webchat:c3'")]
+    assert len(notes) == 1 and "could not be started" in notes[0] and "this turn is refused" in notes[0]
+    event = inbox.NewEvent("webchat", "message", "webchat:c3/2", None, "webchat:c3", "alice",
+                           {"text": "echo next", "sender": {"id": "alice", "name": "alice", "is_bot": False}},
+                           time.time())
+    [(following, _)] = await db.write_batched_many(inbox.insert_with_records, [(event, None)])
+    await asyncio.wait_for(runner.process(Job(following, "webchat:c3", "echo next")), 20)
+    assert _rows(tmp_path, "SELECT status FROM inbound_events WHERE id = ?", following) == [("done",)]
+
+
+async def test_an_outcome_the_store_refuses_for_good_becomes_a_failed_turn_with_a_note(runner, tmp_path):
+    event_id = await _accepted(runner.db, "webchat:c4", "echo kept-out")
+    with sqlite3.connect(tmp_path / "store.db", timeout=10) as conn:
+        conn.execute("CREATE TRIGGER no_completion BEFORE UPDATE ON turns WHEN NEW.status = 'completed' "
+                     "BEGIN SELECT RAISE(ABORT, 'this outcome is refused'); END")
+    await asyncio.wait_for(runner.process(Job(event_id, "webchat:c4", "echo kept-out")), 20)
+    [(status, error)] = _rows(tmp_path, "SELECT status, error FROM turns")
+    assert status == "failed" and "this outcome is refused" in error
+    assert _rows(tmp_path, "SELECT status FROM inbound_events WHERE id = ?", event_id) == [("done",)]
+    notes = [p for (p,) in _rows(tmp_path, "SELECT payload FROM outbox WHERE conversation_key = 'webchat:c4'")]
+    assert any("could not be stored" in p for p in notes) and not any("kept-out" in p and "exit 0" in p for p in notes)
+
+
+def test_what_is_waited_out_and_what_is_refused():
+    from sqlalchemy.exc import IntegrityError
+    from sqlalchemy.exc import OperationalError as SAOperationalError
+
+    from bridge.pipeline.answers import passes
+    from bridge.store.db import StoreBusy, StoreUnavailable
+
+    assert passes(StoreUnavailable("away")) and passes(StoreBusy("locked"))
+    assert passes(sqlite3.OperationalError("database is locked"))
+    assert passes(SAOperationalError("BEGIN", {}, sqlite3.OperationalError("no such table: turns")))
+    assert passes(ConnectionResetError()) and passes(TimeoutError())
+
+    class Serialization(Exception):
+        sqlstate = "40001"
+
+    assert passes(Serialization())
+    assert not passes(IntegrityError("INSERT", {}, sqlite3.IntegrityError("UNIQUE constraint failed")))
+    assert not passes(sqlite3.IntegrityError("this turn is refused"))
+    assert not passes(UnicodeEncodeError("utf-8", "\ud83d", 0, 1, "surrogates not allowed"))
+    assert not passes(TypeError("a bug"))

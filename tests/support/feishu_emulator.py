@@ -25,7 +25,8 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -980,3 +981,17 @@ class FeishuEmulator:
             pending = self._acks.get(_header(frame, "message_id") or "")
             if pending is not None and pending[0] is ws and not pending[1].done():
                 pending[1].set_result(frame)
+
+
+@contextmanager
+def fresh_emulator() -> Iterator[FeishuEmulator]:
+    """An emulator started for one test, with an app id of its own: lark-oapi caches tenant
+    tokens per app id for the whole process, so a reused id would leak one between tests."""
+    from lark_oapi.core.token.manager import TokenManager
+
+    emu = FeishuEmulator(app_id=f"cli_{uuid.uuid4().hex[:12]}").start()
+    try:
+        yield emu
+    finally:
+        emu.stop()
+        TokenManager.cache.set(f"self_tenant_token:{emu.app_id}", "", 0)

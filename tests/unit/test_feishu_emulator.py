@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -33,18 +32,15 @@ from lark_oapi.event.callback.model.p2_card_action_trigger import (
 from lark_oapi.ws.exception import ClientException
 
 from tests.support import feishu_payloads as fp
-from tests.support.feishu_emulator import FeishuEmulator
+from tests.support.feishu_emulator import FeishuEmulator, fresh_emulator
 
 CARD = json.dumps({"schema": "2.0", "body": {"elements": [{"tag": "markdown", "content": "v1"}]}})
 
 
 @pytest.fixture
 def emulator() -> Iterator[FeishuEmulator]:
-    # A unique app_id keeps the SDK's process-global token cache from leaking between tests.
-    emu = FeishuEmulator(app_id=f"cli_{uuid.uuid4().hex[:12]}").start()
-    yield emu
-    emu.stop()
-    TokenManager.cache.set(f"self_tenant_token:{emu.app_id}", "", 0)
+    with fresh_emulator() as emu:
+        yield emu
 
 
 @pytest.fixture

@@ -5,26 +5,22 @@ part is posted twice, neither then nor when the send is retried."""
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import Iterator
 
 import pytest
-from lark_oapi.core.token.manager import TokenManager
 
 from channels.base import ConversationKey, Reply
 from channels.feishu import render
 from channels.feishu.adapter import FeishuChannel, FeishuConfig
 from channels.feishu.api import FeishuApi
 from tests.support import feishu_emulator
-from tests.support.feishu_emulator import FeishuEmulator
+from tests.support.feishu_emulator import FeishuEmulator, fresh_emulator
 
 
 @pytest.fixture
 def emulator() -> Iterator[FeishuEmulator]:
-    emu = FeishuEmulator(app_id=f"cli_{uuid.uuid4().hex[:12]}").start()
-    yield emu
-    emu.stop()
-    TokenManager.cache.set(f"self_tenant_token:{emu.app_id}", "", 0)
+    with fresh_emulator() as emu:
+        yield emu
 
 
 def _texts(emu: FeishuEmulator) -> list[str]:

@@ -151,3 +151,21 @@ def test_what_is_waited_out_and_what_is_refused():
     assert not passes(sqlite3.IntegrityError("this turn is refused"))
     assert not passes(UnicodeEncodeError("utf-8", "\ud83d", 0, 1, "surrogates not allowed"))
     assert not passes(TypeError("a bug"))
+
+
+async def test_an_answer_the_store_refuses_for_good_is_replaced_by_a_short_note(runner, tmp_path):
+    """A message answered without a turn (a file alone the shell runtime cannot take): its answer
+    refused for good, the event is closed with a note saying so instead."""
+    event = inbox.NewEvent("webchat", "message", "webchat:c5/1", None, "webchat:c5", "alice",
+                           {"text": "", "sender": {"id": "alice", "name": "alice", "is_bot": False},
+                            "attachments": [{"name": "gone.txt", "path": "", "mime_type": "text/plain"}]},
+                           time.time())
+    [(event_id, _)] = await runner.db.write_batched_many(inbox.insert_with_records, [(event, None)])
+    with sqlite3.connect(tmp_path / "store.db", timeout=10) as conn:
+        conn.execute("CREATE TRIGGER no_note BEFORE INSERT ON outbox WHEN NEW.payload LIKE '%could not download%' "
+                     "BEGIN SELECT RAISE(ABORT, 'this answer is refused'); END")
+    await asyncio.wait_for(runner.process(Job(event_id, "webchat:c5", "")), 20)
+    [(status, error)] = _rows(tmp_path, "SELECT status, error FROM inbound_events WHERE id = ?", event_id)
+    assert status == "skipped" and "this answer is refused" in error
+    notes = [p for (p,) in _rows(tmp_path, "SELECT payload FROM outbox WHERE conversation_key = 'webchat:c5'")]
+    assert len(notes) == 1 and "could not be stored" in notes[0]

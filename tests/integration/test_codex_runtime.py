@@ -224,3 +224,65 @@ async def test_requests_time_out_and_fail_when_the_peer_goes_away(wired):
         await asyncio.wait_for(pending, 5)
     with pytest.raises(ConnectionClosed):
         await conn.request("after", {})
+
+
+# -- a turn given up on by the bridge
+
+
+async def _until(predicate, timeout: float = 30.0) -> None:
+    for _ in range(int(timeout / 0.05)):
+        if predicate():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("the condition never held")
+
+
+async def _turn_statuses(rt, thread_id: str) -> list[str]:
+    history = await rt._call("thread/turns/list", {"threadId": thread_id, "limit": 10})
+    return [t.get("status") for t in history.get("data", [])]
+
+
+async def test_a_cancelled_turn_is_interrupted_in_codex(runtime):
+    ctx = Recorder()
+    turn = asyncio.create_task(runtime.run_turn(request(runtime, "RUN: sleep 30"), ctx))
+    await _until(lambda: any("sleep 30" in t for t in ctx.progress_texts))
+    turn.cancel()  # a routine's time limit, the service's shutdown
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(turn, 10)
+    statuses: list[str] = []
+    for _ in range(100):
+        statuses = await _turn_statuses(runtime, ctx.thread)
+        if statuses and "inProgress" not in statuses:
+            break
+        await asyncio.sleep(0.05)
+    assert statuses == ["interrupted"]  # not left running in codex, unseen
+    # the thread takes a new turn (one still running would take the message as a steer)
+    outcome = await asyncio.wait_for(runtime.run_turn(request(runtime, "next one", thread=ctx.thread), ctx), 30)
+    assert outcome.status == "completed" and "Mock reply: next one" in outcome.text
+
+
+async def test_a_turn_cancelled_before_turn_start_answers_is_interrupted_too(runtime):
+    ctx = Recorder()
+    call, sent = runtime._call, asyncio.Event()
+
+    async def slow_to_answer(method, params, **kw):
+        result = await call(method, params, **kw)
+        if method == "turn/start":
+            sent.set()
+            await asyncio.sleep(1.0)  # codex has the turn; its answer is still on its way
+        return result
+
+    runtime._call = slow_to_answer
+    turn = asyncio.create_task(runtime.run_turn(request(runtime, "RUN: sleep 30"), ctx))
+    await asyncio.wait_for(sent.wait(), 30)
+    turn.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(turn, 10)
+    runtime._call = call
+    statuses: list[str] = []
+    for _ in range(100):
+        statuses = await _turn_statuses(runtime, ctx.thread)
+        if statuses and "inProgress" not in statuses:
+            break
+        await asyncio.sleep(0.05)
+    assert statuses == ["interrupted"]

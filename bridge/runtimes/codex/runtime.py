@@ -39,6 +39,7 @@ DECISIONS = {
 RECOVERY_TIMEOUT = 60.0  # how long a turn waits for the app-server to come back
 RECOVERY_ATTEMPTS = 3
 STARTUP_WAIT = 10.0
+ABANDON_TIMEOUT = 5.0  # how long a cancelled turn tries to stop its turn in codex
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +85,7 @@ class CodexRuntime:
         self._server_tasks: dict[tuple[int, Any], asyncio.Task[Any]] = {}
         self.unsupported: set[str] = set()
         self._progress_tasks: set[asyncio.Task[None]] = set()
+        self._background: set[asyncio.Future[Any]] = set()  # work that outlives a cancelled turn
 
     # -- lifecycle
 
@@ -197,13 +199,16 @@ class CodexRuntime:
         turn.done = asyncio.get_running_loop().create_future()
         self._turns[thread_id] = turn
         self._by_session[request.session_id] = turn
+        starting: asyncio.Future[Any] | None = None
         try:
             try:
                 turn.timing["sent_at"] = time.time()
                 params: dict[str, Any] = {"threadId": thread_id, "input": _input(request)}
                 if request.settings.get("model"):
                     params["model"] = request.settings["model"]
-                result = await self._call("turn/start", params)
+                # shielded: a turn cancelled meanwhile still learns the id of the turn it started
+                starting = self._keep(asyncio.ensure_future(self._call("turn/start", params)))
+                result = await asyncio.shield(starting)
                 turn.turn_id = result["turn"]["id"]
                 turn.generation = self.server.generation
             except ConnectionClosed:
@@ -215,9 +220,46 @@ class CodexRuntime:
             turn.timing.setdefault("done_at", time.time())
             outcome = self._outcome(turn, final)
             return dataclasses.replace(outcome, timing=turn.timing)
+        except asyncio.CancelledError:
+            # The bridge gave up on the turn (its time limit, shutdown): codex must stop it too,
+            # or it runs on unseen. Best effort, bounded, and the cancellation goes on regardless.
+            abandon = self._keep(asyncio.ensure_future(self._abandon(turn, starting, log)))
+            try:
+                await asyncio.shield(abandon)
+            except asyncio.CancelledError:
+                pass  # cancelled again: the interrupt goes on in its own task
+            raise
         finally:
             self._turns.pop(thread_id, None)
             self._by_session.pop(request.session_id, None)
+
+    def _keep(self, future: asyncio.Future[Any]) -> asyncio.Future[Any]:
+        """Hold a reference to work that may outlive the turn that started it; its failure is
+        the turn's business (or nobody's, once the turn was cancelled), never an unretrieved one."""
+        self._background.add(future)
+        future.add_done_callback(self._background.discard)
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())
+        return future
+
+    async def _abandon(self, turn: _Turn, starting: asyncio.Future[Any] | None, log) -> None:
+        """Interrupt in codex a turn whose task was cancelled, once its id is known."""
+        assert turn.done is not None
+        if turn.done.done() or turn.lost.is_set():
+            return  # it ended, or its app-server went away with it
+        try:
+            async with asyncio.timeout(ABANDON_TIMEOUT):
+                if turn.turn_id is None and starting is not None:
+                    try:
+                        result = await starting
+                    except (ConnectionClosed, RpcTimeout, RpcError):
+                        return  # never started
+                    turn.turn_id = result["turn"]["id"]
+                if turn.turn_id is None:
+                    return
+                log.warning("codex: turn {} cancelled in the bridge; interrupting it in codex", turn.turn_id)
+                await self._interrupt(turn)
+        except TimeoutError:
+            log.warning("codex: could not interrupt cancelled turn {} within {:g}s", turn.turn_id, ABANDON_TIMEOUT)
 
     async def _until_done(self, turn: _Turn, log) -> dict[str, Any]:
         assert turn.done is not None

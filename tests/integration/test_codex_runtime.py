@@ -286,3 +286,45 @@ async def test_a_turn_cancelled_before_turn_start_answers_is_interrupted_too(run
             break
         await asyncio.sleep(0.05)
     assert statuses == ["interrupted"]
+
+
+# -- /stop before codex has answered turn/start
+
+
+async def test_a_stop_while_turn_start_is_unanswered_stops_the_turn(runtime):
+    ctx = Recorder()
+    call = runtime._call
+    stopped: list[bool] = []
+
+    async def stop_meanwhile(method, params, **kw):
+        answer = asyncio.ensure_future(call(method, params, **kw))
+        if method == "turn/start":
+            stopped.append(await runtime.interrupt(1))  # /stop, before the turn has an id
+        return await answer
+
+    runtime._call = stop_meanwhile
+    started = asyncio.get_running_loop().time()
+    outcome = await asyncio.wait_for(runtime.run_turn(request(runtime, "RUN: sleep 30"), ctx), 20)
+    runtime._call = call
+    assert stopped == [True]
+    assert outcome.status == "stopped" and "Stopped" in outcome.text
+    assert asyncio.get_running_loop().time() - started < 10
+    assert await _turn_statuses(runtime, ctx.thread) == ["interrupted"]
+
+
+async def test_a_stop_before_the_turn_is_started_keeps_it_from_starting(runtime):
+    ctx = Recorder()
+    thread_for = runtime._thread_for
+    stopped: list[bool] = []
+
+    async def stop_meanwhile(*args):
+        stopped.append(await runtime.interrupt(1))  # /stop while the thread is being started
+        return await thread_for(*args)
+
+    runtime._thread_for = stop_meanwhile
+    before = len(runtime.model.requests)
+    outcome = await asyncio.wait_for(runtime.run_turn(request(runtime, "RUN: sleep 30"), ctx), 20)
+    assert stopped == [True]
+    assert outcome.status == "stopped"
+    assert len(runtime.model.requests) == before  # the model was never asked
+    assert not await runtime.interrupt(1)  # nothing runs any more

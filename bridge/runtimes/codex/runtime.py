@@ -40,6 +40,8 @@ RECOVERY_TIMEOUT = 60.0  # how long a turn waits for the app-server to come back
 RECOVERY_ATTEMPTS = 3
 STARTUP_WAIT = 10.0
 ABANDON_TIMEOUT = 5.0  # how long a cancelled turn tries to stop its turn in codex
+INTERRUPT_TRIES = 20  # turn/interrupt refused as "no active turn" while the turn is starting
+INTERRUPT_RETRY_DELAY = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +63,7 @@ class _Turn:
     done: asyncio.Future[dict[str, Any]] | None = None
     lost: asyncio.Event = field(default_factory=asyncio.Event)  # its app-server went away
     stop_requested: bool = False
+    interrupt_pending: bool = False  # asked for before codex had given the turn an id
     errors: list[str] = field(default_factory=list)
     notices: list[str] = field(default_factory=list)
     timing: dict[str, float] = field(default_factory=dict)
@@ -182,28 +185,32 @@ class CodexRuntime:
 
     async def run_turn(self, request: TurnRequest, ctx: TurnContext) -> TurnOutcome:
         log = logger.bind(session=request.session_id, turn=request.turn_id)
+        turn = _Turn(request, ctx, thread_id="", generation=self.server.generation)
         # what the app-server itself takes before the turn can start (its start-up, the thread's
         # start or resume) is not the bridge's overhead: it is measured apart
-        timing = {"waited": 0.0}
-        waiting = time.time()
-        try:
-            # A process that failed to start (no binary, bad config) answers in seconds, not minutes.
-            await self.server.wait_ready(STARTUP_WAIT if self.server.last_error else RECOVERY_TIMEOUT)
-        except ConnectionClosed as exc:
-            return TurnOutcome("failed", render.unavailable(str(exc)), error=str(exc))
-        finally:
-            timing["waited"] += time.time() - waiting
-        thread_id = await self._thread_for(request, ctx, timing)
-        turn = _Turn(request, ctx, thread_id, self.server.generation)
-        turn.timing.update(timing)
+        turn.timing["waited"] = 0.0
         turn.done = asyncio.get_running_loop().create_future()
-        self._turns[thread_id] = turn
+        # known to interrupt() from the start: a stop before codex has the turn is kept for it
         self._by_session[request.session_id] = turn
         starting: asyncio.Future[Any] | None = None
         try:
+            waiting = time.time()
+            try:
+                # A process that failed to start (no binary, bad config) answers in seconds, not minutes.
+                await self.server.wait_ready(STARTUP_WAIT if self.server.last_error else RECOVERY_TIMEOUT)
+            except ConnectionClosed as exc:
+                return TurnOutcome("failed", render.unavailable(str(exc)), error=str(exc))
+            finally:
+                turn.timing["waited"] += time.time() - waiting
+            turn.thread_id = await self._thread_for(request, ctx, turn.timing)
+            turn.generation = self.server.generation
+            self._turns[turn.thread_id] = turn
+            if turn.stop_requested:
+                log.info("codex: stopped before the turn was started")
+                return TurnOutcome("stopped", render.stopped(""))
             try:
                 turn.timing["sent_at"] = time.time()
-                params: dict[str, Any] = {"threadId": thread_id, "input": _input(request)}
+                params: dict[str, Any] = {"threadId": turn.thread_id, "input": _input(request)}
                 if request.settings.get("model"):
                     params["model"] = request.settings["model"]
                 # shielded: a turn cancelled meanwhile still learns the id of the turn it started
@@ -215,7 +222,11 @@ class CodexRuntime:
                 # The process died between our write and its answer: whether it started the turn
                 # is unknown, and the history will tell.
                 turn.lost.set()
-            log.debug("codex: turn {} started on thread {}", turn.turn_id, thread_id)
+            log.debug("codex: turn {} started on thread {}", turn.turn_id, turn.thread_id)
+            if turn.interrupt_pending and turn.turn_id is not None:
+                # a stop that came while turn/start was on its way: sent now that the id is known
+                log.info("codex: a stop came while turn {} was starting; interrupting it", turn.turn_id)
+                await self._interrupt(turn)
             final = await self._until_done(turn, log)
             turn.timing.setdefault("done_at", time.time())
             outcome = self._outcome(turn, final)
@@ -230,8 +241,10 @@ class CodexRuntime:
                 pass  # cancelled again: the interrupt goes on in its own task
             raise
         finally:
-            self._turns.pop(thread_id, None)
-            self._by_session.pop(request.session_id, None)
+            if self._turns.get(turn.thread_id) is turn:
+                del self._turns[turn.thread_id]
+            if self._by_session.get(request.session_id) is turn:
+                del self._by_session[request.session_id]
 
     def _keep(self, future: asyncio.Future[Any]) -> asyncio.Future[Any]:
         """Hold a reference to work that may outlive the turn that started it; its failure is
@@ -335,11 +348,26 @@ class CodexRuntime:
 
     async def _interrupt(self, turn: _Turn) -> None:
         if turn.turn_id is None:
+            turn.interrupt_pending = True  # run_turn sends it once turn/start has answered
             return
-        try:
-            await self._call("turn/interrupt", {"threadId": turn.thread_id, "turnId": turn.turn_id})
-        except (RpcError, ConnectionClosed, RpcTimeout) as exc:
-            logger.bind(session=turn.request.session_id).warning("codex: interrupt failed: {}", exc)
+        turn.interrupt_pending = False
+        log = logger.bind(session=turn.request.session_id, turn=turn.request.turn_id)
+        for attempt in range(1, INTERRUPT_TRIES + 1):
+            try:
+                await self._call("turn/interrupt", {"threadId": turn.thread_id, "turnId": turn.turn_id})
+                return
+            except RpcError as exc:
+                # codex answers turn/start a moment before the turn is active; until then an
+                # interrupt is refused with "no active turn"
+                ended = turn.done is not None and turn.done.done()
+                if "no active turn" in exc.message and attempt < INTERRUPT_TRIES and not ended:
+                    await asyncio.sleep(INTERRUPT_RETRY_DELAY)
+                    continue
+                log.warning("codex: interrupt failed: {}", exc)
+                return
+            except (ConnectionClosed, RpcTimeout) as exc:
+                log.warning("codex: interrupt failed: {}", exc)
+                return
 
     async def steer(self, session_id: int, text: str) -> bool:
         """Add a message to the session's running turn; False if none runs (or it cannot steer)."""

@@ -212,6 +212,27 @@ async def test_a_server_request_waiting_on_a_human_does_not_block_the_reader(wir
     assert answer == {"id": 0, "result": {"decision": "accept", "for": 0}}
 
 
+async def test_a_peer_that_stops_reading_times_the_request_out(wired):
+    """The write is inside the timeout: once the pipe is full, a peer that reads nothing more
+    blocks it, and the request must still end (then the app-server is taken as hung)."""
+    client_in, _peer_out = await _pipe()
+    _peer_in, client_out = await _pipe()  # nobody ever reads this side
+    hung: list[str] = []
+
+    async def on_request(method, params, request_id):
+        return {}
+
+    conn = RpcConnection(client_in, client_out, on_notification=lambda m, p: None, on_request=on_request,
+                         name="test", on_timeout=hung.append)
+    conn.start()
+    try:
+        with pytest.raises(RpcTimeout):
+            await asyncio.wait_for(conn.request("big", {"text": "x" * (4 << 20)}, timeout=0.5), 5)
+        assert hung == ["big: no answer within 0.5s"]
+    finally:
+        await conn.close()
+
+
 async def test_requests_time_out_and_fail_when_the_peer_goes_away(wired):
     conn, peer, _, _ = wired
     with pytest.raises(RpcTimeout):
@@ -328,3 +349,30 @@ async def test_a_stop_before_the_turn_is_started_keeps_it_from_starting(runtime)
     assert outcome.status == "stopped"
     assert len(runtime.model.requests) == before  # the model was never asked
     assert not await runtime.interrupt(1)  # nothing runs any more
+
+
+# -- an app-server that is alive but does not answer
+
+
+@pytest.mark.parametrize("size", ["small", "large"])
+async def test_a_hung_app_server_is_killed_and_started_again(runtime, size):
+    """SIGSTOP makes the real app-server hang on demand. The next request times out; the process
+    is killed and started again, the turn recovers on the new one, and later turns work. A large
+    message also fills the pipe (the write itself blocks)."""
+    import os
+    import signal
+
+    runtime.options = CodexOptions(request_timeout=2.0)
+    ctx = Recorder()
+    assert (await runtime.run_turn(request(runtime, "hello"), ctx)).status == "completed"
+    hung_pid = runtime.server.pid
+    os.killpg(hung_pid, signal.SIGSTOP)
+    text = "are you there" + (" padding" * 300_000 if size == "large" else "")
+    started = asyncio.get_running_loop().time()
+    outcome = await asyncio.wait_for(runtime.run_turn(request(runtime, text, thread=ctx.thread), ctx), 60)
+    assert outcome.status == "interrupted" and "restarted" in outcome.text
+    assert asyncio.get_running_loop().time() - started < 30
+    health = await runtime.health()
+    assert health["ok"] and health["pid"] != hung_pid and health["restarts"] == 1 and health["hangs"] == 1
+    after = await asyncio.wait_for(runtime.run_turn(request(runtime, "after the hang", thread=ctx.thread), ctx), 30)
+    assert after.status == "completed" and "Mock reply: after the hang" in after.text

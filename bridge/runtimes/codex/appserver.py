@@ -3,6 +3,8 @@
 The supervisor owns the current connection. When the process exits it is started again with
 exponential backoff; each successful start bumps `generation` and calls `on_connected`, each loss
 calls `on_lost`, so the runtime can tell the conversations that were mid-turn and recover them.
+A process that leaves a request unanswered past its timeout is taken as hung (alive, but not
+serving): it is killed, and so lost and started again like one that exited.
 """
 
 from __future__ import annotations
@@ -70,7 +72,9 @@ class AppServer:
         self.connection: RpcConnection | None = None
         self.process: asyncio.subprocess.Process | None = None
         self.restarts = 0
+        self.hangs = 0
         self.last_error = ""
+        self._hung = ""  # why the current process was killed as hung
         self._ready = asyncio.Event()
         self._ran_long = False
         self._stopping = False
@@ -130,9 +134,11 @@ class AppServer:
         self.process = process
         assert process.stdout is not None and process.stdin is not None and process.stderr is not None
         stderr_task = asyncio.create_task(self._pump_stderr(process.stderr, process.pid))
+        self._hung = ""
         connection = RpcConnection(
             process.stdout, process.stdin,  # type: ignore[arg-type]
             on_notification=self._on_notification, on_request=self._on_request, name=f"codex[{process.pid}]",
+            on_timeout=lambda reason: self._kill_hung(connection, process.pid, reason),
         )
         connection.start()
         generation = self.generation + 1
@@ -171,9 +177,22 @@ class AppServer:
         code = await process.wait()
         self._ran_long = loop.time() - started > 10.0
         await asyncio.gather(stderr_task, return_exceptions=True)
-        self.last_error = f"exited with code {code}"
+        self.last_error = f"killed as hung ({self._hung})" if self._hung else f"exited with code {code}"
         logger.error("codex: app-server (pid {}) {}", process.pid, self.last_error)
         await self._on_lost(generation, self.last_error)
+
+    def _kill_hung(self, connection: RpcConnection, pid: int, reason: str) -> None:
+        """A request went unanswered past its timeout: the process is taken as hung. It is killed
+        and its connection ended, so the supervisor starts a new one and the turns that were
+        running on it recover (thread/resume) as after a crash."""
+        if connection.closed.is_set() or self._stopping:
+            return
+        self.hangs += 1
+        self._hung = reason
+        logger.error("codex: app-server (pid {}) is not answering ({}); killing it to start it again", pid, reason)
+        self._ready.clear()
+        self._kill_group(pid)
+        connection.abort(f"app-server hung: {reason}")
 
     @staticmethod
     def _kill_group(pgid: int) -> None:

@@ -43,18 +43,20 @@ class ConnectionClosed(Exception):
 
 
 class RpcTimeout(Exception):
-    """No answer within the request's timeout."""
+    """No answer within the request's timeout (or the request could not even be written)."""
 
 
 class RpcConnection:
     def __init__(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
         on_notification: NotificationHandler, on_request: RequestHandler, name: str = "rpc",
+        on_timeout: Callable[[str], None] | None = None,
     ) -> None:
         self._reader = reader
         self._writer = writer
         self._on_notification = on_notification
         self._on_request = on_request
+        self._on_timeout = on_timeout  # told (synchronously) of each request that timed out
         self.name = name
         self._ids = itertools.count(1)
         self._pending: dict[int, tuple[str, asyncio.Future[Any]]] = {}
@@ -73,11 +75,15 @@ class RpcConnection:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = (method, future)
         try:
-            await self._send({"id": request_id, "method": method, "params": params or {}})
+            # the write counts too: a peer that stopped reading blocks it once the pipe is full
             async with asyncio.timeout(timeout):
+                await self._send({"id": request_id, "method": method, "params": params or {}})
                 return await future
         except TimeoutError:
-            raise RpcTimeout(f"{method}: no answer within {timeout:.0f}s") from None
+            reason = f"{method}: no answer within {timeout:g}s"
+            if self._on_timeout is not None:
+                self._on_timeout(reason)
+            raise RpcTimeout(reason) from None
         finally:
             self._pending.pop(request_id, None)
 
@@ -165,6 +171,10 @@ class RpcConnection:
                 future.set_exception(ConnectionClosed(f"{method}: connection closed ({reason})"))
         for task in self._server_requests:
             task.cancel()
+
+    def abort(self, reason: str) -> None:
+        """End the connection now: pending requests fail with ConnectionClosed."""
+        self._close(reason)
 
     async def close(self) -> None:
         self._close("closed by us")

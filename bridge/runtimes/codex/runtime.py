@@ -106,7 +106,7 @@ class CodexRuntime:
         info = self.server.info
         return {
             "ok": self.server.ready, "version": info.version or None, "pid": self.server.pid,
-            "restarts": self.server.restarts, "running": len(self._by_session),
+            "restarts": self.server.restarts, "hangs": self.server.hangs, "running": len(self._by_session),
             **({"error": self.server.last_error} if self.server.last_error else {}),
             **({"unsupported": sorted(self.unsupported)} if self.unsupported else {}),
         }
@@ -218,9 +218,9 @@ class CodexRuntime:
                 result = await asyncio.shield(starting)
                 turn.turn_id = result["turn"]["id"]
                 turn.generation = self.server.generation
-            except ConnectionClosed:
-                # The process died between our write and its answer: whether it started the turn
-                # is unknown, and the history will tell.
+            except (ConnectionClosed, RpcTimeout):
+                # The process died (or hung and was killed) between our write and its answer:
+                # whether it started the turn is unknown, and the history will tell.
                 turn.lost.set()
             log.debug("codex: turn {} started on thread {}", turn.turn_id, turn.thread_id)
             if turn.interrupt_pending and turn.turn_id is not None:

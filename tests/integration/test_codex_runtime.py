@@ -212,6 +212,42 @@ async def test_a_server_request_waiting_on_a_human_does_not_block_the_reader(wir
     assert answer == {"id": 0, "result": {"decision": "accept", "for": 0}}
 
 
+async def test_a_server_request_settled_before_its_handler_starts_is_never_answered():
+    """The request and its `serverRequest/resolved` come in one read: the handler never runs (no
+    card for a person), nothing is answered, and the connection goes on."""
+    client_in, peer_out = await _pipe()
+    peer_in, client_out = await _pipe()
+    peer = Peer(peer_out, peer_in)
+    handled: list[str] = []
+
+    async def on_request(method, params, request_id):
+        handled.append(method)
+        return {"decision": "accept"}
+
+    def on_notification(method, params):
+        if method == "serverRequest/resolved":
+            assert conn.cancel_server_request(params["requestId"])
+
+    conn = RpcConnection(client_in, client_out, on_notification=on_notification, on_request=on_request, name="test")
+    conn.start()
+    try:
+        peer.write(json.dumps({"id": 7, "method": "item/commandExecution/requestApproval",
+                               "params": {"threadId": "t"}}).encode() + b"\n"
+                   + json.dumps({"method": "serverRequest/resolved",
+                                 "params": {"threadId": "t", "requestId": 7}}).encode() + b"\n")
+        call = asyncio.create_task(conn.request("ping", {}))
+        ping = await peer.read()
+        assert ping["method"] == "ping"  # no answer to request 7 came before it
+        peer.write({"id": ping["id"], "result": "pong"})
+        assert await asyncio.wait_for(call, 5) == "pong"
+        await asyncio.sleep(0.1)
+        assert handled == []
+        assert not conn.cancel_server_request(7)  # settled once
+    finally:
+        await conn.close()
+        peer_out.close()
+
+
 async def test_a_peer_that_stops_reading_times_the_request_out(wired):
     """The write is inside the timeout: once the pipe is full, a peer that reads nothing more
     blocks it, and the request must still end (then the app-server is taken as hung)."""
@@ -376,3 +412,43 @@ async def test_a_hung_app_server_is_killed_and_started_again(runtime, size):
     assert health["ok"] and health["pid"] != hung_pid and health["restarts"] == 1 and health["hangs"] == 1
     after = await asyncio.wait_for(runtime.run_turn(request(runtime, "after the hang", thread=ctx.thread), ctx), 30)
     assert after.status == "completed" and "Mock reply: after the hang" in after.text
+
+
+# -- approvals codex settled itself
+
+
+class Undecided(Recorder):
+    """A person who has not decided yet; the gate marks the card interrupted when the wait is
+    cancelled, so a cancelled wait is what a card not left pending looks like here."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waiting = asyncio.Event()
+        self.cancelled = asyncio.Event()
+
+    async def ask_approval(self, request: ApprovalRequest) -> Approval:
+        self.asked.append(request)
+        self.waiting.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            raise
+        raise AssertionError("unreachable")
+
+
+async def test_an_approval_codex_settled_after_its_turn_ended_is_not_left_waiting(runtime):
+    from pathlib import Path
+
+    ctx = Undecided()
+    turn = asyncio.create_task(runtime.run_turn(request(runtime, "ESCALATE: echo late > late.txt"), ctx))
+    await asyncio.wait_for(ctx.waiting.wait(), 30)
+    turn.cancel()  # turn/interrupt; codex then settles the approval, after the turn ended here
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(turn, 10)
+    await asyncio.wait_for(ctx.cancelled.wait(), 5)  # the card does not stay pending
+    # a late answer (a person who clicked just then) is harmless to codex
+    await runtime.server.connection._send({"id": 0, "result": {"decision": "accept"}})
+    after = await asyncio.wait_for(runtime.run_turn(request(runtime, "after", thread=ctx.thread), Recorder()), 30)
+    assert after.status == "completed" and "Mock reply: after" in after.text
+    assert not (Path(runtime.workspace) / "late.txt").exists()

@@ -60,7 +60,7 @@ class RpcConnection:
         self.name = name
         self._ids = itertools.count(1)
         self._pending: dict[int, tuple[str, asyncio.Future[Any]]] = {}
-        self._server_requests: set[asyncio.Task[None]] = set()
+        self._server_requests: dict[Any, asyncio.Task[None]] = {}  # by the server's request id
         self._read_task: asyncio.Task[None] | None = None
         self.closed = asyncio.Event()
         self.close_reason = ""
@@ -138,9 +138,12 @@ class RpcConnection:
             else:
                 future.set_result(message.get("result"))
         elif "id" in message:
-            task = asyncio.create_task(self._serve(message["id"], method, message.get("params") or {}))
-            self._server_requests.add(task)
-            task.add_done_callback(self._server_requests.discard)
+            request_id = message["id"]
+            task = asyncio.create_task(self._serve(request_id, method, message.get("params") or {}))
+            key = request_id if isinstance(request_id, (int, str)) else repr(request_id)
+            self._server_requests[key] = task
+            task.add_done_callback(lambda done: self._server_requests.get(key) is done
+                                   and self._server_requests.pop(key, None))
         else:
             try:
                 self._on_notification(method, message.get("params") or {})
@@ -169,8 +172,18 @@ class RpcConnection:
         for method, future in self._pending.values():
             if not future.done():
                 future.set_exception(ConnectionClosed(f"{method}: connection closed ({reason})"))
-        for task in self._server_requests:
+        for task in self._server_requests.values():
             task.cancel()
+
+    def cancel_server_request(self, request_id: Any) -> bool:
+        """The server settled its own request: stop handling it and send no answer. Registered
+        as it is read, the request is found even if its handler has not started yet. True if it
+        was still being handled."""
+        task = self._server_requests.get(request_id if isinstance(request_id, (int, str)) else repr(request_id))
+        if task is None or task.done():
+            return False
+        task.cancel()
+        return True
 
     def abort(self, reason: str) -> None:
         """End the connection now: pending requests fail with ConnectionClosed."""

@@ -85,7 +85,6 @@ class CodexRuntime:
         self._turns: dict[str, _Turn] = {}  # by thread id: the thread's running turn
         self._by_session: dict[int, _Turn] = {}
         self._loaded: dict[str, int] = {}  # thread id -> generation it was started/resumed in
-        self._server_tasks: dict[tuple[int, Any], asyncio.Task[Any]] = {}
         self.unsupported: set[str] = set()
         self._progress_tasks: set[asyncio.Task[None]] = set()
         self._background: set[asyncio.Future[Any]] = set()  # work that outlives a cancelled turn
@@ -115,9 +114,7 @@ class CodexRuntime:
         return None
 
     async def _on_lost(self, generation: int, reason: str) -> None:
-        for (gen, _), task in list(self._server_tasks.items()):
-            if gen == generation:
-                task.cancel()
+        # the server requests of the lost connection were cancelled when it closed
         for turn in list(self._turns.values()):
             if turn.generation == generation:
                 turn.lost.set()
@@ -387,6 +384,13 @@ class CodexRuntime:
     # -- notifications
 
     def _on_notification(self, method: str, params: dict[str, Any]) -> None:
+        if method == "serverRequest/resolved":
+            # Codex settled one of its requests itself (the turn was interrupted or ended): stop
+            # waiting for a person, whose card the gate then marks interrupted, and send no
+            # answer. Whether its turn still runs here does not matter (it may have ended first),
+            # nor whether the request's task has started yet.
+            self._resolved(params)
+            return
         thread_id = params.get("threadId")
         turn = self._turns.get(thread_id) if thread_id else None
         if turn is None:
@@ -423,10 +427,6 @@ class CodexRuntime:
                 if turn.done is not None and not turn.done.done():
                     turn.timing["done_at"] = time.time()
                     turn.done.set_result(completed)
-        elif method == "serverRequest/resolved":
-            task = self._server_tasks.get((self.server.generation, params.get("requestId")))
-            if task is not None and not task.done():
-                task.cancel()  # codex settled it itself (the turn was interrupted)
 
     def _progress(self, turn: _Turn) -> None:
         # Called from the reader, which must not wait: the update runs as a task, kept referenced
@@ -437,15 +437,17 @@ class CodexRuntime:
 
     # -- server requests (approvals, questions)
 
+    def _resolved(self, params: dict[str, Any]) -> None:
+        connection = self.server.connection
+        request_id = params.get("requestId")
+        if connection is not None and connection.cancel_server_request(request_id):
+            turn = self._turns.get(params.get("threadId") or "")
+            logger.bind(session=turn.request.session_id if turn else None,
+                        turn=turn.request.turn_id if turn else None).info(
+                "codex: request {} was settled by codex itself; no answer is sent", request_id)
+
     async def _on_request(self, method: str, params: dict[str, Any], request_id: Any = None) -> dict[str, Any]:
-        key = (self.server.generation, request_id)
-        task = asyncio.current_task()
-        if task is not None:
-            self._server_tasks[key] = task
-        try:
-            return await self._answer(method, params)
-        finally:
-            self._server_tasks.pop(key, None)
+        return await self._answer(method, params)
 
     @staticmethod
     def _decision(turn: _Turn, approval: Approval) -> dict[str, Any]:

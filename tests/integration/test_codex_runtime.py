@@ -452,3 +452,19 @@ async def test_an_approval_codex_settled_after_its_turn_ended_is_not_left_waitin
     after = await asyncio.wait_for(runtime.run_turn(request(runtime, "after", thread=ctx.thread), Recorder()), 30)
     assert after.status == "completed" and "Mock reply: after" in after.text
     assert not (Path(runtime.workspace) / "late.txt").exists()
+
+
+async def test_a_stop_while_codex_is_starting_starts_no_thread(runtime):
+    ctx = Recorder()
+    wait_ready = runtime.server.wait_ready
+    stopped: list[bool] = []
+
+    async def stop_meanwhile(timeout):
+        if not stopped:
+            stopped.append(await runtime.interrupt(1))  # /stop while the app-server (re)starts
+        return await wait_ready(timeout)
+
+    runtime.server.wait_ready = stop_meanwhile
+    outcome = await asyncio.wait_for(runtime.run_turn(request(runtime, "hello"), ctx), 20)
+    assert stopped == [True] and outcome.status == "stopped"
+    assert ctx.thread is None  # no thread was started for it

@@ -199,9 +199,10 @@ class CodexRuntime:
                 return TurnOutcome("failed", render.unavailable(str(exc)), error=str(exc))
             finally:
                 turn.timing["waited"] += time.time() - waiting
-            turn.thread_id = await self._thread_for(request, ctx, turn.timing)
-            turn.generation = self.server.generation
-            self._turns[turn.thread_id] = turn
+            if not turn.stop_requested:  # a stop while the app-server was starting: no thread either
+                turn.thread_id = await self._thread_for(request, ctx, turn.timing)
+                turn.generation = self.server.generation
+                self._turns[turn.thread_id] = turn
             if turn.stop_requested:
                 log.info("codex: stopped before the turn was started")
                 return TurnOutcome("stopped", render.stopped(""))

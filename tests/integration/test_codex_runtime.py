@@ -45,13 +45,14 @@ class Recorder:
 
 
 @pytest.fixture
-async def runtime(tmp_path):
+async def runtime(tmp_path, request):
     model = MockModel().start()
     home, overrides = codex_home(tmp_path, model.base_url)
     workspace = tmp_path / "ws"
     workspace.mkdir()
+    extra = getattr(request, "param", {})  # AppServerConfig fields, through indirect parametrization
     rt = CodexRuntime(AppServerConfig(binary=codex_binary(), overrides=overrides, cwd=str(workspace),
-                                      env=codex_env(home)), CodexOptions())
+                                      env=codex_env(home), **extra), CodexOptions())
     await rt.start()
     rt.model = model  # type: ignore[attr-defined]
     rt.workspace = str(workspace)  # type: ignore[attr-defined]
@@ -468,3 +469,21 @@ async def test_a_stop_while_codex_is_starting_starts_no_thread(runtime):
     outcome = await asyncio.wait_for(runtime.run_turn(request(runtime, "hello"), ctx), 20)
     assert stopped == [True] and outcome.status == "stopped"
     assert ctx.thread is None  # no thread was started for it
+
+
+@pytest.mark.parametrize("runtime", [{"heartbeat_interval": 0.5, "heartbeat_timeout": 1.0}], indirect=True)
+async def test_a_hang_while_a_turn_only_waits_for_events_is_found_by_the_heartbeat(runtime):
+    """No request is on its way while a command runs: the heartbeat on the silent connection
+    finds the hang, and the turn recovers on a new process."""
+    import os
+    import signal
+
+    ctx = Recorder()
+    turn = asyncio.create_task(runtime.run_turn(request(runtime, "RUN: sleep 30"), ctx))
+    await _until(lambda: any("sleep 30" in t for t in ctx.progress_texts))
+    hung_pid = runtime.server.pid
+    os.killpg(hung_pid, signal.SIGSTOP)
+    outcome = await asyncio.wait_for(turn, 20)
+    assert outcome.status == "interrupted" and "restarted" in outcome.text
+    health = await runtime.health()
+    assert health["pid"] != hung_pid and health["hangs"] == 1

@@ -64,6 +64,7 @@ class RpcConnection:
         self._read_task: asyncio.Task[None] | None = None
         self.closed = asyncio.Event()
         self.close_reason = ""
+        self.last_heard = asyncio.get_running_loop().time()  # when the peer last wrote a line
 
     def start(self) -> None:
         self._read_task = asyncio.create_task(self._read_loop(), name=f"{self.name}:read")
@@ -110,6 +111,7 @@ class RpcConnection:
                 line = await self._reader.readline()
                 if not line:
                     break
+                self.last_heard = asyncio.get_running_loop().time()
                 self._dispatch(line)
         except (ConnectionError, asyncio.IncompleteReadError, ValueError) as exc:
             reason = f"read failed: {exc}"

@@ -3,6 +3,9 @@
 The supervisor owns the current connection. When the process exits it is started again with
 exponential backoff; each successful start bumps `generation` and calls `on_connected`, each loss
 calls `on_lost`, so the runtime can tell the conversations that were mid-turn and recover them.
+A process that leaves a request unanswered past its timeout is taken as hung (alive, but not
+serving): it is killed, and so lost and started again like one that exited. A heartbeat request
+on a silent connection finds a hang while nothing else is asked (a turn waiting for its events).
 """
 
 from __future__ import annotations
@@ -18,10 +21,13 @@ from typing import Any
 from loguru import logger
 
 from bridge import __version__
-from bridge.runtimes.codex.rpc import ConnectionClosed, NotificationHandler, RequestHandler, RpcConnection
+from bridge.runtimes.codex.rpc import (
+    ConnectionClosed, NotificationHandler, RequestHandler, RpcConnection, RpcError, RpcTimeout,
+)
 
 INITIALIZE_TIMEOUT = 30.0
 STOP_GRACE = 3.0
+HEARTBEAT_METHOD = "thread/loaded/list"  # answered from memory; an error answer proves life too
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +38,10 @@ class AppServerConfig:
     env: dict[str, str] | None = None  # None: this process's environment
     restart_base_delay: float = 0.5
     restart_max_delay: float = 30.0
+    # a connection silent this long gets a cheap request, which must be answered within the
+    # timeout, or the process is taken as hung (0: no heartbeat)
+    heartbeat_interval: float = 30.0
+    heartbeat_timeout: float = 60.0
 
     def argv(self) -> list[str]:
         argv = [*shlex.split(self.binary), "app-server"]
@@ -70,7 +80,9 @@ class AppServer:
         self.connection: RpcConnection | None = None
         self.process: asyncio.subprocess.Process | None = None
         self.restarts = 0
+        self.hangs = 0
         self.last_error = ""
+        self._hung = ""  # why the current process was killed as hung
         self._ready = asyncio.Event()
         self._ran_long = False
         self._stopping = False
@@ -130,9 +142,11 @@ class AppServer:
         self.process = process
         assert process.stdout is not None and process.stdin is not None and process.stderr is not None
         stderr_task = asyncio.create_task(self._pump_stderr(process.stderr, process.pid))
+        self._hung = ""
         connection = RpcConnection(
             process.stdout, process.stdin,  # type: ignore[arg-type]
             on_notification=self._on_notification, on_request=self._on_request, name=f"codex[{process.pid}]",
+            on_timeout=lambda reason: self._kill_hung(connection, process.pid, reason),
         )
         connection.start()
         generation = self.generation + 1
@@ -161,9 +175,13 @@ class AppServer:
         await self._on_connected(generation)
         loop = asyncio.get_running_loop()
         started = loop.time()
+        heartbeat = asyncio.create_task(self._heartbeat(connection), name="codex:heartbeat")
         # The connection ends when nothing holds the app-server's stdout any more: the npm wrapper
         # exits when its native child does, and a child whose wrapper died still serves the pipes.
-        await connection.closed.wait()
+        try:
+            await connection.closed.wait()
+        finally:
+            heartbeat.cancel()
         self._ready.clear()
         if self._stopping:
             return  # stop() shuts the process down cleanly
@@ -171,9 +189,41 @@ class AppServer:
         code = await process.wait()
         self._ran_long = loop.time() - started > 10.0
         await asyncio.gather(stderr_task, return_exceptions=True)
-        self.last_error = f"exited with code {code}"
+        self.last_error = f"killed as hung ({self._hung})" if self._hung else f"exited with code {code}"
         logger.error("codex: app-server (pid {}) {}", process.pid, self.last_error)
         await self._on_lost(generation, self.last_error)
+
+    async def _heartbeat(self, connection: RpcConnection) -> None:
+        """Ask a silent connection something cheap; a request that times out kills the process
+        (`_kill_hung`, through the connection's `on_timeout`)."""
+        loop = asyncio.get_running_loop()
+        while not connection.closed.is_set():
+            interval = self.config.heartbeat_interval
+            if interval <= 0:
+                return
+            silent = loop.time() - connection.last_heard
+            if silent < interval:
+                await asyncio.sleep(interval - silent)
+                continue
+            try:
+                await connection.request(HEARTBEAT_METHOD, {}, timeout=self.config.heartbeat_timeout)
+            except RpcError:
+                pass  # it answered: alive
+            except (ConnectionClosed, RpcTimeout):
+                return
+
+    def _kill_hung(self, connection: RpcConnection, pid: int, reason: str) -> None:
+        """A request went unanswered past its timeout: the process is taken as hung. It is killed
+        and its connection ended, so the supervisor starts a new one and the turns that were
+        running on it recover (thread/resume) as after a crash."""
+        if connection.closed.is_set() or self._stopping:
+            return
+        self.hangs += 1
+        self._hung = reason
+        logger.error("codex: app-server (pid {}) is not answering ({}); killing it to start it again", pid, reason)
+        self._ready.clear()
+        self._kill_group(pid)
+        connection.abort(f"app-server hung: {reason}")
 
     @staticmethod
     def _kill_group(pgid: int) -> None:

@@ -43,25 +43,28 @@ class ConnectionClosed(Exception):
 
 
 class RpcTimeout(Exception):
-    """No answer within the request's timeout."""
+    """No answer within the request's timeout (or the request could not even be written)."""
 
 
 class RpcConnection:
     def __init__(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
         on_notification: NotificationHandler, on_request: RequestHandler, name: str = "rpc",
+        on_timeout: Callable[[str], None] | None = None,
     ) -> None:
         self._reader = reader
         self._writer = writer
         self._on_notification = on_notification
         self._on_request = on_request
+        self._on_timeout = on_timeout  # told (synchronously) of each request that timed out
         self.name = name
         self._ids = itertools.count(1)
         self._pending: dict[int, tuple[str, asyncio.Future[Any]]] = {}
-        self._server_requests: set[asyncio.Task[None]] = set()
+        self._server_requests: dict[Any, asyncio.Task[None]] = {}  # by the server's request id
         self._read_task: asyncio.Task[None] | None = None
         self.closed = asyncio.Event()
         self.close_reason = ""
+        self.last_heard = asyncio.get_running_loop().time()  # when the peer last wrote a line
 
     def start(self) -> None:
         self._read_task = asyncio.create_task(self._read_loop(), name=f"{self.name}:read")
@@ -73,11 +76,15 @@ class RpcConnection:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = (method, future)
         try:
-            await self._send({"id": request_id, "method": method, "params": params or {}})
+            # the write counts too: a peer that stopped reading blocks it once the pipe is full
             async with asyncio.timeout(timeout):
+                await self._send({"id": request_id, "method": method, "params": params or {}})
                 return await future
         except TimeoutError:
-            raise RpcTimeout(f"{method}: no answer within {timeout:.0f}s") from None
+            reason = f"{method}: no answer within {timeout:g}s"
+            if self._on_timeout is not None:
+                self._on_timeout(reason)
+            raise RpcTimeout(reason) from None
         finally:
             self._pending.pop(request_id, None)
 
@@ -104,6 +111,7 @@ class RpcConnection:
                 line = await self._reader.readline()
                 if not line:
                     break
+                self.last_heard = asyncio.get_running_loop().time()
                 self._dispatch(line)
         except (ConnectionError, asyncio.IncompleteReadError, ValueError) as exc:
             reason = f"read failed: {exc}"
@@ -132,9 +140,12 @@ class RpcConnection:
             else:
                 future.set_result(message.get("result"))
         elif "id" in message:
-            task = asyncio.create_task(self._serve(message["id"], method, message.get("params") or {}))
-            self._server_requests.add(task)
-            task.add_done_callback(self._server_requests.discard)
+            request_id = message["id"]
+            task = asyncio.create_task(self._serve(request_id, method, message.get("params") or {}))
+            key = request_id if isinstance(request_id, (int, str)) else repr(request_id)
+            self._server_requests[key] = task
+            task.add_done_callback(lambda done: self._server_requests.get(key) is done
+                                   and self._server_requests.pop(key, None))
         else:
             try:
                 self._on_notification(method, message.get("params") or {})
@@ -163,8 +174,22 @@ class RpcConnection:
         for method, future in self._pending.values():
             if not future.done():
                 future.set_exception(ConnectionClosed(f"{method}: connection closed ({reason})"))
-        for task in self._server_requests:
+        for task in self._server_requests.values():
             task.cancel()
+
+    def cancel_server_request(self, request_id: Any) -> bool:
+        """The server settled its own request: stop handling it and send no answer. Registered
+        as it is read, the request is found even if its handler has not started yet. True if it
+        was still being handled."""
+        task = self._server_requests.get(request_id if isinstance(request_id, (int, str)) else repr(request_id))
+        if task is None or task.done():
+            return False
+        task.cancel()
+        return True
+
+    def abort(self, reason: str) -> None:
+        """End the connection now: pending requests fail with ConnectionClosed."""
+        self._close(reason)
 
     async def close(self) -> None:
         self._close("closed by us")

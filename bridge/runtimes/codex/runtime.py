@@ -39,6 +39,9 @@ DECISIONS = {
 RECOVERY_TIMEOUT = 60.0  # how long a turn waits for the app-server to come back
 RECOVERY_ATTEMPTS = 3
 STARTUP_WAIT = 10.0
+ABANDON_TIMEOUT = 5.0  # how long a cancelled turn tries to stop its turn in codex
+INTERRUPT_TRIES = 20  # turn/interrupt refused as "no active turn" while the turn is starting
+INTERRUPT_RETRY_DELAY = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +63,7 @@ class _Turn:
     done: asyncio.Future[dict[str, Any]] | None = None
     lost: asyncio.Event = field(default_factory=asyncio.Event)  # its app-server went away
     stop_requested: bool = False
+    interrupt_pending: bool = False  # asked for before codex had given the turn an id
     errors: list[str] = field(default_factory=list)
     notices: list[str] = field(default_factory=list)
     timing: dict[str, float] = field(default_factory=dict)
@@ -81,9 +85,9 @@ class CodexRuntime:
         self._turns: dict[str, _Turn] = {}  # by thread id: the thread's running turn
         self._by_session: dict[int, _Turn] = {}
         self._loaded: dict[str, int] = {}  # thread id -> generation it was started/resumed in
-        self._server_tasks: dict[tuple[int, Any], asyncio.Task[Any]] = {}
         self.unsupported: set[str] = set()
         self._progress_tasks: set[asyncio.Task[None]] = set()
+        self._background: set[asyncio.Future[Any]] = set()  # work that outlives a cancelled turn
 
     # -- lifecycle
 
@@ -101,7 +105,7 @@ class CodexRuntime:
         info = self.server.info
         return {
             "ok": self.server.ready, "version": info.version or None, "pid": self.server.pid,
-            "restarts": self.server.restarts, "running": len(self._by_session),
+            "restarts": self.server.restarts, "hangs": self.server.hangs, "running": len(self._by_session),
             **({"error": self.server.last_error} if self.server.last_error else {}),
             **({"unsupported": sorted(self.unsupported)} if self.unsupported else {}),
         }
@@ -110,9 +114,7 @@ class CodexRuntime:
         return None
 
     async def _on_lost(self, generation: int, reason: str) -> None:
-        for (gen, _), task in list(self._server_tasks.items()):
-            if gen == generation:
-                task.cancel()
+        # the server requests of the lost connection were cancelled when it closed
         for turn in list(self._turns.values()):
             if turn.generation == generation:
                 turn.lost.set()
@@ -180,44 +182,95 @@ class CodexRuntime:
 
     async def run_turn(self, request: TurnRequest, ctx: TurnContext) -> TurnOutcome:
         log = logger.bind(session=request.session_id, turn=request.turn_id)
+        turn = _Turn(request, ctx, thread_id="", generation=self.server.generation)
         # what the app-server itself takes before the turn can start (its start-up, the thread's
         # start or resume) is not the bridge's overhead: it is measured apart
-        timing = {"waited": 0.0}
-        waiting = time.time()
-        try:
-            # A process that failed to start (no binary, bad config) answers in seconds, not minutes.
-            await self.server.wait_ready(STARTUP_WAIT if self.server.last_error else RECOVERY_TIMEOUT)
-        except ConnectionClosed as exc:
-            return TurnOutcome("failed", render.unavailable(str(exc)), error=str(exc))
-        finally:
-            timing["waited"] += time.time() - waiting
-        thread_id = await self._thread_for(request, ctx, timing)
-        turn = _Turn(request, ctx, thread_id, self.server.generation)
-        turn.timing.update(timing)
+        turn.timing["waited"] = 0.0
         turn.done = asyncio.get_running_loop().create_future()
-        self._turns[thread_id] = turn
+        # known to interrupt() from the start: a stop before codex has the turn is kept for it
         self._by_session[request.session_id] = turn
+        starting: asyncio.Future[Any] | None = None
         try:
+            waiting = time.time()
+            try:
+                # A process that failed to start (no binary, bad config) answers in seconds, not minutes.
+                await self.server.wait_ready(STARTUP_WAIT if self.server.last_error else RECOVERY_TIMEOUT)
+            except ConnectionClosed as exc:
+                return TurnOutcome("failed", render.unavailable(str(exc)), error=str(exc))
+            finally:
+                turn.timing["waited"] += time.time() - waiting
+            if not turn.stop_requested:  # a stop while the app-server was starting: no thread either
+                turn.thread_id = await self._thread_for(request, ctx, turn.timing)
+                turn.generation = self.server.generation
+                self._turns[turn.thread_id] = turn
+            if turn.stop_requested:
+                log.info("codex: stopped before the turn was started")
+                return TurnOutcome("stopped", render.stopped(""))
             try:
                 turn.timing["sent_at"] = time.time()
-                params: dict[str, Any] = {"threadId": thread_id, "input": _input(request)}
+                params: dict[str, Any] = {"threadId": turn.thread_id, "input": _input(request)}
                 if request.settings.get("model"):
                     params["model"] = request.settings["model"]
-                result = await self._call("turn/start", params)
+                # shielded: a turn cancelled meanwhile still learns the id of the turn it started
+                starting = self._keep(asyncio.ensure_future(self._call("turn/start", params)))
+                result = await asyncio.shield(starting)
                 turn.turn_id = result["turn"]["id"]
                 turn.generation = self.server.generation
-            except ConnectionClosed:
-                # The process died between our write and its answer: whether it started the turn
-                # is unknown, and the history will tell.
+            except (ConnectionClosed, RpcTimeout):
+                # The process died (or hung and was killed) between our write and its answer:
+                # whether it started the turn is unknown, and the history will tell.
                 turn.lost.set()
-            log.debug("codex: turn {} started on thread {}", turn.turn_id, thread_id)
+            log.debug("codex: turn {} started on thread {}", turn.turn_id, turn.thread_id)
+            if turn.interrupt_pending and turn.turn_id is not None:
+                # a stop that came while turn/start was on its way: sent now that the id is known
+                log.info("codex: a stop came while turn {} was starting; interrupting it", turn.turn_id)
+                await self._interrupt(turn)
             final = await self._until_done(turn, log)
             turn.timing.setdefault("done_at", time.time())
             outcome = self._outcome(turn, final)
             return dataclasses.replace(outcome, timing=turn.timing)
+        except asyncio.CancelledError:
+            # The bridge gave up on the turn (its time limit, shutdown): codex must stop it too,
+            # or it runs on unseen. Best effort, bounded, and the cancellation goes on regardless.
+            abandon = self._keep(asyncio.ensure_future(self._abandon(turn, starting, log)))
+            try:
+                await asyncio.shield(abandon)
+            except asyncio.CancelledError:
+                pass  # cancelled again: the interrupt goes on in its own task
+            raise
         finally:
-            self._turns.pop(thread_id, None)
-            self._by_session.pop(request.session_id, None)
+            if self._turns.get(turn.thread_id) is turn:
+                del self._turns[turn.thread_id]
+            if self._by_session.get(request.session_id) is turn:
+                del self._by_session[request.session_id]
+
+    def _keep(self, future: asyncio.Future[Any]) -> asyncio.Future[Any]:
+        """Hold a reference to work that may outlive the turn that started it; its failure is
+        the turn's business (or nobody's, once the turn was cancelled), never an unretrieved one."""
+        self._background.add(future)
+        future.add_done_callback(self._background.discard)
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())
+        return future
+
+    async def _abandon(self, turn: _Turn, starting: asyncio.Future[Any] | None, log) -> None:
+        """Interrupt in codex a turn whose task was cancelled, once its id is known."""
+        assert turn.done is not None
+        if turn.done.done() or turn.lost.is_set():
+            return  # it ended, or its app-server went away with it
+        try:
+            async with asyncio.timeout(ABANDON_TIMEOUT):
+                if turn.turn_id is None and starting is not None:
+                    try:
+                        result = await starting
+                    except (ConnectionClosed, RpcTimeout, RpcError):
+                        return  # never started
+                    turn.turn_id = result["turn"]["id"]
+                if turn.turn_id is None:
+                    return
+                log.warning("codex: turn {} cancelled in the bridge; interrupting it in codex", turn.turn_id)
+                await self._interrupt(turn)
+        except TimeoutError:
+            log.warning("codex: could not interrupt cancelled turn {} within {:g}s", turn.turn_id, ABANDON_TIMEOUT)
 
     async def _until_done(self, turn: _Turn, log) -> dict[str, Any]:
         assert turn.done is not None
@@ -293,11 +346,26 @@ class CodexRuntime:
 
     async def _interrupt(self, turn: _Turn) -> None:
         if turn.turn_id is None:
+            turn.interrupt_pending = True  # run_turn sends it once turn/start has answered
             return
-        try:
-            await self._call("turn/interrupt", {"threadId": turn.thread_id, "turnId": turn.turn_id})
-        except (RpcError, ConnectionClosed, RpcTimeout) as exc:
-            logger.bind(session=turn.request.session_id).warning("codex: interrupt failed: {}", exc)
+        turn.interrupt_pending = False
+        log = logger.bind(session=turn.request.session_id, turn=turn.request.turn_id)
+        for attempt in range(1, INTERRUPT_TRIES + 1):
+            try:
+                await self._call("turn/interrupt", {"threadId": turn.thread_id, "turnId": turn.turn_id})
+                return
+            except RpcError as exc:
+                # codex answers turn/start a moment before the turn is active; until then an
+                # interrupt is refused with "no active turn"
+                ended = turn.done is not None and turn.done.done()
+                if "no active turn" in exc.message and attempt < INTERRUPT_TRIES and not ended:
+                    await asyncio.sleep(INTERRUPT_RETRY_DELAY)
+                    continue
+                log.warning("codex: interrupt failed: {}", exc)
+                return
+            except (ConnectionClosed, RpcTimeout) as exc:
+                log.warning("codex: interrupt failed: {}", exc)
+                return
 
     async def steer(self, session_id: int, text: str) -> bool:
         """Add a message to the session's running turn; False if none runs (or it cannot steer)."""
@@ -317,6 +385,13 @@ class CodexRuntime:
     # -- notifications
 
     def _on_notification(self, method: str, params: dict[str, Any]) -> None:
+        if method == "serverRequest/resolved":
+            # Codex settled one of its requests itself (the turn was interrupted or ended): stop
+            # waiting for a person, whose card the gate then marks interrupted, and send no
+            # answer. Whether its turn still runs here does not matter (it may have ended first),
+            # nor whether the request's task has started yet.
+            self._resolved(params)
+            return
         thread_id = params.get("threadId")
         turn = self._turns.get(thread_id) if thread_id else None
         if turn is None:
@@ -353,10 +428,6 @@ class CodexRuntime:
                 if turn.done is not None and not turn.done.done():
                     turn.timing["done_at"] = time.time()
                     turn.done.set_result(completed)
-        elif method == "serverRequest/resolved":
-            task = self._server_tasks.get((self.server.generation, params.get("requestId")))
-            if task is not None and not task.done():
-                task.cancel()  # codex settled it itself (the turn was interrupted)
 
     def _progress(self, turn: _Turn) -> None:
         # Called from the reader, which must not wait: the update runs as a task, kept referenced
@@ -367,15 +438,17 @@ class CodexRuntime:
 
     # -- server requests (approvals, questions)
 
+    def _resolved(self, params: dict[str, Any]) -> None:
+        connection = self.server.connection
+        request_id = params.get("requestId")
+        if connection is not None and connection.cancel_server_request(request_id):
+            turn = self._turns.get(params.get("threadId") or "")
+            logger.bind(session=turn.request.session_id if turn else None,
+                        turn=turn.request.turn_id if turn else None).info(
+                "codex: request {} was settled by codex itself; no answer is sent", request_id)
+
     async def _on_request(self, method: str, params: dict[str, Any], request_id: Any = None) -> dict[str, Any]:
-        key = (self.server.generation, request_id)
-        task = asyncio.current_task()
-        if task is not None:
-            self._server_tasks[key] = task
-        try:
-            return await self._answer(method, params)
-        finally:
-            self._server_tasks.pop(key, None)
+        return await self._answer(method, params)
 
     @staticmethod
     def _decision(turn: _Turn, approval: Approval) -> dict[str, Any]:

@@ -74,11 +74,30 @@ class Routine(BaseModel):
         return self.command or self.prompt or ""
 
     def next_due(self, after: float) -> float:
-        """The first due time strictly after `after` (epoch seconds)."""
+        """The first due time strictly after `after` (epoch seconds).
+
+        Cron times are local times in the routine's zone (croniter). A local time the clocks skip
+        (spring forward) runs once, at the moment they jump. A local time that occurs twice (fall
+        back) runs once, the first time, unless the schedule runs every hour (its hour field is
+        `*`): then it keeps to the hours that pass, and runs in both."""
         if self.interval is not None:
             return after + self.interval
-        start = datetime.fromtimestamp(after, ZoneInfo(self.timezone))
-        return croniter(self.schedule, start).get_next(datetime).timestamp()  # type: ignore[arg-type]
+        zone = ZoneInfo(self.timezone)
+        due = after
+        for _ in range(1500):  # the times of a repeated hour (at most one per minute) are skipped
+            due = croniter(self.schedule, datetime.fromtimestamp(due, zone)).get_next(datetime).timestamp()
+            if not self._repeated(due, zone):
+                return due
+        return due
+
+    def _repeated(self, due: float, zone: ZoneInfo) -> bool:
+        """`due` is the second occurrence of a local time (after a fall-back) that a schedule with
+        fixed hours has already had."""
+        return datetime.fromtimestamp(due, zone).fold == 1 and not self._every_hour
+
+    @property
+    def _every_hour(self) -> bool:
+        return croniter(self.schedule).expanded[1] == ["*"]  # type: ignore[arg-type]
 
     def due_between(self, after: float, until: float, limit: int = 1000) -> list[float]:
         """Due times in (after, until], oldest first (at most `limit`)."""

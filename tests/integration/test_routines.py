@@ -10,7 +10,9 @@ import sqlite3
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import pytest
 from sqlalchemy import select
@@ -19,7 +21,7 @@ from bridge.approvals import rules
 from bridge.approvals.gate import HumanGate
 from bridge.delivery.outbox import Outbox
 from bridge.metrics import Metrics
-from bridge.routines.definitions import load_dir
+from bridge.routines.definitions import Routine, load_dir
 from bridge.routines.scheduler import RoutineRunner, Scheduler
 from bridge.runtimes.shell import ShellRuntime
 from bridge.store import migrate
@@ -273,3 +275,49 @@ async def test_cli_runs_the_digest_and_chat_lists_routines(bridge, chat, tmp_pat
     await c.post("c-admin", "root", "/routines run nightly-digest")
     await c.wait_for("c-admin", lambda msgs: [t for t in final_texts(msgs) if "Running `nightly-digest` now" in t])
     await c.wait_for("c-digest", lambda msgs: len([m for m in msgs if m["card"]]) == 2, timeout=15)
+
+
+# -- local time zones: daylight saving time
+
+
+def _ny(text: str) -> float:
+    """A local time in New York ("2026-11-01 01:30", fold 0: the first occurrence)."""
+    return datetime.fromisoformat(text).replace(tzinfo=ZoneInfo("America/New_York")).timestamp()
+
+
+async def _minute_ticks(scheduler: Scheduler, clock: Clock, start: float, hours: int) -> None:
+    clock.now = start
+    await tick(scheduler)
+    for _ in range(hours * 60):
+        clock.now += 60
+        await tick(scheduler)
+
+
+@pytest.mark.parametrize("schedule,night,due", [
+    # fall back (2026-11-01): 01:00-01:59 happens twice; the routine runs at the first 01:30 only
+    ("30 1 * * *", "2026-11-01", "2026-11-01 01:30"),
+    # spring forward (2026-03-08): 02:30 never happens; croniter runs it once, at 03:00 EDT
+    ("30 2 * * *", "2026-03-08", "2026-03-08 03:00"),
+])
+async def test_a_daily_local_time_runs_once_across_a_dst_change(sqlite, tmp_path, schedule, night, due):
+    routines, clock = tmp_path / "routines", Clock()
+    write(routines, "nightly", f'name: nightly\nschedule: "{schedule}"\ntimezone: America/New_York\n'
+                               f'command: "echo night"\ntargets: [webchat:c-ops]\n')
+    scheduler, db = await sqlite(routines, clock)
+    await _minute_ticks(scheduler, clock, _ny(f"{night} 00:00"), hours=4)
+    assert [r.due_at for r in await runs(db)] == [_ny(due)]
+    assert len(await sent(db)) == 1
+
+
+def test_fall_back_repeats_fixed_times_once_and_keeps_hourly_schedules_to_the_hours():
+    def local(routine, start: str, hours: int) -> list[str]:
+        zone = ZoneInfo("America/New_York")
+        return [datetime.fromtimestamp(d, zone).strftime("%H:%M %Z")
+                for d in routine.due_between(_ny(start), _ny(start) + hours * 3600)]
+
+    def cron(schedule: str) -> Routine:
+        return Routine(name="r", schedule=schedule, timezone="America/New_York", command="x")
+
+    assert local(cron("*/20 1 * * *"), "2026-11-01 00:30", 4) == ["01:00 EDT", "01:20 EDT", "01:40 EDT"]
+    assert local(cron("0 * * * *"), "2026-11-01 00:30", 3) == ["01:00 EDT", "01:00 EST", "02:00 EST"]
+    assert local(cron("0 * * * *"), "2026-03-08 00:30", 3) == ["01:00 EST", "03:00 EDT", "04:00 EDT"]

@@ -7,6 +7,7 @@ interval in seconds.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -16,6 +17,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import yaml
 from croniter import croniter
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+LIMIT = 1000  # due times listed at once (catch_up: all runs a long outage's in batches of this many)
 
 
 class Routine(BaseModel):
@@ -99,7 +102,7 @@ class Routine(BaseModel):
     def _every_hour(self) -> bool:
         return croniter(self.schedule).expanded[1] == ["*"]  # type: ignore[arg-type]
 
-    def due_between(self, after: float, until: float, limit: int = 1000) -> list[float]:
+    def due_between(self, after: float, until: float, limit: int = LIMIT) -> list[float]:
         """Due times in (after, until], oldest first (at most `limit`)."""
         out = []
         due = self.next_due(after)
@@ -107,6 +110,30 @@ class Routine(BaseModel):
             out.append(due)
             due = self.next_due(due)
         return out
+
+    def latest_before(self, after: float, before: float) -> float | None:
+        """The newest due time in (after, before), found backwards from `before` without walking
+        the ones in between (a long outage of an every-minute routine holds very many)."""
+        if before <= after:
+            return None
+        if self.interval is not None:
+            steps = math.ceil((before - after) / self.interval) - 1
+            return after + steps * self.interval if steps >= 1 else None
+        zone = ZoneInfo(self.timezone)
+        it = croniter(self.schedule, datetime.fromtimestamp(before, zone))  # type: ignore[arg-type]
+        for _ in range(1500):  # past the skipped times of a repeated hour
+            due = it.get_prev(datetime).timestamp()
+            if due <= after:
+                return None
+            if due < before and not self._repeated(due, zone):
+                return due
+        return None
+
+    def latest_due(self, after: float, until: float) -> float | None:
+        """The newest due time in (after, until], or None."""
+        newest = self.latest_before(after, until)
+        rest = self.due_between(newest if newest is not None else after, until)
+        return rest[-1] if rest else newest
 
     def describe_schedule(self) -> str:
         return f"every {self.interval:g}s" if self.interval is not None else f"{self.schedule} ({self.timezone})"

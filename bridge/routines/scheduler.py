@@ -30,7 +30,7 @@ from bridge.approvals.gate import HumanGate, TurnScope
 from bridge.delivery.outbox import Outbox
 from bridge.logs import FailureStreak
 from bridge.routines import digest
-from bridge.routines.definitions import LoadError, Routine, load_dir, utc
+from bridge.routines.definitions import LIMIT, LoadError, Routine, load_dir, utc
 from bridge.runtimes.base import Approval, ApprovalRequest, Decision, Runtime, TurnRequest
 from bridge.store import conversations
 from bridge.store import routines as repo
@@ -266,35 +266,46 @@ class Scheduler:
             enabled = routine.enabled if state.enabled is None else bool(state.enabled)
             if name in self._running:
                 continue
-            dues = routine.due_between(state.last_due_at, now)
-            if not dues:
+            if routine.next_due(state.last_due_at) > now:
                 continue
             if not enabled:  # a disabled routine's due times pass quietly
-                await self.db.write(lambda c, r=routine, d=dues[-1]: repo.advance(
-                    c, r.name, last_due_at=d, next_due_at=r.next_due(d)))
+                newest = routine.latest_due(state.last_due_at, now)
+                if newest is not None:
+                    await self.db.write(lambda c, r=routine, d=newest: repo.advance(
+                        c, r.name, last_due_at=d, next_due_at=r.next_due(d)))
                 continue
-            await self._handle(routine, dues, now)
+            await self._handle(routine, state.last_due_at, now)
 
-    async def _handle(self, routine: Routine, dues: list[float], now: float) -> None:
-        missed = [d for d in dues if now - d > ON_TIME]
-        on_time = [d for d in dues if now - d <= ON_TIME]
+    async def _handle(self, routine: Routine, last_due: float, now: float) -> None:
+        # missed: more than ON_TIME late. The newest is found backwards from now, so a long outage
+        # is never walked through whole (only `catch_up: all` lists them, LIMIT at a time).
+        newest_missed = routine.latest_before(last_due, now - ON_TIME)
+        on_time = routine.due_between(newest_missed if newest_missed is not None else last_due, now)
         plan: list[tuple[float, str | None]] = []
-        if missed:
-            count = len(missed)
-            what = f"{count} run{'s' if count != 1 else ''} of `{routine.name}` missed while the service was down " \
-                   f"({utc(missed[0])} … {utc(missed[-1])})"
+        if newest_missed is not None:
+            missed = routine.due_between(last_due, newest_missed, limit=LIMIT + 1)
+            count = f"{len(missed)} run{'s' if len(missed) != 1 else ''}" if len(missed) <= LIMIT \
+                else f"more than {LIMIT} runs"
+            what = f"{count} of `{routine.name}` missed while the service was down " \
+                   f"({utc(missed[0])} … {utc(newest_missed)})"
             if routine.catch_up == "all":
-                plan += [(d, f"Catching up: {what}; this is the run due {utc(d)}.") for d in missed]
+                plan += [(d, f"Catching up: {what}; this is the run due {utc(d)}.") for d in missed[:LIMIT]]
+                if len(missed) > LIMIT:
+                    on_time = []  # the next tick goes on from the last of these
             elif routine.catch_up == "latest" and not on_time:
-                plan.append((missed[-1], f"Catching up: {what}; running once for the latest."))
+                plan.append((newest_missed, f"Catching up: {what}; running once for the latest."))
             else:
-                await self._note_missed(routine, missed[-1], f"⏭ Skipped: {what} (catch_up: {routine.catch_up}).")
+                await self._note_missed(routine, newest_missed,
+                                        f"⏭ Skipped: {what} (catch_up: {routine.catch_up}).")
         plan += [(d, None) for d in on_time]
+        handled = plan[-1][0] if plan else newest_missed
+        if handled is None:
+            return
         if plan:
-            self._running[routine.name] = asyncio.create_task(self._run_plan(routine, plan, dues[-1]))
+            self._running[routine.name] = asyncio.create_task(self._run_plan(routine, plan, handled))
         else:
-            await self.db.write(lambda c: repo.advance(c, routine.name, last_due_at=dues[-1],
-                                                       next_due_at=routine.next_due(dues[-1])))
+            await self.db.write(lambda c: repo.advance(c, routine.name, last_due_at=handled,
+                                                       next_due_at=routine.next_due(handled)))
 
     async def _run_plan(self, routine: Routine, plan: list[tuple[float, str | None]], last_due: float) -> None:
         try:

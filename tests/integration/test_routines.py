@@ -321,3 +321,31 @@ def test_fall_back_repeats_fixed_times_once_and_keeps_hourly_schedules_to_the_ho
     assert local(cron("*/20 1 * * *"), "2026-11-01 00:30", 4) == ["01:00 EDT", "01:20 EDT", "01:40 EDT"]
     assert local(cron("0 * * * *"), "2026-11-01 00:30", 3) == ["01:00 EDT", "01:00 EST", "02:00 EST"]
     assert local(cron("0 * * * *"), "2026-03-08 00:30", 3) == ["01:00 EST", "03:00 EDT", "04:00 EDT"]
+
+
+@pytest.mark.parametrize("policy,status", [("latest", "completed"), ("skip", "missed")])
+async def test_a_long_outage_is_handled_at_its_newest_due_time(sqlite, tmp_path, policy, status):
+    routines, clock = tmp_path / "routines", Clock()
+    write(routines, "ping", EVERY_MINUTE.format(n=5, catch_up=policy).replace("* * * * *", "*/5 * * * *"))
+    scheduler, db = await sqlite(routines, clock)
+    await tick(scheduler)
+    newest = T0 + 3000 * 300  # 3000 due times passed while down (over the 1000 listed at once)
+    clock.now = newest + 100
+    await tick(scheduler)
+    await tick(scheduler)
+    assert [(r.due_at, r.status) for r in await runs(db)] == [(newest, status)]
+    notes = [text for key, text in await sent(db) if key == "webchat:c-ops"]
+    assert len(notes) == 1 and "more than 1000 runs" in notes[0] and "2027-01-25 18:00:00 UTC" in notes[0]
+
+
+@pytest.mark.parametrize("routine", [
+    Routine(name="r", interval=7.5, command="x"),
+    Routine(name="r", schedule="*/7 1-3 * * *", timezone="America/New_York", command="x"),
+    Routine(name="r", schedule="0 * * * *", timezone="America/New_York", command="x"),
+])
+def test_the_newest_due_time_found_backwards_is_the_last_one_listed(routine):
+    for start in (_ny("2026-10-31 12:00"), _ny("2026-03-07 12:00")):  # across both DST changes
+        for span in (0, 1, 59, 3600, 86400 + 0.5, 2 * 86400):
+            listed = routine.due_between(start, start + span, limit=100_000)
+            newest = routine.latest_due(start, start + span)
+            assert newest == pytest.approx(listed[-1]) if listed else newest is None

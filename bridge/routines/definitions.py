@@ -135,6 +135,17 @@ class Routine(BaseModel):
         rest = self.due_between(newest if newest is not None else after, until)
         return rest[-1] if rest else newest
 
+    def period_ending(self, at: float) -> tuple[float, float]:
+        """The period a run at `at` covers, `(since, at)`: at a due time, the time since the due
+        time before it; at another time (a manual run), as long as the latest whole period."""
+        if self.interval is not None:
+            return at - self.interval, at
+        end = self.latest_due(0.0, at)
+        start = self.latest_before(0.0, end) if end is not None else None
+        if end is None or start is None:
+            return at - 86400.0, at
+        return at - (end - start), at
+
     def describe_schedule(self) -> str:
         return f"every {self.interval:g}s" if self.interval is not None else f"{self.schedule} ({self.timezone})"
 

@@ -91,7 +91,7 @@ class RoutineRunner:
         try:
             async with asyncio.timeout(routine.timeout):
                 if routine.kind == "digest":
-                    reply = await self._digest(routine, run_id)
+                    reply = await self._digest(routine, run_id, due_at)
                 else:
                     reply = await self._turn(routine, run_id, routine.text)
             output = reply.card.body if reply.card else reply.text
@@ -156,8 +156,9 @@ class RoutineRunner:
         return Reply(card=Card(kind="routine", title=f"Routine {routine.name}", body=outcome.text,
                                status="completed"))
 
-    async def _digest(self, routine: Routine, run_id: int) -> Reply:
-        since, until, day = digest.day_bounds(self.clock(), routine.timezone)
+    async def _digest(self, routine: Routine, run_id: int, due_at: float) -> Reply:
+        since, until = routine.period_ending(due_at)  # the period it was due for, however late it runs
+        day = digest.label(since, until, routine.timezone)
         items = await self.db.read(lambda c: digest.activity(c, since, until), offload=True)
         summary = digest.render(day, items)
         if routine.prompt and items:

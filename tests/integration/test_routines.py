@@ -349,3 +349,45 @@ def test_the_newest_due_time_found_backwards_is_the_last_one_listed(routine):
             listed = routine.due_between(start, start + span, limit=100_000)
             newest = routine.latest_due(start, start + span)
             assert newest == pytest.approx(listed[-1]) if listed else newest is None
+
+
+async def test_a_digest_covers_the_period_it_was_due_for_however_late_it_runs(sqlite, tmp_path, monkeypatch):
+    from bridge.routines import digest
+
+    windows = []
+    real = digest.activity
+
+    async def activity(conn, since, until):
+        windows.append((since, until))
+        return await real(conn, since, until)
+
+    monkeypatch.setattr(digest, "activity", activity)
+    routines, clock = tmp_path / "routines", Clock()  # T0 is 08:00 UTC
+    write(routines, "digest", 'name: digest\nkind: digest\nschedule: "0 22 * * *"\ntargets: [webchat:c-team]\n'
+                              'catch_up: all\n')
+    scheduler, db = await sqlite(routines, clock)
+    await tick(scheduler)
+    night1, night2 = T0 + 14 * 3600, T0 + 38 * 3600  # 22:00 on the 15th and the 16th
+    clock.now = night2 + 5 * 3600  # down over both nights, back at 03:00 on the 17th
+    await tick(scheduler)
+    assert windows == [(night1 - 86400, night1), (night2 - 86400, night2)]
+    titles = [text for _, text in await sent(db)]
+    assert "2027-01-15" in titles[0] and "2027-01-16" in titles[1]
+    clock.now += 1800
+    await scheduler.run_now("digest")  # a manual run: the day up to now
+    await settle(scheduler)
+    assert windows[-1] == (clock.now - 86400, clock.now)
+
+
+def test_a_digest_period_follows_the_schedule_and_is_labelled_by_its_day():
+    from bridge.routines.digest import label
+
+    nightly = Routine(name="d", kind="digest", schedule="0 22 * * *", timezone="America/New_York")
+    due = _ny("2026-11-01 22:00")  # the day the clocks went back: 25 hours since the night before
+    assert nightly.period_ending(due) == (_ny("2026-10-31 22:00"), due)
+    assert label(*nightly.period_ending(due), "America/New_York") == "2026-11-01"
+    midnight = Routine(name="d", kind="digest", schedule="0 0 * * *")
+    assert label(*midnight.period_ending(T0 + 16 * 3600), "UTC") == "2027-01-15"  # 00:00 on the 16th
+    weekly = Routine(name="d", kind="digest", schedule="0 9 * * 1")  # T0 + 3 d 1 h: Monday 09:00
+    assert label(*weekly.period_ending(T0 + 3 * 86400 + 3600), "UTC") == "2027-01-11 – 2027-01-18"
+    assert Routine(name="d", kind="digest", interval=3600).period_ending(T0) == (T0 - 3600, T0)

@@ -84,9 +84,34 @@ class RoutineRunner:
         self.clock = clock
 
     async def run(self, routine: Routine, run_id: int, due_at: float, *, note: str | None = None) -> Reply:
+        """Run a claimed run and deliver its outcome. Whatever happens the run is closed, and its
+        targets told once: its output or its failure; that it was interrupted, when the service
+        stops during it (the cancellation then goes on); or that it failed, when something
+        unexpected breaks the running of it (logged with the routine and its due time)."""
         log = logger.bind(routine=routine.name, run=run_id)
-        log.info("routine: {} run {} (due {})", routine.name, run_id, utc(due_at))
         renewer = asyncio.create_task(self._renew(run_id))
+        try:
+            return await self._run(routine, run_id, due_at, note=note, log=log)
+        except asyncio.CancelledError:
+            renewer.cancel()
+            log.warning("routine: {} run {} (due {}) interrupted: the service is stopping", routine.name, run_id,
+                        utc(due_at))
+            reply = Reply(text=f"⚠️ Routine `{routine.name}` (due {utc(due_at)}) was interrupted: the service "
+                               f"stopped while it ran. It is not run again; its next due time runs as usual.")
+            await asyncio.shield(self._close_unfinished(routine, run_id, reply, status="interrupted",
+                                                        error="the service stopped during the run", log=log))
+            raise
+        except Exception as exc:  # noqa: BLE001 - not the routine's failure: the running of it broke
+            log.exception("routine: {} run {} (due {}) crashed", routine.name, run_id, utc(due_at))
+            error = f"{type(exc).__name__}: {exc}"
+            reply = Reply(text=f"❌ Routine `{routine.name}` (due {utc(due_at)}) failed: {error}")
+            await self._close_unfinished(routine, run_id, reply, status="failed", error=error, log=log)
+            return reply
+        finally:
+            renewer.cancel()
+
+    async def _run(self, routine: Routine, run_id: int, due_at: float, *, note: str | None, log: Any) -> Reply:
+        log.info("routine: {} run {} (due {})", routine.name, run_id, utc(due_at))
         status, output, error = "completed", "", None
         try:
             async with asyncio.timeout(routine.timeout):
@@ -104,13 +129,27 @@ class RoutineRunner:
             log.exception("routine: {} failed", routine.name)
             status, error = "failed", f"{type(exc).__name__}: {exc}"
             reply = Reply(text=f"❌ Routine `{routine.name}` failed: {error}")
-        finally:
-            renewer.cancel()
         if note:
             reply = _with_note(reply, note)
-        await self._deliver(routine, run_id, reply, status=status, output=output, error=error)
-        log.info("routine: {} run {} {}", routine.name, run_id, status)
+        if await self._deliver(routine, run_id, reply, status=status, output=output, error=error):
+            log.info("routine: {} run {} {}", routine.name, run_id, status)
+        else:
+            log.warning("routine: {} run {} (due {}) was closed before it ended (its lease ran out); its outcome "
+                        "({}) is not posted", routine.name, run_id, utc(due_at), status)
         return reply
+
+    async def _close_unfinished(self, routine: Routine, run_id: int, reply: Reply, *, status: str, error: str,
+                                log: Any) -> None:
+        """Close a run that did not get to deliver its outcome, and tell its targets why (unless
+        it was closed already: nothing is posted twice)."""
+        async def close(conn, targets: list[str]) -> bool:
+            return await repo.finish(conn, run_id, status=status, output=None, error=error, delivered_to=targets)
+
+        try:
+            await post_to_targets(self.db, self.outbox, routine, run_id, reply, also=close)
+        except Exception:  # noqa: BLE001 - the store out of reach: the run is reported when its lease runs out
+            log.exception("routine: {} run {} could not be closed as {}; it is reported when its lease runs out",
+                          routine.name, run_id, status)
 
     async def _renew(self, run_id: int) -> None:
         while True:
@@ -171,28 +210,36 @@ class RoutineRunner:
         return Reply(card=Card(kind="digest", title=f"Digest · {day}", body=summary, status="completed"))
 
     async def _deliver(self, routine: Routine, run_id: int, reply: Reply, *, status: str, output: str,
-                       error: str | None) -> None:
-        async def close(conn, targets: list[str]) -> None:
-            await repo.finish(conn, run_id, status=status, output=output, error=error, delivered_to=targets)
+                       error: str | None) -> bool:
+        async def close(conn, targets: list[str]) -> bool:
+            return await repo.finish(conn, run_id, status=status, output=output, error=error, delivered_to=targets)
 
-        await post_to_targets(self.db, self.outbox, routine, run_id, reply, also=close)
+        return await post_to_targets(self.db, self.outbox, routine, run_id, reply, also=close)
 
 
 async def post_to_targets(db: Database, outbox: Outbox, routine: Routine, run_id: int, reply: Reply, *,
-                          also: Callable[[Any, list[str]], Any] | None = None) -> None:
+                          also: Callable[[Any, list[str]], Any] | None = None) -> bool:
     """Queue `reply` for each of the routine's targets (refs from the run: a retried write posts
-    nothing twice), with `also(conn, targets)` in the same transaction."""
+    nothing twice), with `also(conn, targets)` in the same transaction; when `also` returns False
+    nothing is queued (and False returned)."""
     targets = [str(ConversationKey.parse(t)) for t in routine.targets]
 
-    async def _write(conn) -> None:
-        for n, key in enumerate(targets):
-            await outbox.send_in(conn, ConversationKey.parse(key).channel, key, reply, ref=f"routine-{run_id}-{n}")
-        if also is not None:
-            await also(conn, targets)
+    async def _write(conn) -> bool:
+        if also is not None and await also(conn, targets) is False:
+            return False
+        await send_in(conn, outbox, targets, run_id, reply)
+        return True
 
-    await db.write(_write)
+    posted = await db.write(_write)
     for key in targets:
         outbox.kick(key)
+    return posted
+
+
+async def send_in(conn: Any, outbox: Outbox, targets: list[str], run_id: int, reply: Reply) -> None:
+    """Queue `reply` for each target inside the caller's transaction, by the run's refs."""
+    for n, key in enumerate(targets):
+        await outbox.send_in(conn, ConversationKey.parse(key).channel, key, reply, ref=f"routine-{run_id}-{n}")
 
 
 def _with_note(reply: Reply, note: str) -> Reply:
@@ -228,7 +275,7 @@ class Scheduler:
 
     async def start(self) -> None:
         self.reload()
-        await self.db.write(lambda c: repo.expire_stale(c, now=self.clock()))
+        await self._expire_stale(self.clock())
         self._task = asyncio.create_task(self._loop(), name="routines")
         if self.routines:
             logger.info("routines: {} loaded from {}", len(self.routines), self.directory)
@@ -257,7 +304,7 @@ class Scheduler:
     async def tick(self) -> None:
         now = self.clock()
         states = await self.db.read(repo.states)
-        await self.db.write(lambda c: repo.expire_stale(c, now=now))
+        await self._expire_stale(now)
         for name, routine in self.routines.items():
             state = states.get(name)
             if state is None:
@@ -309,21 +356,48 @@ class Scheduler:
                                                        next_due_at=routine.next_due(handled)))
 
     async def _run_plan(self, routine: Routine, plan: list[tuple[float, str | None]], last_due: float) -> None:
+        log = logger.bind(routine=routine.name)
+        due = plan[0][0]
         try:
             for due, note in plan:
                 run_id = await self.db.write(lambda c, d=due: repo.claim(c, routine.name, d, owner=self.owner,
-                                                                          lease=LEASE))
+                                                                          lease=LEASE, now=self.clock()))
                 if run_id is None:
                     continue  # another replica has it (or a run of this routine is still going)
                 await self.runner.run(routine, run_id, due, note=note)
             await self.db.write(lambda c: repo.advance(c, routine.name, last_due_at=last_due,
                                                        next_due_at=routine.next_due(last_due)))
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - not advanced: a later tick takes the due time up again
+            log.exception("routine: {} (due {}) could not be run; a later tick tries again", routine.name, utc(due))
         finally:
             self._running.pop(routine.name, None)
 
+    async def _expire_stale(self, now: float) -> None:
+        """Runs left by a process that died (their lease ran out) are marked interrupted, and their
+        targets told, in one transaction (each such run is returned to one replica)."""
+        async def _write(conn) -> list[tuple[Any, list[str]]]:
+            told = []
+            for row in await repo.expire_stale(conn, now=now):
+                routine = self.routines.get(row.routine)
+                targets = [str(ConversationKey.parse(t)) for t in routine.targets] if routine else []
+                reply = Reply(text=f"⚠️ Routine `{row.routine}` (due {utc(row.due_at)}) was interrupted: the "
+                                   f"process running it stopped. It is not run again; its next due time runs as usual.")
+                await send_in(conn, self.outbox, targets, row.id, reply)
+                told.append((row, targets))
+            return told
+
+        for row, targets in await self.db.write(_write):
+            logger.bind(routine=row.routine, run=row.id).warning(
+                "routine: {} run {} (due {}) was interrupted: the process running it stopped (told: {})",
+                row.routine, row.id, utc(row.due_at), ", ".join(targets) or "no target")
+            for key in targets:
+                self.outbox.kick(key)
+
     async def _note_missed(self, routine: Routine, due: float, text: str) -> None:
         run_id = await self.db.write(lambda c: repo.claim(c, routine.name, due, owner=self.owner, lease=0,
-                                                          status="missed", note=text))
+                                                          status="missed", note=text, now=self.clock()))
         if run_id is None:
             return  # another replica posted the note
         await post_to_targets(self.db, self.outbox, routine, run_id, Reply(text=text))
@@ -338,11 +412,12 @@ class Scheduler:
             return f"No routine named `{name}`."
         if name in self._running:
             return f"`{name}` is running now."
-        run_id = await self.db.write(lambda c: repo.claim(c, name, self.clock(), owner=self.owner, lease=LEASE,
-                                                          manual=True))
+        now = self.clock()
+        run_id = await self.db.write(lambda c: repo.claim(c, name, now, owner=self.owner, lease=LEASE, manual=True,
+                                                          now=now))
         if run_id is None:
             return f"`{name}` is running now."
-        task = asyncio.create_task(self.runner.run(routine, run_id, self.clock()))
+        task = asyncio.create_task(self.runner.run(routine, run_id, now))
         self._running[name] = task
         task.add_done_callback(lambda _t: self._running.pop(name, None))
         return f"🔁 Running `{name}` now; its output goes to {', '.join(routine.targets) or 'no target'}."

@@ -391,3 +391,86 @@ def test_a_digest_period_follows_the_schedule_and_is_labelled_by_its_day():
     weekly = Routine(name="d", kind="digest", schedule="0 9 * * 1")  # T0 + 3 d 1 h: Monday 09:00
     assert label(*weekly.period_ending(T0 + 3 * 86400 + 3600), "UTC") == "2027-01-11 – 2027-01-18"
     assert Routine(name="d", kind="digest", interval=3600).period_ending(T0) == (T0 - 3600, T0)
+
+
+# -- runs that do not end on their own: shutdown, a crash, a dead process, another's run going
+
+HOURLY = 'name: hourly\ninterval: 3600\ncommand: "{command}"\ntargets: [webchat:c-ops, webchat:c-team]\n'
+
+
+async def test_a_run_cut_short_by_shutdown_is_reported_once_and_not_run_again(sqlite, tmp_path):
+    routines, clock = tmp_path / "routines", Clock()
+    write(routines, "hourly", HOURLY.format(command="sleep 30"))
+    first, db = await sqlite(routines, clock)
+    allow = tmp_path / "rules.yaml"
+    allow.write_text('version: 1\npreset: default\nrules:\n  - action: allow\n    command: ["sleep *"]\n')
+    first.runner.gate.rules = rules.load(allow)
+    await first.tick()
+    clock.now = T0 + 3601
+    await first.tick()
+    for _ in range(100):  # the run is claimed and its command started
+        if [r.status for r in await runs(db)] == ["running"]:
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.3)
+    await first.stop()
+    assert [(r.due_at, r.status) for r in await runs(db)] == [(T0 + 3600, "interrupted")]
+    messages = await sent(db)
+    assert [key for key, _ in messages] == ["webchat:c-ops", "webchat:c-team"]
+    assert all("was interrupted" in text and "2027-01-15 09:00:00 UTC" in text for _, text in messages)
+    clock.now = T0 + 3700  # the next start, and later, past the lease: nothing again, nothing twice
+    second, _ = await sqlite(routines, clock, owner="b")
+    await tick(second)
+    clock.now = T0 + 3900
+    await tick(second)
+    assert len(await runs(db)) == 1 and len(await sent(db)) == 2
+
+
+async def test_a_run_whose_running_crashes_is_reported_and_logged(sqlite, tmp_path, monkeypatch):
+    from loguru import logger
+
+    async def broken(*_args, **_kwargs):
+        raise RuntimeError("the outbox broke")
+
+    monkeypatch.setattr(RoutineRunner, "_deliver", broken)
+    records: list[dict] = []
+    sink = logger.add(lambda message: records.append(message.record), level="ERROR")
+    try:
+        routines, clock = tmp_path / "routines", Clock()
+        write(routines, "hourly", HOURLY.format(command="echo hi"))
+        scheduler, db = await sqlite(routines, clock)
+        await tick(scheduler)
+        clock.now = T0 + 3601
+        await tick(scheduler)
+        await tick(scheduler)
+    finally:
+        logger.remove(sink)
+    assert [(r.status, r.error) for r in await runs(db)] == [("failed", "RuntimeError: the outbox broke")]
+    messages = await sent(db)
+    assert len(messages) == 2
+    assert all("failed: RuntimeError: the outbox broke" in text and "2027-01-15 09:00:00 UTC" in text
+               for _, text in messages)
+    assert any(r["extra"].get("routine") == "hourly" and "2027-01-15 09:00:00 UTC" in r["message"]
+               for r in records)
+
+
+async def test_a_run_left_by_a_dead_process_is_reported_when_its_lease_runs_out(sqlite, tmp_path):
+    from bridge.routines.scheduler import LEASE
+    from bridge.store import routines as repo
+
+    routines, clock = tmp_path / "routines", Clock()
+    write(routines, "hourly", HOURLY.format(command="echo hi"))
+    scheduler, db = await sqlite(routines, clock)
+    await tick(scheduler)
+    # another process claimed the due time, and died without a word
+    await db.write(lambda c: repo.claim(c, "hourly", T0 + 3600, owner="dead", lease=LEASE, now=T0 + 3601))
+    clock.now = T0 + 3630
+    await tick(scheduler)
+    assert [r.status for r in await runs(db)] == ["running"] and await sent(db) == []
+    clock.now = T0 + 3601 + LEASE + 1
+    await tick(scheduler)
+    await tick(scheduler)
+    assert [r.status for r in await runs(db)] == ["interrupted"]
+    messages = await sent(db)
+    assert len(messages) == 2 and all("process running it stopped" in text for _, text in messages)
+

@@ -363,7 +363,12 @@ class Scheduler:
                 run_id = await self.db.write(lambda c, d=due: repo.claim(c, routine.name, d, owner=self.owner,
                                                                           lease=LEASE, now=self.clock()))
                 if run_id is None:
-                    continue  # another replica has it (or a run of this routine is still going)
+                    if await self.db.read(lambda c, d=due: repo.run_exists(c, routine.name, d)):
+                        continue  # another replica has this due time
+                    # a run of the routine is still going (another replica's, the CLI's): this due
+                    # time is not passed over; a later tick runs it, or follows catch_up, once it ends
+                    log.debug("routine: {} due {} waits for its running run", routine.name, utc(due))
+                    return
                 await self.runner.run(routine, run_id, due, note=note)
             await self.db.write(lambda c: repo.advance(c, routine.name, last_due_at=last_due,
                                                        next_due_at=routine.next_due(last_due)))

@@ -76,6 +76,13 @@ async def finish(conn: AsyncConnection, run_id: int, *, status: str, output: str
     return bool(result.rowcount)
 
 
+async def run_exists(conn: AsyncConnection, name: str, due_at: float) -> bool:
+    """Whether the run of `name` due at `due_at` has a receipt (it is claimed, whatever came of it)."""
+    return (await conn.execute(select(routine_runs.c.id).where(
+        routine_runs.c.routine == name, routine_runs.c.due_at == due_at,
+    ).limit(1))).first() is not None
+
+
 async def expire_stale(conn: AsyncConnection, *, now: float) -> list[Any]:
     """Runs whose process died (their lease ran out) are marked interrupted; returns them (id,
     routine, due_at), for their targets to be told. Under concurrent replicas each is returned

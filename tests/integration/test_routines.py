@@ -474,3 +474,22 @@ async def test_a_run_left_by_a_dead_process_is_reported_when_its_lease_runs_out(
     messages = await sent(db)
     assert len(messages) == 2 and all("process running it stopped" in text for _, text in messages)
 
+
+async def test_a_due_time_that_comes_while_another_process_runs_the_routine_runs_after_it(sqlite, tmp_path):
+    from bridge.routines.scheduler import LEASE
+    from bridge.store import routines as repo
+
+    routines, clock = tmp_path / "routines", Clock()
+    write(routines, "ping", EVERY_MINUTE.format(n=6, catch_up="latest"))
+    scheduler, db = await sqlite(routines, clock)
+    await tick(scheduler)
+    # `agent-bridge routines run ping` in another process, still going at the due time
+    other = await db.write(lambda c: repo.claim(c, "ping", T0 + 30, owner="cli", lease=LEASE, manual=True,
+                                                now=T0 + 30))
+    clock.now = T0 + 61
+    await tick(scheduler)
+    assert [r.due_at for r in await runs(db)] == [T0 + 30]
+    await db.write(lambda c: repo.finish(c, other, status="completed", output="", error=None, delivered_to=[]))
+    clock.now = T0 + 70
+    await tick(scheduler)
+    assert [(r.due_at, r.status) for r in await runs(db)] == [(T0 + 30, "completed"), (T0 + 60, "completed")]

@@ -100,7 +100,8 @@ class Routine(BaseModel):
 
     @property
     def _every_hour(self) -> bool:
-        return croniter(self.schedule).expanded[1] == ["*"]  # type: ignore[arg-type]
+        hours = croniter(self.schedule).expanded[1]  # type: ignore[arg-type]
+        return hours == ["*"] or len(hours) == 24
 
     def due_between(self, after: float, until: float, limit: int = LIMIT) -> list[float]:
         """Due times in (after, until], oldest first (at most `limit`)."""

@@ -495,3 +495,29 @@ async def test_a_due_time_that_comes_while_another_process_runs_the_routine_runs
     clock.now = T0 + 70
     await tick(scheduler)
     assert [(r.due_at, r.status) for r in await runs(db)] == [(T0 + 30, "completed"), (T0 + 60, "completed")]
+
+
+async def test_the_service_stopping_during_a_run_tells_its_chat(bridge, chat, tmp_path):
+    rules_file = tmp_path / "rules.yaml"
+    rules_file.write_text('version: 1\npreset: default\nrules:\n  - action: allow\n    command: ["sleep *"]\n')
+    env = routine_env(tmp_path, 'name: slow\ninterval: 2\ncommand: "sleep 60"\ntargets: [webchat:c-slow]\n',
+                      "slow")
+    proc = bridge(BRIDGE_APPROVAL_RULES=str(rules_file), **env)
+    c = chat(proc)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:  # a run has started
+        if (proc.data_dir / "bridge.db").exists():
+            with sqlite3.connect(proc.data_dir / "bridge.db") as db:
+                if db.execute("SELECT count(*) FROM routine_runs WHERE status = 'running'").fetchone()[0]:
+                    break
+        await asyncio.sleep(0.1)
+    else:
+        raise AssertionError("no run started")
+    await asyncio.sleep(0.5)
+    assert proc.stop() == 0
+    with sqlite3.connect(proc.data_dir / "bridge.db") as db:
+        statuses = [s for (s,) in db.execute("SELECT status FROM routine_runs WHERE routine = 'slow'")]
+    assert statuses == ["interrupted"]
+    proc.start()
+    texts = await c.wait_for("c-slow", lambda msgs: [m["text"] for m in msgs if "interrupted" in (m["text"] or "")])
+    assert len(texts) == 1 and "the service stopped while it ran" in texts[0]

@@ -7,6 +7,7 @@ interval in seconds.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -16,6 +17,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import yaml
 from croniter import croniter
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+LIMIT = 1000  # due times listed at once (catch_up: all runs a long outage's in batches of this many)
 
 
 class Routine(BaseModel):
@@ -74,13 +77,33 @@ class Routine(BaseModel):
         return self.command or self.prompt or ""
 
     def next_due(self, after: float) -> float:
-        """The first due time strictly after `after` (epoch seconds)."""
+        """The first due time strictly after `after` (epoch seconds).
+
+        Cron times are local times in the routine's zone (croniter). A local time the clocks skip
+        (spring forward) runs once, at the moment they jump. A local time that occurs twice (fall
+        back) runs once, the first time, unless the schedule runs every hour (its hour field is
+        `*`): then it keeps to the hours that pass, and runs in both."""
         if self.interval is not None:
             return after + self.interval
-        start = datetime.fromtimestamp(after, ZoneInfo(self.timezone))
-        return croniter(self.schedule, start).get_next(datetime).timestamp()  # type: ignore[arg-type]
+        zone = ZoneInfo(self.timezone)
+        due = after
+        for _ in range(1500):  # the times of a repeated hour (at most one per minute) are skipped
+            due = croniter(self.schedule, datetime.fromtimestamp(due, zone)).get_next(datetime).timestamp()
+            if not self._repeated(due, zone):
+                return due
+        return due
 
-    def due_between(self, after: float, until: float, limit: int = 1000) -> list[float]:
+    def _repeated(self, due: float, zone: ZoneInfo) -> bool:
+        """`due` is the second occurrence of a local time (after a fall-back) that a schedule with
+        fixed hours has already had."""
+        return datetime.fromtimestamp(due, zone).fold == 1 and not self._every_hour
+
+    @property
+    def _every_hour(self) -> bool:
+        hours = croniter(self.schedule).expanded[1]  # type: ignore[arg-type]
+        return hours == ["*"] or len(hours) == 24
+
+    def due_between(self, after: float, until: float, limit: int = LIMIT) -> list[float]:
         """Due times in (after, until], oldest first (at most `limit`)."""
         out = []
         due = self.next_due(after)
@@ -88,6 +111,41 @@ class Routine(BaseModel):
             out.append(due)
             due = self.next_due(due)
         return out
+
+    def latest_before(self, after: float, before: float) -> float | None:
+        """The newest due time in (after, before), found backwards from `before` without walking
+        the ones in between (a long outage of an every-minute routine holds very many)."""
+        if before <= after:
+            return None
+        if self.interval is not None:
+            steps = math.ceil((before - after) / self.interval) - 1
+            return after + steps * self.interval if steps >= 1 else None
+        zone = ZoneInfo(self.timezone)
+        it = croniter(self.schedule, datetime.fromtimestamp(before, zone))  # type: ignore[arg-type]
+        for _ in range(1500):  # past the skipped times of a repeated hour
+            due = it.get_prev(datetime).timestamp()
+            if due <= after:
+                return None
+            if due < before and not self._repeated(due, zone):
+                return due
+        return None
+
+    def latest_due(self, after: float, until: float) -> float | None:
+        """The newest due time in (after, until], or None."""
+        newest = self.latest_before(after, until)
+        rest = self.due_between(newest if newest is not None else after, until)
+        return rest[-1] if rest else newest
+
+    def period_ending(self, at: float) -> tuple[float, float]:
+        """The period a run at `at` covers, `(since, at)`: at a due time, the time since the due
+        time before it; at another time (a manual run), as long as the latest whole period."""
+        if self.interval is not None:
+            return at - self.interval, at
+        end = self.latest_due(0.0, at)
+        start = self.latest_before(0.0, end) if end is not None else None
+        if end is None or start is None:
+            return at - 86400.0, at
+        return at - (end - start), at
 
     def describe_schedule(self) -> str:
         return f"every {self.interval:g}s" if self.interval is not None else f"{self.schedule} ({self.timezone})"

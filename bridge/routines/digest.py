@@ -1,10 +1,13 @@
-"""The nightly digest's material: the period's activity from the store, per conversation."""
+"""The nightly digest's material: the period's activity from the store, per conversation.
+
+The period is the one the run's due time ends (Routine.period_ending): a late or caught-up run
+covers the period it was due for, not the one before it ran."""
 
 from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from zoneinfo import ZoneInfo
 
 from sqlalchemy import func, select
@@ -23,11 +26,14 @@ class ConversationActivity:
     people: set[str] = field(default_factory=set)
 
 
-def day_bounds(now: float, zone: str) -> tuple[float, float, str]:
-    """The day that ends at `now` (the last 24 hours, labelled by the local date)."""
-    local = datetime.fromtimestamp(now, ZoneInfo(zone))
-    start = local - timedelta(days=1)
-    return start.timestamp(), now, local.strftime("%Y-%m-%d")
+def label(since: float, until: float, zone: str) -> str:
+    """The period (since, until] by its local date: the date it ends on (a period ending at
+    midnight is the day before), or first and last dates when it is longer than a day."""
+    tz = ZoneInfo(zone)
+    last = datetime.fromtimestamp(until - 1, tz).strftime("%Y-%m-%d")
+    if until - since <= 25 * 3600:  # a day, with a DST change in it
+        return last
+    return f"{datetime.fromtimestamp(since, tz).strftime('%Y-%m-%d')} – {last}"
 
 
 async def activity(conn: AsyncConnection, since: float, until: float) -> list[ConversationActivity]:

@@ -30,7 +30,7 @@ from bridge.approvals.gate import HumanGate, TurnScope
 from bridge.delivery.outbox import Outbox
 from bridge.logs import FailureStreak
 from bridge.routines import digest
-from bridge.routines.definitions import LoadError, Routine, load_dir, utc
+from bridge.routines.definitions import LIMIT, LoadError, Routine, load_dir, utc
 from bridge.runtimes.base import Approval, ApprovalRequest, Decision, Runtime, TurnRequest
 from bridge.store import conversations
 from bridge.store import routines as repo
@@ -84,14 +84,39 @@ class RoutineRunner:
         self.clock = clock
 
     async def run(self, routine: Routine, run_id: int, due_at: float, *, note: str | None = None) -> Reply:
+        """Run a claimed run and deliver its outcome. Whatever happens the run is closed, and its
+        targets told once: its output or its failure; that it was interrupted, when the service
+        stops during it (the cancellation then goes on); or that it failed, when something
+        unexpected breaks the running of it (logged with the routine and its due time)."""
         log = logger.bind(routine=routine.name, run=run_id)
-        log.info("routine: {} run {} (due {})", routine.name, run_id, utc(due_at))
         renewer = asyncio.create_task(self._renew(run_id))
+        try:
+            return await self._run(routine, run_id, due_at, note=note, log=log)
+        except asyncio.CancelledError:
+            renewer.cancel()
+            log.warning("routine: {} run {} (due {}) interrupted: the service is stopping", routine.name, run_id,
+                        utc(due_at))
+            reply = Reply(text=f"⚠️ Routine `{routine.name}` (due {utc(due_at)}) was interrupted: the service "
+                               f"stopped while it ran. It is not run again; its next due time runs as usual.")
+            await asyncio.shield(self._close_unfinished(routine, run_id, reply, status="interrupted",
+                                                        error="the service stopped during the run", log=log))
+            raise
+        except Exception as exc:  # noqa: BLE001 - not the routine's failure: the running of it broke
+            log.exception("routine: {} run {} (due {}) crashed", routine.name, run_id, utc(due_at))
+            error = f"{type(exc).__name__}: {exc}"
+            reply = Reply(text=f"❌ Routine `{routine.name}` (due {utc(due_at)}) failed: {error}")
+            await self._close_unfinished(routine, run_id, reply, status="failed", error=error, log=log)
+            return reply
+        finally:
+            renewer.cancel()
+
+    async def _run(self, routine: Routine, run_id: int, due_at: float, *, note: str | None, log: Any) -> Reply:
+        log.info("routine: {} run {} (due {})", routine.name, run_id, utc(due_at))
         status, output, error = "completed", "", None
         try:
             async with asyncio.timeout(routine.timeout):
                 if routine.kind == "digest":
-                    reply = await self._digest(routine, run_id)
+                    reply = await self._digest(routine, run_id, due_at)
                 else:
                     reply = await self._turn(routine, run_id, routine.text)
             output = reply.card.body if reply.card else reply.text
@@ -104,13 +129,27 @@ class RoutineRunner:
             log.exception("routine: {} failed", routine.name)
             status, error = "failed", f"{type(exc).__name__}: {exc}"
             reply = Reply(text=f"❌ Routine `{routine.name}` failed: {error}")
-        finally:
-            renewer.cancel()
         if note:
             reply = _with_note(reply, note)
-        await self._deliver(routine, run_id, reply, status=status, output=output, error=error)
-        log.info("routine: {} run {} {}", routine.name, run_id, status)
+        if await self._deliver(routine, run_id, reply, status=status, output=output, error=error):
+            log.info("routine: {} run {} {}", routine.name, run_id, status)
+        else:
+            log.warning("routine: {} run {} (due {}) was closed before it ended (its lease ran out); its outcome "
+                        "({}) is not posted", routine.name, run_id, utc(due_at), status)
         return reply
+
+    async def _close_unfinished(self, routine: Routine, run_id: int, reply: Reply, *, status: str, error: str,
+                                log: Any) -> None:
+        """Close a run that did not get to deliver its outcome, and tell its targets why (unless
+        it was closed already: nothing is posted twice)."""
+        async def close(conn, targets: list[str]) -> bool:
+            return await repo.finish(conn, run_id, status=status, output=None, error=error, delivered_to=targets)
+
+        try:
+            await post_to_targets(self.db, self.outbox, routine, run_id, reply, also=close)
+        except Exception:  # noqa: BLE001 - the store out of reach: the run is reported when its lease runs out
+            log.exception("routine: {} run {} could not be closed as {}; it is reported when its lease runs out",
+                          routine.name, run_id, status)
 
     async def _renew(self, run_id: int) -> None:
         while True:
@@ -156,8 +195,9 @@ class RoutineRunner:
         return Reply(card=Card(kind="routine", title=f"Routine {routine.name}", body=outcome.text,
                                status="completed"))
 
-    async def _digest(self, routine: Routine, run_id: int) -> Reply:
-        since, until, day = digest.day_bounds(self.clock(), routine.timezone)
+    async def _digest(self, routine: Routine, run_id: int, due_at: float) -> Reply:
+        since, until = routine.period_ending(due_at)  # the period it was due for, however late it runs
+        day = digest.label(since, until, routine.timezone)
         items = await self.db.read(lambda c: digest.activity(c, since, until), offload=True)
         summary = digest.render(day, items)
         if routine.prompt and items:
@@ -170,28 +210,36 @@ class RoutineRunner:
         return Reply(card=Card(kind="digest", title=f"Digest · {day}", body=summary, status="completed"))
 
     async def _deliver(self, routine: Routine, run_id: int, reply: Reply, *, status: str, output: str,
-                       error: str | None) -> None:
-        async def close(conn, targets: list[str]) -> None:
-            await repo.finish(conn, run_id, status=status, output=output, error=error, delivered_to=targets)
+                       error: str | None) -> bool:
+        async def close(conn, targets: list[str]) -> bool:
+            return await repo.finish(conn, run_id, status=status, output=output, error=error, delivered_to=targets)
 
-        await post_to_targets(self.db, self.outbox, routine, run_id, reply, also=close)
+        return await post_to_targets(self.db, self.outbox, routine, run_id, reply, also=close)
 
 
 async def post_to_targets(db: Database, outbox: Outbox, routine: Routine, run_id: int, reply: Reply, *,
-                          also: Callable[[Any, list[str]], Any] | None = None) -> None:
+                          also: Callable[[Any, list[str]], Any] | None = None) -> bool:
     """Queue `reply` for each of the routine's targets (refs from the run: a retried write posts
-    nothing twice), with `also(conn, targets)` in the same transaction."""
+    nothing twice), with `also(conn, targets)` in the same transaction; when `also` returns False
+    nothing is queued (and False returned)."""
     targets = [str(ConversationKey.parse(t)) for t in routine.targets]
 
-    async def _write(conn) -> None:
-        for n, key in enumerate(targets):
-            await outbox.send_in(conn, ConversationKey.parse(key).channel, key, reply, ref=f"routine-{run_id}-{n}")
-        if also is not None:
-            await also(conn, targets)
+    async def _write(conn) -> bool:
+        if also is not None and await also(conn, targets) is False:
+            return False
+        await send_in(conn, outbox, targets, run_id, reply)
+        return True
 
-    await db.write(_write)
+    posted = await db.write(_write)
     for key in targets:
         outbox.kick(key)
+    return posted
+
+
+async def send_in(conn: Any, outbox: Outbox, targets: list[str], run_id: int, reply: Reply) -> None:
+    """Queue `reply` for each target inside the caller's transaction, by the run's refs."""
+    for n, key in enumerate(targets):
+        await outbox.send_in(conn, ConversationKey.parse(key).channel, key, reply, ref=f"routine-{run_id}-{n}")
 
 
 def _with_note(reply: Reply, note: str) -> Reply:
@@ -227,7 +275,7 @@ class Scheduler:
 
     async def start(self) -> None:
         self.reload()
-        await self.db.write(lambda c: repo.expire_stale(c, now=self.clock()))
+        await self._expire_stale(self.clock())
         self._task = asyncio.create_task(self._loop(), name="routines")
         if self.routines:
             logger.info("routines: {} loaded from {}", len(self.routines), self.directory)
@@ -256,7 +304,7 @@ class Scheduler:
     async def tick(self) -> None:
         now = self.clock()
         states = await self.db.read(repo.states)
-        await self.db.write(lambda c: repo.expire_stale(c, now=now))
+        await self._expire_stale(now)
         for name, routine in self.routines.items():
             state = states.get(name)
             if state is None:
@@ -266,52 +314,95 @@ class Scheduler:
             enabled = routine.enabled if state.enabled is None else bool(state.enabled)
             if name in self._running:
                 continue
-            dues = routine.due_between(state.last_due_at, now)
-            if not dues:
+            if routine.next_due(state.last_due_at) > now:
                 continue
             if not enabled:  # a disabled routine's due times pass quietly
-                await self.db.write(lambda c, r=routine, d=dues[-1]: repo.advance(
-                    c, r.name, last_due_at=d, next_due_at=r.next_due(d)))
+                newest = routine.latest_due(state.last_due_at, now)
+                if newest is not None:
+                    await self.db.write(lambda c, r=routine, d=newest: repo.advance(
+                        c, r.name, last_due_at=d, next_due_at=r.next_due(d)))
                 continue
-            await self._handle(routine, dues, now)
+            await self._handle(routine, state.last_due_at, now)
 
-    async def _handle(self, routine: Routine, dues: list[float], now: float) -> None:
-        missed = [d for d in dues if now - d > ON_TIME]
-        on_time = [d for d in dues if now - d <= ON_TIME]
+    async def _handle(self, routine: Routine, last_due: float, now: float) -> None:
+        # missed: more than ON_TIME late. The newest is found backwards from now, so a long outage
+        # is never walked through whole (only `catch_up: all` lists them, LIMIT at a time).
+        newest_missed = routine.latest_before(last_due, now - ON_TIME)
+        on_time = routine.due_between(newest_missed if newest_missed is not None else last_due, now)
         plan: list[tuple[float, str | None]] = []
-        if missed:
-            count = len(missed)
-            what = f"{count} run{'s' if count != 1 else ''} of `{routine.name}` missed while the service was down " \
-                   f"({utc(missed[0])} … {utc(missed[-1])})"
+        if newest_missed is not None:
+            missed = routine.due_between(last_due, newest_missed, limit=LIMIT + 1)
+            count = f"{len(missed)} run{'s' if len(missed) != 1 else ''}" if len(missed) <= LIMIT \
+                else f"more than {LIMIT} runs"
+            what = f"{count} of `{routine.name}` missed while the service was down " \
+                   f"({utc(missed[0])} … {utc(newest_missed)})"
             if routine.catch_up == "all":
-                plan += [(d, f"Catching up: {what}; this is the run due {utc(d)}.") for d in missed]
+                plan += [(d, f"Catching up: {what}; this is the run due {utc(d)}.") for d in missed[:LIMIT]]
+                if len(missed) > LIMIT:
+                    on_time = []  # the next tick goes on from the last of these
             elif routine.catch_up == "latest" and not on_time:
-                plan.append((missed[-1], f"Catching up: {what}; running once for the latest."))
+                plan.append((newest_missed, f"Catching up: {what}; running once for the latest."))
             else:
-                await self._note_missed(routine, missed[-1], f"⏭ Skipped: {what} (catch_up: {routine.catch_up}).")
+                await self._note_missed(routine, newest_missed,
+                                        f"⏭ Skipped: {what} (catch_up: {routine.catch_up}).")
         plan += [(d, None) for d in on_time]
+        handled = plan[-1][0] if plan else newest_missed
+        if handled is None:
+            return
         if plan:
-            self._running[routine.name] = asyncio.create_task(self._run_plan(routine, plan, dues[-1]))
+            self._running[routine.name] = asyncio.create_task(self._run_plan(routine, plan, handled))
         else:
-            await self.db.write(lambda c: repo.advance(c, routine.name, last_due_at=dues[-1],
-                                                       next_due_at=routine.next_due(dues[-1])))
+            await self.db.write(lambda c: repo.advance(c, routine.name, last_due_at=handled,
+                                                       next_due_at=routine.next_due(handled)))
 
     async def _run_plan(self, routine: Routine, plan: list[tuple[float, str | None]], last_due: float) -> None:
+        log = logger.bind(routine=routine.name)
+        due = plan[0][0]
         try:
             for due, note in plan:
                 run_id = await self.db.write(lambda c, d=due: repo.claim(c, routine.name, d, owner=self.owner,
-                                                                          lease=LEASE))
+                                                                          lease=LEASE, now=self.clock()))
                 if run_id is None:
-                    continue  # another replica has it (or a run of this routine is still going)
+                    if await self.db.read(lambda c, d=due: repo.run_exists(c, routine.name, d)):
+                        continue  # another replica has this due time
+                    # a run of the routine is still going (another replica's, the CLI's): this due
+                    # time is not passed over; a later tick runs it, or follows catch_up, once it ends
+                    log.debug("routine: {} due {} waits for its running run", routine.name, utc(due))
+                    return
                 await self.runner.run(routine, run_id, due, note=note)
             await self.db.write(lambda c: repo.advance(c, routine.name, last_due_at=last_due,
                                                        next_due_at=routine.next_due(last_due)))
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - not advanced: a later tick takes the due time up again
+            log.exception("routine: {} (due {}) could not be run; a later tick tries again", routine.name, utc(due))
         finally:
             self._running.pop(routine.name, None)
 
+    async def _expire_stale(self, now: float) -> None:
+        """Runs left by a process that died (their lease ran out) are marked interrupted, and their
+        targets told, in one transaction (each such run is returned to one replica)."""
+        async def _write(conn) -> list[tuple[Any, list[str]]]:
+            told = []
+            for row in await repo.expire_stale(conn, now=now):
+                routine = self.routines.get(row.routine)
+                targets = [str(ConversationKey.parse(t)) for t in routine.targets] if routine else []
+                reply = Reply(text=f"⚠️ Routine `{row.routine}` (due {utc(row.due_at)}) was interrupted: the "
+                                   f"process running it stopped. It is not run again; its next due time runs as usual.")
+                await send_in(conn, self.outbox, targets, row.id, reply)
+                told.append((row, targets))
+            return told
+
+        for row, targets in await self.db.write(_write):
+            logger.bind(routine=row.routine, run=row.id).warning(
+                "routine: {} run {} (due {}) was interrupted: the process running it stopped (told: {})",
+                row.routine, row.id, utc(row.due_at), ", ".join(targets) or "no target")
+            for key in targets:
+                self.outbox.kick(key)
+
     async def _note_missed(self, routine: Routine, due: float, text: str) -> None:
         run_id = await self.db.write(lambda c: repo.claim(c, routine.name, due, owner=self.owner, lease=0,
-                                                          status="missed", note=text))
+                                                          status="missed", note=text, now=self.clock()))
         if run_id is None:
             return  # another replica posted the note
         await post_to_targets(self.db, self.outbox, routine, run_id, Reply(text=text))
@@ -326,11 +417,12 @@ class Scheduler:
             return f"No routine named `{name}`."
         if name in self._running:
             return f"`{name}` is running now."
-        run_id = await self.db.write(lambda c: repo.claim(c, name, self.clock(), owner=self.owner, lease=LEASE,
-                                                          manual=True))
+        now = self.clock()
+        run_id = await self.db.write(lambda c: repo.claim(c, name, now, owner=self.owner, lease=LEASE, manual=True,
+                                                          now=now))
         if run_id is None:
             return f"`{name}` is running now."
-        task = asyncio.create_task(self.runner.run(routine, run_id, self.clock()))
+        task = asyncio.create_task(self.runner.run(routine, run_id, now))
         self._running[name] = task
         task.add_done_callback(lambda _t: self._running.pop(name, None))
         return f"🔁 Running `{name}` now; its output goes to {', '.join(routine.targets) or 'no target'}."

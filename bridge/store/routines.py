@@ -38,10 +38,11 @@ async def set_enabled(conn: AsyncConnection, name: str, enabled: bool, *, now: f
 
 
 async def claim(conn: AsyncConnection, name: str, due_at: float, *, owner: str, lease: float, manual: bool = False,
-                status: str = "running", note: str | None = None) -> int | None:
+                status: str = "running", note: str | None = None, now: float | None = None) -> int | None:
     """Claim the run of `name` due at `due_at`; None if another process has it, or if a run of the
-    routine is still going (runs of one routine never overlap)."""
-    now = time.time()
+    routine is still going (runs of one routine never overlap). `now`: the caller's clock, the one
+    its leases are renewed and expired by."""
+    now = time.time() if now is None else now
     if status == "running":
         live = (await conn.execute(select(routine_runs.c.id).where(
             routine_runs.c.routine == name, routine_runs.c.status == "running", routine_runs.c.lease_until > now,
@@ -63,19 +64,34 @@ async def renew(conn: AsyncConnection, run_id: int, *, until: float) -> None:
 
 
 async def finish(conn: AsyncConnection, run_id: int, *, status: str, output: str | None, error: str | None,
-                 delivered_to: list[str]) -> None:
-    await conn.execute(update(routine_runs).where(routine_runs.c.id == run_id).values(
+                 delivered_to: list[str]) -> bool:
+    """Close a running run's receipt; False if it is closed already (a run is closed once: by its
+    outcome, its interruption or its crash, whichever comes first)."""
+    result = await conn.execute(update(routine_runs).where(
+        routine_runs.c.id == run_id, routine_runs.c.status == "running",
+    ).values(
         status=status, finished_at=time.time(), output=output, error=error, delivered_to=json.dumps(delivered_to),
         lease_until=None,
     ))
+    return bool(result.rowcount)
 
 
-async def expire_stale(conn: AsyncConnection, *, now: float) -> int:
-    """Runs whose process died (their lease ran out) are marked interrupted."""
+async def run_exists(conn: AsyncConnection, name: str, due_at: float) -> bool:
+    """Whether the run of `name` due at `due_at` has a receipt (it is claimed, whatever came of it)."""
+    return (await conn.execute(select(routine_runs.c.id).where(
+        routine_runs.c.routine == name, routine_runs.c.due_at == due_at,
+    ).limit(1))).first() is not None
+
+
+async def expire_stale(conn: AsyncConnection, *, now: float) -> list[Any]:
+    """Runs whose process died (their lease ran out) are marked interrupted; returns them (id,
+    routine, due_at), for their targets to be told. Under concurrent replicas each is returned
+    to one: the update takes only rows still running."""
     result = await conn.execute(update(routine_runs).where(
         routine_runs.c.status == "running", routine_runs.c.lease_until < now,
-    ).values(status="interrupted", finished_at=now, error="the process running it stopped", lease_until=None))
-    return result.rowcount or 0
+    ).values(status="interrupted", finished_at=now, error="the process running it stopped", lease_until=None)
+        .returning(routine_runs.c.id, routine_runs.c.routine, routine_runs.c.due_at))
+    return list(result.all())
 
 
 async def history(conn: AsyncConnection, name: str | None = None, limit: int = 20) -> list:

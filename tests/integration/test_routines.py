@@ -10,7 +10,9 @@ import sqlite3
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import pytest
 from sqlalchemy import select
@@ -19,7 +21,7 @@ from bridge.approvals import rules
 from bridge.approvals.gate import HumanGate
 from bridge.delivery.outbox import Outbox
 from bridge.metrics import Metrics
-from bridge.routines.definitions import load_dir
+from bridge.routines.definitions import Routine, load_dir
 from bridge.routines.scheduler import RoutineRunner, Scheduler
 from bridge.runtimes.shell import ShellRuntime
 from bridge.store import migrate
@@ -245,7 +247,9 @@ async def test_an_interval_routine_delivers_once_per_due_time_across_a_restart(b
                                "AND role = 'bot'").fetchone()[0]
         runs = db.execute("SELECT due_at, status FROM routine_runs WHERE routine = 'tick'").fetchall()
     completed = [due for due, status in runs if status == "completed"]
-    assert delivered == len(completed) >= 4  # one message per run, none twice, none lost
+    interrupted = [due for due, status in runs if status == "interrupted"]  # a stop that fell during a run
+    assert len(completed) >= 4
+    assert delivered == len(completed) + len(interrupted)  # one message per run, none twice, none lost
     assert len(set(completed)) == len(completed)
     assert all(b - a >= 2 for a, b in zip(sorted(completed), sorted(completed)[1:]))
 
@@ -273,3 +277,247 @@ async def test_cli_runs_the_digest_and_chat_lists_routines(bridge, chat, tmp_pat
     await c.post("c-admin", "root", "/routines run nightly-digest")
     await c.wait_for("c-admin", lambda msgs: [t for t in final_texts(msgs) if "Running `nightly-digest` now" in t])
     await c.wait_for("c-digest", lambda msgs: len([m for m in msgs if m["card"]]) == 2, timeout=15)
+
+
+# -- local time zones: daylight saving time
+
+
+def _ny(text: str) -> float:
+    """A local time in New York ("2026-11-01 01:30", fold 0: the first occurrence)."""
+    return datetime.fromisoformat(text).replace(tzinfo=ZoneInfo("America/New_York")).timestamp()
+
+
+async def _minute_ticks(scheduler: Scheduler, clock: Clock, start: float, hours: int) -> None:
+    clock.now = start
+    await tick(scheduler)
+    for _ in range(hours * 60):
+        clock.now += 60
+        await tick(scheduler)
+
+
+@pytest.mark.parametrize("schedule,night,due", [
+    # fall back (2026-11-01): 01:00-01:59 happens twice; the routine runs at the first 01:30 only
+    ("30 1 * * *", "2026-11-01", "2026-11-01 01:30"),
+    # spring forward (2026-03-08): 02:30 never happens; croniter runs it once, at 03:00 EDT
+    ("30 2 * * *", "2026-03-08", "2026-03-08 03:00"),
+])
+async def test_a_daily_local_time_runs_once_across_a_dst_change(sqlite, tmp_path, schedule, night, due):
+    routines, clock = tmp_path / "routines", Clock()
+    write(routines, "nightly", f'name: nightly\nschedule: "{schedule}"\ntimezone: America/New_York\n'
+                               f'command: "echo night"\ntargets: [webchat:c-ops]\n')
+    scheduler, db = await sqlite(routines, clock)
+    await _minute_ticks(scheduler, clock, _ny(f"{night} 00:00"), hours=4)
+    assert [r.due_at for r in await runs(db)] == [_ny(due)]
+    assert len(await sent(db)) == 1
+
+
+def test_fall_back_repeats_fixed_times_once_and_keeps_hourly_schedules_to_the_hours():
+    def local(routine, start: str, hours: int) -> list[str]:
+        zone = ZoneInfo("America/New_York")
+        return [datetime.fromtimestamp(d, zone).strftime("%H:%M %Z")
+                for d in routine.due_between(_ny(start), _ny(start) + hours * 3600)]
+
+    def cron(schedule: str) -> Routine:
+        return Routine(name="r", schedule=schedule, timezone="America/New_York", command="x")
+
+    assert local(cron("*/20 1 * * *"), "2026-11-01 00:30", 4) == ["01:00 EDT", "01:20 EDT", "01:40 EDT"]
+    assert local(cron("0 * * * *"), "2026-11-01 00:30", 3) == ["01:00 EDT", "01:00 EST", "02:00 EST"]
+    assert local(cron("0 * * * *"), "2026-03-08 00:30", 3) == ["01:00 EST", "03:00 EDT", "04:00 EDT"]
+
+
+@pytest.mark.parametrize("policy,status", [("latest", "completed"), ("skip", "missed")])
+async def test_a_long_outage_is_handled_at_its_newest_due_time(sqlite, tmp_path, policy, status):
+    routines, clock = tmp_path / "routines", Clock()
+    write(routines, "ping", EVERY_MINUTE.format(n=5, catch_up=policy).replace("* * * * *", "*/5 * * * *"))
+    scheduler, db = await sqlite(routines, clock)
+    await tick(scheduler)
+    newest = T0 + 3000 * 300  # 3000 due times passed while down (over the 1000 listed at once)
+    clock.now = newest + 100
+    await tick(scheduler)
+    await tick(scheduler)
+    assert [(r.due_at, r.status) for r in await runs(db)] == [(newest, status)]
+    notes = [text for key, text in await sent(db) if key == "webchat:c-ops"]
+    assert len(notes) == 1 and "more than 1000 runs" in notes[0] and "2027-01-25 18:00:00 UTC" in notes[0]
+
+
+@pytest.mark.parametrize("routine", [
+    Routine(name="r", interval=7.5, command="x"),
+    Routine(name="r", schedule="*/7 1-3 * * *", timezone="America/New_York", command="x"),
+    Routine(name="r", schedule="0 * * * *", timezone="America/New_York", command="x"),
+])
+def test_the_newest_due_time_found_backwards_is_the_last_one_listed(routine):
+    for start in (_ny("2026-10-31 12:00"), _ny("2026-03-07 12:00")):  # across both DST changes
+        for span in (0, 1, 59, 3600, 86400 + 0.5, 2 * 86400):
+            listed = routine.due_between(start, start + span, limit=100_000)
+            newest = routine.latest_due(start, start + span)
+            assert newest == pytest.approx(listed[-1]) if listed else newest is None
+
+
+async def test_a_digest_covers_the_period_it_was_due_for_however_late_it_runs(sqlite, tmp_path, monkeypatch):
+    from bridge.routines import digest
+
+    windows = []
+    real = digest.activity
+
+    async def activity(conn, since, until):
+        windows.append((since, until))
+        return await real(conn, since, until)
+
+    monkeypatch.setattr(digest, "activity", activity)
+    routines, clock = tmp_path / "routines", Clock()  # T0 is 08:00 UTC
+    write(routines, "digest", 'name: digest\nkind: digest\nschedule: "0 22 * * *"\ntargets: [webchat:c-team]\n'
+                              'catch_up: all\n')
+    scheduler, db = await sqlite(routines, clock)
+    await tick(scheduler)
+    night1, night2 = T0 + 14 * 3600, T0 + 38 * 3600  # 22:00 on the 15th and the 16th
+    clock.now = night2 + 5 * 3600  # down over both nights, back at 03:00 on the 17th
+    await tick(scheduler)
+    assert windows == [(night1 - 86400, night1), (night2 - 86400, night2)]
+    titles = [text for _, text in await sent(db)]
+    assert "2027-01-15" in titles[0] and "2027-01-16" in titles[1]
+    clock.now += 1800
+    await scheduler.run_now("digest")  # a manual run: the day up to now
+    await settle(scheduler)
+    assert windows[-1] == (clock.now - 86400, clock.now)
+
+
+def test_a_digest_period_follows_the_schedule_and_is_labelled_by_its_day():
+    from bridge.routines.digest import label
+
+    nightly = Routine(name="d", kind="digest", schedule="0 22 * * *", timezone="America/New_York")
+    due = _ny("2026-11-01 22:00")  # the day the clocks went back: 25 hours since the night before
+    assert nightly.period_ending(due) == (_ny("2026-10-31 22:00"), due)
+    assert label(*nightly.period_ending(due), "America/New_York") == "2026-11-01"
+    midnight = Routine(name="d", kind="digest", schedule="0 0 * * *")
+    assert label(*midnight.period_ending(T0 + 16 * 3600), "UTC") == "2027-01-15"  # 00:00 on the 16th
+    weekly = Routine(name="d", kind="digest", schedule="0 9 * * 1")  # T0 + 3 d 1 h: Monday 09:00
+    assert label(*weekly.period_ending(T0 + 3 * 86400 + 3600), "UTC") == "2027-01-11 – 2027-01-18"
+    assert Routine(name="d", kind="digest", interval=3600).period_ending(T0) == (T0 - 3600, T0)
+
+
+# -- runs that do not end on their own: shutdown, a crash, a dead process, another's run going
+
+HOURLY = 'name: hourly\ninterval: 3600\ncommand: "{command}"\ntargets: [webchat:c-ops, webchat:c-team]\n'
+
+
+async def test_a_run_cut_short_by_shutdown_is_reported_once_and_not_run_again(sqlite, tmp_path):
+    routines, clock = tmp_path / "routines", Clock()
+    write(routines, "hourly", HOURLY.format(command="sleep 30"))
+    first, db = await sqlite(routines, clock)
+    allow = tmp_path / "rules.yaml"
+    allow.write_text('version: 1\npreset: default\nrules:\n  - action: allow\n    command: ["sleep *"]\n')
+    first.runner.gate.rules = rules.load(allow)
+    await first.tick()
+    clock.now = T0 + 3601
+    await first.tick()
+    for _ in range(100):  # the run is claimed and its command started
+        if [r.status for r in await runs(db)] == ["running"]:
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.3)
+    await first.stop()
+    assert [(r.due_at, r.status) for r in await runs(db)] == [(T0 + 3600, "interrupted")]
+    messages = await sent(db)
+    assert [key for key, _ in messages] == ["webchat:c-ops", "webchat:c-team"]
+    assert all("was interrupted" in text and "2027-01-15 09:00:00 UTC" in text for _, text in messages)
+    clock.now = T0 + 3700  # the next start, and later, past the lease: nothing again, nothing twice
+    second, _ = await sqlite(routines, clock, owner="b")
+    await tick(second)
+    clock.now = T0 + 3900
+    await tick(second)
+    assert len(await runs(db)) == 1 and len(await sent(db)) == 2
+
+
+async def test_a_run_whose_running_crashes_is_reported_and_logged(sqlite, tmp_path, monkeypatch):
+    from loguru import logger
+
+    async def broken(*_args, **_kwargs):
+        raise RuntimeError("the outbox broke")
+
+    monkeypatch.setattr(RoutineRunner, "_deliver", broken)
+    records: list[dict] = []
+    sink = logger.add(lambda message: records.append(message.record), level="ERROR")
+    try:
+        routines, clock = tmp_path / "routines", Clock()
+        write(routines, "hourly", HOURLY.format(command="echo hi"))
+        scheduler, db = await sqlite(routines, clock)
+        await tick(scheduler)
+        clock.now = T0 + 3601
+        await tick(scheduler)
+        await tick(scheduler)
+    finally:
+        logger.remove(sink)
+    assert [(r.status, r.error) for r in await runs(db)] == [("failed", "RuntimeError: the outbox broke")]
+    messages = await sent(db)
+    assert len(messages) == 2
+    assert all("failed: RuntimeError: the outbox broke" in text and "2027-01-15 09:00:00 UTC" in text
+               for _, text in messages)
+    assert any(r["extra"].get("routine") == "hourly" and "2027-01-15 09:00:00 UTC" in r["message"]
+               for r in records)
+
+
+async def test_a_run_left_by_a_dead_process_is_reported_when_its_lease_runs_out(sqlite, tmp_path):
+    from bridge.routines.scheduler import LEASE
+    from bridge.store import routines as repo
+
+    routines, clock = tmp_path / "routines", Clock()
+    write(routines, "hourly", HOURLY.format(command="echo hi"))
+    scheduler, db = await sqlite(routines, clock)
+    await tick(scheduler)
+    # another process claimed the due time, and died without a word
+    await db.write(lambda c: repo.claim(c, "hourly", T0 + 3600, owner="dead", lease=LEASE, now=T0 + 3601))
+    clock.now = T0 + 3630
+    await tick(scheduler)
+    assert [r.status for r in await runs(db)] == ["running"] and await sent(db) == []
+    clock.now = T0 + 3601 + LEASE + 1
+    await tick(scheduler)
+    await tick(scheduler)
+    assert [r.status for r in await runs(db)] == ["interrupted"]
+    messages = await sent(db)
+    assert len(messages) == 2 and all("process running it stopped" in text for _, text in messages)
+
+
+async def test_a_due_time_that_comes_while_another_process_runs_the_routine_runs_after_it(sqlite, tmp_path):
+    from bridge.routines.scheduler import LEASE
+    from bridge.store import routines as repo
+
+    routines, clock = tmp_path / "routines", Clock()
+    write(routines, "ping", EVERY_MINUTE.format(n=6, catch_up="latest"))
+    scheduler, db = await sqlite(routines, clock)
+    await tick(scheduler)
+    # `agent-bridge routines run ping` in another process, still going at the due time
+    other = await db.write(lambda c: repo.claim(c, "ping", T0 + 30, owner="cli", lease=LEASE, manual=True,
+                                                now=T0 + 30))
+    clock.now = T0 + 61
+    await tick(scheduler)
+    assert [r.due_at for r in await runs(db)] == [T0 + 30]
+    await db.write(lambda c: repo.finish(c, other, status="completed", output="", error=None, delivered_to=[]))
+    clock.now = T0 + 70
+    await tick(scheduler)
+    assert [(r.due_at, r.status) for r in await runs(db)] == [(T0 + 30, "completed"), (T0 + 60, "completed")]
+
+
+async def test_the_service_stopping_during_a_run_tells_its_chat(bridge, chat, tmp_path):
+    rules_file = tmp_path / "rules.yaml"
+    rules_file.write_text('version: 1\npreset: default\nrules:\n  - action: allow\n    command: ["sleep *"]\n')
+    env = routine_env(tmp_path, 'name: slow\ninterval: 2\ncommand: "sleep 60"\ntargets: [webchat:c-slow]\n',
+                      "slow")
+    proc = bridge(BRIDGE_APPROVAL_RULES=str(rules_file), **env)
+    c = chat(proc)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:  # a run has started
+        if (proc.data_dir / "bridge.db").exists():
+            with sqlite3.connect(proc.data_dir / "bridge.db") as db:
+                if db.execute("SELECT count(*) FROM routine_runs WHERE status = 'running'").fetchone()[0]:
+                    break
+        await asyncio.sleep(0.1)
+    else:
+        raise AssertionError("no run started")
+    await asyncio.sleep(0.5)
+    assert proc.stop() == 0
+    with sqlite3.connect(proc.data_dir / "bridge.db") as db:
+        statuses = [s for (s,) in db.execute("SELECT status FROM routine_runs WHERE routine = 'slow'")]
+    assert statuses == ["interrupted"]
+    proc.start()
+    texts = await c.wait_for("c-slow", lambda msgs: [m["text"] for m in msgs if "interrupted" in (m["text"] or "")])
+    assert len(texts) == 1 and "the service stopped while it ran" in texts[0]

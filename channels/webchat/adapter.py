@@ -239,14 +239,16 @@ class WebChatChannel:
         events: list[tuple[InboundMessage, Record]] = []
         for index, forward in enumerate(forwards):
             body: PostMessage = MESSAGES.parsed(forward)  # type: ignore[assignment]
-            try:
-                attachments = await self._attachments(body)
-            except Exception as exc:  # noqa: BLE001 - this message fails alone; the others go on
-                answers[index] = failed(exc, f"webchat: the files of a message in {body.conversation_id}")
-                continue
-            if isinstance(attachments, Answer):
-                answers[index] = attachments
-                continue
+            attachments: list[Attachment] | Answer = []
+            if body.file_ids:
+                try:
+                    attachments = await self._attachments(body)
+                except Exception as exc:  # noqa: BLE001 - this message fails alone; the others go on
+                    answers[index] = failed(exc, f"webchat: the files of a message in {body.conversation_id}")
+                    continue
+                if isinstance(attachments, Answer):
+                    answers[index] = attachments
+                    continue
             event = InboundMessage(
                 conversation=ConversationKey(CHANNEL, body.conversation_id),
                 sender=Sender(body.user_id, body.user_id),

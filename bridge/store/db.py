@@ -19,7 +19,8 @@ the cycle can wait on the outside world:
   completion synchronously (`_drive`); one that awaits anything but its connection is an error;
 - WAL with `synchronous=NORMAL` commits without fsync; the fsync happens at checkpoints, which
   the writer never runs itself (`wal_autocheckpoint=0`): a checkpointer task runs them on the
-  aiosqlite pool's thread;
+  aiosqlite pool's thread, and holds the writer between two cycles only when the WAL outgrew
+  WAL_LIMIT under writes that never paused;
 - the writer takes SQLite's write lock with `BEGIN IMMEDIATE` and no busy wait: when another
   process (the CLI) holds it, the cycle is retried after an async pause instead of blocking;
 - reads that may be large (`read(fn, offload=True)`) still go through the aiosqlite pool.
@@ -33,6 +34,7 @@ alone, costs O(log n) extra commits, and never takes its neighbours with it.
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 import time
 from collections import deque
@@ -64,6 +66,12 @@ BUSY_LIMIT = 30.0  # seconds of a held lock after which queued writes fail inste
 OUTAGE_PAUSES = (0.1, 0.2, 0.5, 1.0, 2.0)
 OUTAGE_LIMIT = 60.0
 CHECKPOINT_EVERY = 1.0  # seconds between WAL checkpoints while writes happen
+# A PASSIVE checkpoint never catches up with a writer that never stops (new frames come in while
+# it copies), so under sustained writes the WAL would grow without bound: past WAL_LIMIT bytes the
+# writer pauses between two cycles while a TRUNCATE checkpoint empties it. WAL_KEEP is what a
+# WAL reset keeps of the file (`journal_size_limit`), so a burst's WAL does not stay on disk.
+WAL_LIMIT = 256 * 1024 * 1024
+WAL_KEEP = 64 * 1024 * 1024
 # Before an urgent cycle, the writer lets the loop run while that brings more urgent units: each
 # round is two loop passes (one reads the sockets that are ready, the next runs the handlers
 # those reads started, up to their write), at most GATHER_ROUNDS of them. A commit's cost is
@@ -145,6 +153,7 @@ def _sqlite_writer_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cursor = dbapi_conn.cursor()
     cursor.execute("PRAGMA busy_timeout=0")
     cursor.execute("PRAGMA wal_autocheckpoint=0")
+    cursor.execute(f"PRAGMA journal_size_limit={WAL_KEEP}")
     cursor.execute("PRAGMA temp_store=MEMORY")
     cursor.close()
 
@@ -276,6 +285,9 @@ class Database:
         self._sync_reader: _OnLoopConnection | None = None
         self._checkpointer: asyncio.Task[None] | None = None
         self._commits_at_checkpoint = 0
+        # the checkpointer's pause of the writer (SQLite, a WAL past WAL_LIMIT): asked, and taken
+        self._pause: asyncio.Event | None = None
+        self._paused = asyncio.Event()
         self._urgent: deque[_Unit] = deque()
         self._background: deque[_Unit] = deque()
         self._wake = asyncio.Event()
@@ -412,6 +424,10 @@ class Database:
     async def _run(self) -> None:
         urgent_turn = True
         while True:
+            if self._pause is not None:  # between two cycles: the checkpointer empties the WAL
+                self._paused.set()
+                await self._pause.wait()
+                continue
             if not self._urgent and not self._background:
                 self._drained.set()
                 self._wake.clear()
@@ -649,8 +665,35 @@ class Database:
             try:
                 async with self.reader.connect() as conn:
                     await conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)")
+                if self._wal_size() > WAL_LIMIT:
+                    await self._empty_wal()
             except Exception as exc:  # noqa: BLE001 - the next round tries again
                 logger.warning("store: WAL checkpoint failed: {}", brief(exc))
+
+    def _wal_size(self) -> int:
+        try:
+            return os.path.getsize(f"{make_url(self.url).database}-wal")
+        except (OSError, TypeError):
+            return 0
+
+    async def _empty_wal(self) -> None:
+        """The WAL outgrew WAL_LIMIT under writes that never paused: hold the writer between two
+        cycles (what is queued waits, nothing fails) while a TRUNCATE checkpoint copies the rest
+        back and empties the file, off the loop's thread."""
+        size = self._wal_size()
+        self._pause, self._paused = asyncio.Event(), asyncio.Event()
+        self._wake.set()  # a writer waiting for work comes round to the pause
+        started = time.monotonic()
+        try:
+            await self._paused.wait()
+            async with self.reader.connect() as conn:
+                result = (await conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")).first()
+        finally:
+            pause, self._pause = self._pause, None
+            pause.set()
+        logger.info("store: the WAL reached {} MB under sustained writes; emptied with writes held for {:.0f} ms{}",
+                    size // (1024 * 1024), (time.monotonic() - started) * 1000,
+                    " (a reader kept part of it)" if result and result[0] else "")
 
     @staticmethod
     def _fail(unit: _Unit, exc: BaseException) -> None:

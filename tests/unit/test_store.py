@@ -532,3 +532,40 @@ async def test_a_file_kept_on_one_replica_is_found_and_written_on_another(db, tm
     assert await shared.sweep(now=time.time() + 6 * 86400) == 0
     assert await shared.sweep(now=time.time() + 8 * 86400) == 1
     assert await shared.stats() == (0, 0)
+
+
+async def test_the_wal_stays_bounded_under_writes_that_never_pause(tmp_path, monkeypatch):
+    """A PASSIVE checkpoint never catches up with a writer that never stops, so the WAL grew
+    with everything written (a gigabyte in a minute of ingest). Past WAL_LIMIT the writer is
+    held between two cycles while the WAL is emptied; every write still lands; and a reset WAL
+    keeps at most WAL_KEEP of its file."""
+    from bridge.store import db as store_db
+
+    monkeypatch.setattr(store_db, "CHECKPOINT_EVERY", 0.05)
+    monkeypatch.setattr(store_db, "WAL_LIMIT", 1024 * 1024)
+    monkeypatch.setattr(store_db, "WAL_KEEP", 256 * 1024)
+    path = tmp_path / "wal.db"
+    database = Database(f"sqlite+aiosqlite:///{path}")
+    await migrate.upgrade(database.writer_engine)
+    await database.start()
+    wal = tmp_path / "wal.db-wal"
+    largest = 0
+    try:
+        body = "x" * 4000
+        written = 0
+        started = time.monotonic()
+        while time.monotonic() - started < 3.0:  # back-to-back cycles, no pause between them
+            batch = [inbox.NewEvent("webchat", "message", f"k{written + i}", None, "webchat:c1", "alice",
+                                    {"text": body}, time.time()) for i in range(50)]
+            await asyncio.gather(*(database.write_batched(inbox.insert_many, e) for e in batch))
+            written += len(batch)
+            largest = max(largest, wal.stat().st_size)
+        # what went through the WAL (at least the rows' text) is many times what it held at most
+        assert largest < written * 4000 / 4 and largest < 80 * 1024 * 1024
+        async with database.reader.connect() as conn:
+            assert (await conn.execute(text("SELECT count(*) FROM inbound_events"))).scalar() == written
+        await asyncio.sleep(0.2)  # quiet: a checkpoint catches up; the next write resets the WAL
+        await database.write_batched(inbox.insert_many, event("after"))
+        assert wal.stat().st_size <= 256 * 1024 + 64 * 1024
+    finally:
+        await database.close()

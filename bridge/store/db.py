@@ -70,7 +70,9 @@ CHECKPOINT_EVERY = 1.0  # seconds between WAL checkpoints while writes happen
 # it copies), so under sustained writes the WAL would grow without bound: past WAL_LIMIT bytes the
 # writer pauses between two cycles while a TRUNCATE checkpoint empties it. WAL_KEEP is what a
 # WAL reset keeps of the file (`journal_size_limit`), so a burst's WAL does not stay on disk.
-WAL_LIMIT = 256 * 1024 * 1024
+# The pause holds every write (acks included) for tens of milliseconds, so the limit is high:
+# at the most this machine ingests, about once every 15 s of writes that never let up.
+WAL_LIMIT = 1024 * 1024 * 1024
 WAL_KEEP = 64 * 1024 * 1024
 # Before an urgent cycle, the writer lets the loop run while that brings more urgent units: each
 # round is two loop passes (one reads the sockets that are ready, the next runs the handlers

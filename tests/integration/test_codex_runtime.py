@@ -300,6 +300,17 @@ async def _turn_statuses(rt, thread_id: str) -> list[str]:
     return [t.get("status") for t in history.get("data", [])]
 
 
+async def _settled_statuses(runtime, thread: str) -> list[str]:
+    """The thread's turns' statuses once none is in progress any more (or after 5 s)."""
+    statuses: list[str] = []
+    for _ in range(100):
+        statuses = await _turn_statuses(runtime, thread)
+        if statuses and "inProgress" not in statuses:
+            break
+        await asyncio.sleep(0.05)
+    return statuses
+
+
 async def test_a_cancelled_turn_is_interrupted_in_codex(runtime):
     ctx = Recorder()
     turn = asyncio.create_task(runtime.run_turn(request(runtime, "RUN: sleep 30"), ctx))
@@ -307,13 +318,7 @@ async def test_a_cancelled_turn_is_interrupted_in_codex(runtime):
     turn.cancel()  # a routine's time limit, the service's shutdown
     with pytest.raises(asyncio.CancelledError):
         await asyncio.wait_for(turn, 10)
-    statuses: list[str] = []
-    for _ in range(100):
-        statuses = await _turn_statuses(runtime, ctx.thread)
-        if statuses and "inProgress" not in statuses:
-            break
-        await asyncio.sleep(0.05)
-    assert statuses == ["interrupted"]  # not left running in codex, unseen
+    assert await _settled_statuses(runtime, ctx.thread) == ["interrupted"]  # not left running in codex, unseen
     # the thread takes a new turn (one still running would take the message as a steer)
     outcome = await asyncio.wait_for(runtime.run_turn(request(runtime, "next one", thread=ctx.thread), ctx), 30)
     assert outcome.status == "completed" and "Mock reply: next one" in outcome.text
@@ -337,13 +342,7 @@ async def test_a_turn_cancelled_before_turn_start_answers_is_interrupted_too(run
     with pytest.raises(asyncio.CancelledError):
         await asyncio.wait_for(turn, 10)
     runtime._call = call
-    statuses: list[str] = []
-    for _ in range(100):
-        statuses = await _turn_statuses(runtime, ctx.thread)
-        if statuses and "inProgress" not in statuses:
-            break
-        await asyncio.sleep(0.05)
-    assert statuses == ["interrupted"]
+    assert await _settled_statuses(runtime, ctx.thread) == ["interrupted"]
 
 
 # -- /stop before codex has answered turn/start

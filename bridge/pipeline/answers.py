@@ -4,49 +4,27 @@ write what must not be lost until the store takes it."""
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from loguru import logger
 
-from sqlalchemy.exc import DisconnectionError, OperationalError
-
 from bridge import presenter
 from bridge.delivery.outbox import Outbox
-from bridge.errors import Unavailable
 from bridge.logs import FailureStreak
 from bridge.store import inbox
-from bridge.store.db import Database, StoreClosed, brief
+from bridge.store.db import Database, brief, passes
 from channels.base import ConversationKey, Reply
 
 T = TypeVar("T")
 RETRY_FIRST = 0.5  # seconds before a write the store failed is tried again, doubling
 RETRY_MAX = 30.0
 REFUSED_TRIES = 3  # a write the store refuses for what it holds, tried this many times in all
-# PostgreSQL's error classes that pass: connection (08), transaction rollback such as a
-# serialization failure or a deadlock (40), insufficient resources (53), operator intervention (57)
-PASSING_SQLSTATE = ("08", "40", "53", "57")
 
 
 class WriteRefused(Exception):
     """The store refused a write for what it holds (a constraint, a value it cannot take, a
     bug in the statement), not for an outage: trying it again would not help."""
-
-
-def passes(exc: BaseException) -> bool:
-    """Whether a failed write is worth waiting out: the store away, busy or locked, its
-    connection lost, a transaction the database rolled back (serialization, deadlock)."""
-    if isinstance(exc, (Unavailable, StoreClosed, OSError, TimeoutError, DisconnectionError, OperationalError,
-                        sqlite3.OperationalError)):
-        return True  # SQLite's operational errors: locked, busy, a table away during a migration
-    if getattr(exc, "connection_invalidated", False):
-        return True
-    for error in (exc, getattr(exc, "orig", None)):
-        state = getattr(error, "sqlstate", None) or getattr(error, "pgcode", None)
-        if isinstance(state, str) and state.startswith(PASSING_SQLSTATE):
-            return True
-    return False
 
 
 async def until_written(write: Callable[[], Awaitable[T]], what: str, **ids: Any) -> T:
@@ -93,7 +71,6 @@ async def answer(db: Database, outbox: Outbox, row, reply: Reply | None, *, stat
     ops = []
     if reply is not None:
         ops += _reply_ops(outbox, channel, key, row.reply_ref, reply)
-    if reply is not None:
         # the message was marked as being worked on when it arrived: answered without a turn (a
         # command), it is done; skipped or cancelled, it stopped
         ops += outbox.react_ops(channel, key, platform_message_id=(row.payload or {}).get("marked_message_id"),

@@ -44,7 +44,7 @@ from typing import Any, TypeVar
 
 from loguru import logger
 from sqlalchemy import Connection, Engine, Executable, create_engine, event, make_url, text
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DisconnectionError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from bridge import jsoncodec
@@ -263,6 +263,26 @@ async def _call(conn: Any, coro: Any) -> Any:
     if isinstance(conn, _OnLoopConnection):
         return _drive(coro)
     return await coro
+
+
+# PostgreSQL's error classes that pass: connection (08), transaction rollback such as a
+# serialization failure or a deadlock (40), insufficient resources (53), operator intervention (57)
+PASSING_SQLSTATE = ("08", "40", "53", "57")
+
+
+def passes(exc: BaseException) -> bool:
+    """Whether a failed write is worth waiting out: the store away, busy or locked, its
+    connection lost, a transaction the database rolled back (serialization, deadlock)."""
+    if isinstance(exc, (Unavailable, StoreClosed, OSError, TimeoutError, DisconnectionError, OperationalError,
+                        sqlite3.OperationalError)):
+        return True  # SQLite's operational errors: locked, busy, a table away during a migration
+    if getattr(exc, "connection_invalidated", False):
+        return True
+    for error in (exc, getattr(exc, "orig", None)):
+        state = getattr(error, "sqlstate", None) or getattr(error, "pgcode", None)
+        if isinstance(state, str) and state.startswith(PASSING_SQLSTATE):
+            return True
+    return False
 
 
 def _lock_held(exc: BaseException) -> bool:

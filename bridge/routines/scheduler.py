@@ -143,7 +143,8 @@ class RoutineRunner:
         """Close a run that did not get to deliver its outcome, and tell its targets why (unless
         it was closed already: nothing is posted twice)."""
         async def close(conn, targets: list[str]) -> bool:
-            return await repo.finish(conn, run_id, status=status, output=None, error=error, delivered_to=targets)
+            return await repo.finish(conn, run_id, status=status, output=None, error=error, delivered_to=targets,
+                                     now=self.clock())
 
         try:
             await post_to_targets(self.db, self.outbox, routine, run_id, reply, also=close)
@@ -212,7 +213,8 @@ class RoutineRunner:
     async def _deliver(self, routine: Routine, run_id: int, reply: Reply, *, status: str, output: str,
                        error: str | None) -> bool:
         async def close(conn, targets: list[str]) -> bool:
-            return await repo.finish(conn, run_id, status=status, output=output, error=error, delivered_to=targets)
+            return await repo.finish(conn, run_id, status=status, output=output, error=error, delivered_to=targets,
+                                     now=self.clock())
 
         return await post_to_targets(self.db, self.outbox, routine, run_id, reply, also=close)
 
@@ -240,6 +242,23 @@ async def send_in(conn: Any, outbox: Outbox, targets: list[str], run_id: int, re
     """Queue `reply` for each target inside the caller's transaction, by the run's refs."""
     for n, key in enumerate(targets):
         await outbox.send_in(conn, ConversationKey.parse(key).channel, key, reply, ref=f"routine-{run_id}-{n}")
+
+
+def _missed(name: str, missed: list[float], busy: list[tuple[float, float]]) -> str:
+    """What became of missed due times, by cause: a run of the routine still going at the time
+    (it ran longer than its schedule's step), or no service to run it (down, or the store out
+    of reach). `missed` holds up to LIMIT + 1 of them; one more than LIMIT means "more than"."""
+    listed = missed[:LIMIT]
+    count = f"{len(missed)} run{'s' if len(missed) != 1 else ''}" if len(missed) <= LIMIT else f"more than {LIMIT} runs"
+    going = sum(any(start <= due <= end for start, end in busy) for due in listed)
+    if going == 0:
+        return f"{count} of `{name}` missed while the service was down"
+    if going == len(listed) and len(missed) <= LIMIT:
+        return f"{count} of `{name}` missed while its previous run was still going"
+    if len(missed) > LIMIT:
+        return f"{count} of `{name}` missed, while its previous run was still going or the service was down"
+    return (f"{count} of `{name}` missed ({going} while its previous run was still going, "
+            f"{len(listed) - going} while the service was down)")
 
 
 def _with_note(reply: Reply, note: str) -> Reply:
@@ -332,10 +351,8 @@ class Scheduler:
         plan: list[tuple[float, str | None]] = []
         if newest_missed is not None:
             missed = routine.due_between(last_due, newest_missed, limit=LIMIT + 1)
-            count = f"{len(missed)} run{'s' if len(missed) != 1 else ''}" if len(missed) <= LIMIT \
-                else f"more than {LIMIT} runs"
-            what = f"{count} of `{routine.name}` missed while the service was down " \
-                   f"({utc(missed[0])} … {utc(newest_missed)})"
+            busy = await self.db.read(lambda c: repo.busy_spans(c, routine.name, missed[0], newest_missed))
+            what = f"{_missed(routine.name, missed, busy)} ({utc(missed[0])} … {utc(newest_missed)})"
             if routine.catch_up == "all":
                 plan += [(d, f"Catching up: {what}; this is the run due {utc(d)}.") for d in missed[:LIMIT]]
                 if len(missed) > LIMIT:

@@ -6,7 +6,7 @@ import json
 import time
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bridge.store.dialect import upsert
@@ -64,13 +64,13 @@ async def renew(conn: AsyncConnection, run_id: int, *, until: float) -> None:
 
 
 async def finish(conn: AsyncConnection, run_id: int, *, status: str, output: str | None, error: str | None,
-                 delivered_to: list[str]) -> bool:
+                 delivered_to: list[str], now: float) -> bool:
     """Close a running run's receipt; False if it is closed already (a run is closed once: by its
     outcome, its interruption or its crash, whichever comes first)."""
     result = await conn.execute(update(routine_runs).where(
         routine_runs.c.id == run_id, routine_runs.c.status == "running",
     ).values(
-        status=status, finished_at=time.time(), output=output, error=error, delivered_to=json.dumps(delivered_to),
+        status=status, finished_at=now, output=output, error=error, delivered_to=json.dumps(delivered_to),
         lease_until=None,
     ))
     return bool(result.rowcount)
@@ -94,6 +94,19 @@ async def expire_stale(conn: AsyncConnection, *, now: float) -> list[Any]:
     return list(result.all())
 
 
+async def busy_spans(conn: AsyncConnection, name: str, since: float, until: float) -> list[tuple[float, float]]:
+    """When runs of `name` were going between `since` and `until`: (started, finished or `until`)
+    of each run that overlaps that window. A run that was interrupted is left out: its process
+    stopped at some point before it was found, so its span says nothing about when it ran."""
+    rows = (await conn.execute(select(routine_runs.c.started_at, routine_runs.c.finished_at).where(
+        routine_runs.c.routine == name,
+        routine_runs.c.status.in_(("running", "completed", "failed")),
+        routine_runs.c.started_at <= until,
+        or_(routine_runs.c.finished_at.is_(None), routine_runs.c.finished_at >= since),
+    ))).all()
+    return [(row.started_at, until if row.finished_at is None else row.finished_at) for row in rows]
+
+
 async def history(conn: AsyncConnection, name: str | None = None, limit: int = 20) -> list:
     query = select(routine_runs).order_by(routine_runs.c.id.desc()).limit(limit)
     if name:
@@ -102,7 +115,7 @@ async def history(conn: AsyncConnection, name: str | None = None, limit: int = 2
 
 
 async def last_runs(conn: AsyncConnection) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for row in (await conn.execute(select(routine_runs).order_by(routine_runs.c.id))).all():
-        out[row.routine] = row
-    return out
+    """Each routine's latest run (one row per routine, not the whole history)."""
+    latest = select(func.max(routine_runs.c.id)).group_by(routine_runs.c.routine)
+    rows = (await conn.execute(select(routine_runs).where(routine_runs.c.id.in_(latest)))).all()
+    return {row.routine: row for row in rows}

@@ -491,10 +491,72 @@ async def test_a_due_time_that_comes_while_another_process_runs_the_routine_runs
     clock.now = T0 + 61
     await tick(scheduler)
     assert [r.due_at for r in await runs(db)] == [T0 + 30]
-    await db.write(lambda c: repo.finish(c, other, status="completed", output="", error=None, delivered_to=[]))
+    await db.write(lambda c: repo.finish(c, other, status="completed", output="", error=None, delivered_to=[],
+                                         now=T0 + 65))
     clock.now = T0 + 70
     await tick(scheduler)
     assert [(r.due_at, r.status) for r in await runs(db)] == [(T0 + 30, "completed"), (T0 + 60, "completed")]
+
+
+def held_command(tmp_path: Path) -> str:
+    """A read-only command that runs until `release` lets it end: `cat` of a FIFO in the workspace."""
+    (tmp_path / "ws").mkdir(exist_ok=True)
+    os.mkfifo(tmp_path / "ws" / "gate")
+    return "cat gate"
+
+
+async def slow_run(scheduler: Scheduler, db: Database, clock: Clock, tmp_path: Path, *, start: float,
+                   lasts: float) -> None:
+    """A tick at `start` whose run (a `held_command`) takes `lasts` seconds on the scheduler's clock."""
+    clock.now = start
+    await scheduler.tick()
+    for _ in range(500):  # claimed: the run has its start
+        if any(r.status == "running" for r in await runs(db)):
+            break
+        await asyncio.sleep(0.01)
+    clock.now = start + lasts
+    await release(scheduler, tmp_path)
+
+
+async def release(scheduler: Scheduler, tmp_path: Path) -> None:
+    """Let the `held_command` under way end, and the runs the tick started finish."""
+    await asyncio.to_thread((tmp_path / "ws" / "gate").write_text, "done\n")  # opens once cat reads
+    await settle(scheduler)
+
+
+async def test_due_times_passed_while_its_own_run_went_on_are_not_blamed_on_an_outage(sqlite, tmp_path):
+    routines, clock = tmp_path / "routines", Clock()
+    write(routines, "ping", EVERY_MINUTE.format(n=7, catch_up="skip").replace("echo pong-7", held_command(tmp_path)))
+    scheduler, db = await sqlite(routines, clock)
+    await tick(scheduler)
+    # due T0+60 runs until T0+351: 120, 180 and 240 pass meanwhile (300 is less than 90 s late at 352: on time)
+    await slow_run(scheduler, db, clock, tmp_path, start=T0 + 61, lasts=290)
+    clock.now = T0 + 352
+    await scheduler.tick()
+    await release(scheduler, tmp_path)  # the run due T0+300, on time
+    notes = [text for key, text in await sent(db) if key == "webchat:c-ops" and "Skipped" in text]
+    assert len(notes) == 1
+    assert "3 runs of `ping` missed while its previous run was still going" in notes[0], notes[0]
+    assert "service was down" not in notes[0]
+    first = (await runs(db))[0]
+    assert (first.started_at, first.finished_at) == (T0 + 61, T0 + 351)  # on the scheduler's clock
+
+
+async def test_missed_due_times_are_told_by_cause_a_long_run_then_an_outage(sqlite, tmp_path):
+    routines, clock = tmp_path / "routines", Clock()
+    write(routines, "ping", EVERY_MINUTE.format(n=8, catch_up="skip").replace("echo pong-8", held_command(tmp_path)))
+    first, db = await sqlite(routines, clock)
+    await tick(first)
+    await slow_run(first, db, clock, tmp_path, start=T0 + 61, lasts=140)  # to T0+201: 120 and 180 pass during the run
+    await first.stop()
+    clock.now = T0 + 400  # down from T0+201: 240, 300 pass while down (360 is on time)
+    second, _ = await sqlite(routines, clock, owner="b")
+    await second.tick()
+    await release(second, tmp_path)  # the run due T0+360, on time
+    notes = [text for key, text in await sent(db) if key == "webchat:c-ops" and "Skipped" in text]
+    assert len(notes) == 1
+    assert ("4 runs of `ping` missed (2 while its previous run was still going, 2 while the service was down)"
+            in notes[0]), notes[0]
 
 
 async def test_the_service_stopping_during_a_run_tells_its_chat(bridge, chat, tmp_path):
@@ -521,3 +583,14 @@ async def test_the_service_stopping_during_a_run_tells_its_chat(bridge, chat, tm
     proc.start()
     texts = await c.wait_for("c-slow", lambda msgs: [m["text"] for m in msgs if "interrupted" in (m["text"] or "")])
     assert len(texts) == 1 and "the service stopped while it ran" in texts[0]
+
+
+async def test_last_runs_gives_each_routines_latest_run(sqlite, tmp_path):
+    from bridge.store import routines as repo
+
+    _, db = await sqlite(tmp_path / "routines", Clock())
+    for name, due in [("a", T0), ("b", T0), ("a", T0 + 60), ("b", T0 + 60), ("a", T0 + 120)]:
+        await db.write(lambda c, n=name, d=due: repo.claim(c, n, d, owner="x", lease=0, status="missed", note="",
+                                                           now=d))
+    last = await db.read(repo.last_runs)
+    assert {name: row.due_at for name, row in last.items()} == {"a": T0 + 120, "b": T0 + 60}

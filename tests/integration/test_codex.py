@@ -5,6 +5,7 @@ each in its own conversation; scenarios that kill or restart processes get their
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -266,6 +267,43 @@ async def test_app_server_killed_mid_turn_gives_exactly_one_outcome(tmp_path, ch
         await c.wait_for(cid, has_final("Mock reply: still there?"), timeout=30)
     finally:
         proc.kill()
+
+
+async def test_stop_while_the_app_server_hangs_ends_the_turn_in_seconds(tmp_path, chat, codex_setup, model):
+    """A /stop while the app-server is alive but not answering (SIGSTOP): `turn/interrupt` is not
+    waited for past its own short timeout (not the 60 s of other requests, nor the heartbeat's
+    30 s + 60 s); the process is taken as hung, killed and started again, and the turn says
+    "Stopped" once."""
+    proc = start_bridge(tmp_path / "data", codex_setup)
+    first: dict = {}
+    try:
+        c, cid = chat(proc), conv()
+        first = await wait_codex_ready(proc)
+        asked = len(model.requests)
+        await c.post(cid, "alice", "HANG")  # the model holds its answer: the turn stays in progress
+        deadline = time.monotonic() + 30
+        while "HANG" not in model.user_texts()[asked:]:
+            assert time.monotonic() < deadline, "the turn never reached the model"
+            await asyncio.sleep(0.05)
+        os.killpg(first["pid"], signal.SIGSTOP)  # the npm wrapper leads the group, its native child in it
+        started = time.monotonic()
+        await c.post(cid, "alice", "/stop")
+        replies = await c.wait_for(cid, has_final("Stopped"), timeout=30)
+        assert time.monotonic() - started < 15
+        assert "was not answering, so it was restarted" in replies[0]
+        second = await wait_codex_ready(proc)
+        assert second["pid"] != first["pid"] and second["hangs"] == 1 and second["restarts"] == 1
+        await asyncio.sleep(1.0)  # nothing else arrives for that turn
+        assert has_final("Stopped")(await c.bot_messages(cid)) == replies and len(replies) == 1
+        assert not has_final("restarted", "did not finish")(await c.bot_messages(cid))
+        # no turn is left running: the next message is a turn of its own on the new process
+        await c.post(cid, "alice", "after the stop")
+        await c.wait_for(cid, has_final("Mock reply: after the stop"), timeout=30)
+    finally:
+        proc.kill()
+        if first:  # a stopped app-server the bridge did not kill (the test failed) must not outlive it
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(first["pid"], signal.SIGKILL)
 
 
 async def test_missing_codex_is_a_clear_message_not_a_hang(tmp_path, chat, codex_setup):

@@ -116,8 +116,9 @@ def transcript(items: list[dict[str, Any]]) -> str:
     return "\n\n".join(part for part in out if part)
 
 
-def stopped(text: str) -> str:
-    return "⏹️ Stopped." + (f"\n\n{text}" if text else "")
+def stopped(text: str, *, restarted: bool = False) -> str:
+    why = " Codex was not answering, so it was restarted." if restarted else ""
+    return f"⏹️ Stopped.{why}" + (f"\n\n{text}" if text else "")
 
 
 def interrupted(text: str, *, restarted: bool) -> str:

@@ -42,6 +42,10 @@ STARTUP_WAIT = 10.0
 ABANDON_TIMEOUT = 5.0  # how long a cancelled turn tries to stop its turn in codex
 INTERRUPT_TRIES = 20  # turn/interrupt refused as "no active turn" while the turn is starting
 INTERRUPT_RETRY_DELAY = 0.1
+# A live app-server answers turn/interrupt once its turn is aborted, in well under a second; a
+# person who typed /stop is not kept waiting for the generic request timeout: past this the
+# app-server is taken as hung (killed and started again) and the turn ends as stopped.
+INTERRUPT_TIMEOUT = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,10 +128,15 @@ class CodexRuntime:
     async def _connection(self) -> RpcConnection:
         return await self.server.wait_ready(RECOVERY_TIMEOUT)
 
-    async def _call(self, method: str, params: dict[str, Any], *, optional: bool = False) -> Any:
+    async def _call(self, method: str, params: dict[str, Any], *, optional: bool = False,
+                    timeout: float | None = None) -> Any:
+        """A request to the app-server; one unanswered past `timeout` (default: the options'
+        request timeout) gets the process killed as hung (see AppServer._kill_hung)."""
         connection = await self._connection()
+        if timeout is None:
+            timeout = self.options.request_timeout
         try:
-            return await connection.request(method, params, timeout=self.options.request_timeout)
+            return await connection.request(method, params, timeout=timeout)
         except RpcError as exc:
             if optional and exc.unsupported:
                 if method not in self.unsupported:
@@ -327,11 +336,13 @@ class CodexRuntime:
             body = text or "_Codex finished without a reply._"
             return TurnOutcome("completed", notices + body + render.footer(items), output=output)
         if status == "interrupted":
+            recovered = bool(final.get("recovered") or final.get("recovery"))
             if turn.stop_requested:
-                return TurnOutcome("stopped", notices + render.stopped(text), output=output)
-            recovered = final.get("recovered") or final.get("recovery")
+                # recovered: its app-server went away meanwhile, as one that leaves the interrupt
+                # unanswered does (killed as hung and started again)
+                return TurnOutcome("stopped", notices + render.stopped(text, restarted=recovered), output=output)
             reason = "codex restarted" if recovered else "interrupted"
-            return TurnOutcome("interrupted", notices + render.interrupted(text, restarted=bool(recovered)),
+            return TurnOutcome("interrupted", notices + render.interrupted(text, restarted=recovered),
                                output=output, error=reason)
         error = (final.get("error") or {}).get("message") or "; ".join(turn.errors) or "the turn failed"
         return TurnOutcome("failed", notices + render.failed(error), output=output, error=error)
@@ -350,9 +361,11 @@ class CodexRuntime:
             return
         turn.interrupt_pending = False
         log = logger.bind(session=turn.request.session_id, turn=turn.request.turn_id)
+        timeout = min(INTERRUPT_TIMEOUT, self.options.request_timeout)  # never longer than any other request
         for attempt in range(1, INTERRUPT_TRIES + 1):
             try:
-                await self._call("turn/interrupt", {"threadId": turn.thread_id, "turnId": turn.turn_id})
+                await self._call("turn/interrupt", {"threadId": turn.thread_id, "turnId": turn.turn_id},
+                                 timeout=timeout)
                 return
             except RpcError as exc:
                 # codex answers turn/start a moment before the turn is active; until then an
@@ -363,7 +376,13 @@ class CodexRuntime:
                     continue
                 log.warning("codex: interrupt failed: {}", exc)
                 return
-            except (ConnectionClosed, RpcTimeout) as exc:
+            except RpcTimeout as exc:
+                # the app-server was killed as hung: the turn is lost with it, and run_turn
+                # recovers it from the thread's history on the new process, as stopped
+                log.warning("codex: turn {} was not interrupted in time ({}); its app-server is taken as hung",
+                            turn.turn_id, exc)
+                return
+            except ConnectionClosed as exc:
                 log.warning("codex: interrupt failed: {}", exc)
                 return
 

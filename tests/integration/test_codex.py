@@ -372,3 +372,36 @@ async def test_a_turn_over_its_time_limit_is_stopped_and_said_so(tmp_path, chat,
         await c.wait_for(cid, has_final("Mock reply: after the limit"), timeout=30)
     finally:
         proc.stop()
+
+
+async def test_a_turn_over_its_time_limit_on_a_hung_app_server_has_it_restarted(tmp_path, chat, codex_setup, model):
+    """The turn's time limit cancels it in the bridge; interrupting it in codex finds the
+    app-server hung (SIGSTOP), which is then killed and started again at once, not left for the
+    heartbeat to find a minute later."""
+    proc = start_bridge(tmp_path / "data", codex_setup, BRIDGE_TURN_TIMEOUT="3")
+    first: dict = {}
+    try:
+        c, cid = chat(proc), conv()
+        first = await wait_codex_ready(proc)
+        asked = len(model.requests)
+        await c.post(cid, "alice", "HANG")
+        deadline = time.monotonic() + 30
+        while "HANG" not in model.user_texts()[asked:]:
+            assert time.monotonic() < deadline, "the turn never reached the model"
+            await asyncio.sleep(0.05)
+        os.killpg(first["pid"], signal.SIGSTOP)
+        replies = await c.wait_for(cid, has_final("BRIDGE_TURN_TIMEOUT"), timeout=30)
+        assert len(replies) == 1
+        deadline = time.monotonic() + 15  # the limit (3 s) + the interrupt's timeout (5 s) + a start
+        while (state := readyz(proc)["checks"]["runtime"]).get("pid") == first["pid"]:
+            assert time.monotonic() < deadline, f"the hung app-server was not restarted: {state}"
+            await asyncio.sleep(0.2)
+        second = await wait_codex_ready(proc)
+        assert second["hangs"] == 1 and second["restarts"] == 1
+        await c.post(cid, "alice", "after the limit")
+        await c.wait_for(cid, has_final("Mock reply: after the limit"), timeout=30)
+    finally:
+        proc.kill()
+        if first:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(first["pid"], signal.SIGKILL)

@@ -308,7 +308,7 @@ async def test_a_429_storm_delivers_every_reply_once(service, emulator):
 
 
 async def test_socket_mode_end_to_end(service, emulator):
-    proc = service(SLACK_APP_TOKEN="xapp-test", SLACK_SIGNING_SECRET="")
+    service(SLACK_APP_TOKEN="xapp-test", SLACK_SIGNING_SECRET="")
     assert await asyncio.get_running_loop().run_in_executor(None, emulator.wait_socket, 1, 15.0)
     envelope = sp.event_callback(sp.message_event(text="echo over-socket", channel="D8", channel_type="im"))
     result = await asyncio.get_running_loop().run_in_executor(None, emulator.push_socket, "events_api", envelope)

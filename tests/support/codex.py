@@ -44,7 +44,7 @@ def codex_home(tmp: Path, base_url: str) -> tuple[Path, list[str]]:
     home.mkdir(parents=True, exist_ok=True)
     catalog = _catalog(codex_binary(), home)
     overrides = [
-        f'model_provider="mock"',
+        'model_provider="mock"',
         f'model="{MODEL}"',
         'model_providers.mock.name="Mock"',
         f'model_providers.mock.base_url="{base_url}"',

@@ -4,10 +4,7 @@ process groups that must not outlive their turn, output the store can keep, the 
 from __future__ import annotations
 
 import asyncio
-import os
 from pathlib import Path
-
-import pytest
 
 from bridge.runtimes.base import Approval, ApprovalRequest, Decision, TurnRequest
 from bridge.runtimes.shell import ShellRuntime

@@ -39,7 +39,7 @@ DECISIONS = {
 RECOVERY_TIMEOUT = 60.0  # how long a turn waits for the app-server to come back
 RECOVERY_ATTEMPTS = 3
 STARTUP_WAIT = 10.0
-ABANDON_TIMEOUT = 5.0  # how long a cancelled turn tries to stop its turn in codex
+ABANDON_TIMEOUT = 5.0  # how long a cancelled turn waits for turn/start's answer, to stop its turn in codex
 INTERRUPT_TRIES = 20  # turn/interrupt refused as "no active turn" while the turn is starting
 INTERRUPT_RETRY_DELAY = 0.1
 # A live app-server answers turn/interrupt once its turn is aborted, in well under a second; a
@@ -266,20 +266,22 @@ class CodexRuntime:
         assert turn.done is not None
         if turn.done.done() or turn.lost.is_set():
             return  # it ended, or its app-server went away with it
-        try:
-            async with asyncio.timeout(ABANDON_TIMEOUT):
-                if turn.turn_id is None and starting is not None:
-                    try:
-                        result = await starting
-                    except (ConnectionClosed, RpcTimeout, RpcError):
-                        return  # never started
-                    turn.turn_id = result["turn"]["id"]
-                if turn.turn_id is None:
-                    return
-                log.warning("codex: turn {} cancelled in the bridge; interrupting it in codex", turn.turn_id)
-                await self._interrupt(turn)
-        except TimeoutError:
-            log.warning("codex: could not interrupt cancelled turn {} within {:g}s", turn.turn_id, ABANDON_TIMEOUT)
+        if turn.turn_id is None and starting is not None:
+            try:
+                async with asyncio.timeout(ABANDON_TIMEOUT):
+                    result = await starting
+            except TimeoutError:
+                log.warning("codex: a cancelled turn's turn/start was not answered within {:g}s", ABANDON_TIMEOUT)
+                return
+            except (ConnectionClosed, RpcTimeout, RpcError):
+                return  # never started
+            turn.turn_id = result["turn"]["id"]
+        if turn.turn_id is None:
+            return
+        log.warning("codex: turn {} cancelled in the bridge; interrupting it in codex", turn.turn_id)
+        # bounded by the interrupt's own timeout, past which a hung app-server is killed and
+        # restarted (a limit around it here would give up first and leave the hung process)
+        await self._interrupt(turn)
 
     async def _until_done(self, turn: _Turn, log) -> dict[str, Any]:
         assert turn.done is not None

@@ -25,6 +25,9 @@ class Settings(BaseSettings):
         env_prefix="BRIDGE_",
         env_file=".env",
         env_file_encoding="utf-8",
+        # `NAME=` (as in a copy of .env.example) means "not set": the default, not an empty value
+        # (an empty path would be the current directory)
+        env_ignore_empty=True,
         extra="ignore",
         validate_default=True,
     )

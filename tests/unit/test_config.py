@@ -16,6 +16,22 @@ def test_defaults(tmp_path, monkeypatch):
     assert s.workspace == (tmp_path / "data" / "workspace").resolve()
 
 
+def test_a_copy_of_env_example_starts_on_the_defaults(tmp_path, monkeypatch):
+    """`.env.example` copied to `.env` as it says: its blank settings are the defaults (an empty
+    path would be the current directory: the workspace, the routines, the rules file)."""
+    for name in list(os.environ):
+        if name.startswith(("BRIDGE_", "FEISHU_", "SLACK_", "CODEX_", "CLAUDE_")):
+            monkeypatch.delenv(name)
+    example = Path(__file__).resolve().parents[2] / ".env.example"
+    (tmp_path / ".env").write_text(example.read_text())
+    monkeypatch.chdir(tmp_path)
+    s = load_settings()
+    assert s.workspace == (tmp_path / "data" / "workspace").resolve()
+    assert s.routines_dir == Path("data") / "routines"
+    assert s.approval_rules is None
+    assert s.database_url == f"sqlite+aiosqlite:///{(tmp_path / 'data' / 'bridge.db').resolve()}"
+
+
 def test_http_workers(monkeypatch):
     monkeypatch.setenv("BRIDGE_HTTP_WORKERS", "3")
     assert load_settings().edge_workers == 3

@@ -6,9 +6,7 @@
 -- Responses are classified in Lua: 2xx without "duplicate": true -> accepted, 2xx with it ->
 -- duplicate, anything else -> failed. done() prints one line "BENCH_JSON {...}" for the caller.
 --
--- Environment: BENCH_PREFIX (id prefix, unique per run), BENCH_CONVS (conversations, default 1000),
--- BENCH_TEXT=empty sends "" instead of "echo <n>" (diagnostic: the pipeline skips empty messages,
--- so no turn, no bash and no reply follow the ingest).
+-- Environment: BENCH_PREFIX (id prefix, unique per run), BENCH_CONVS (conversations, default 1000).
 
 local threads = {}
 
@@ -24,14 +22,13 @@ function init(args)
   accepted = 0
   duplicate = 0
   failed = 0
-  empty = os.getenv("BENCH_TEXT") == "empty"
   headers = { ["Content-Type"] = "application/json" }
 end
 
 function request()
   local n = sent
   sent = sent + 1
-  local text = empty and "" or string.format("echo %d", n)
+  local text = string.format("echo %d", n)
   local body = string.format(
     '{"conversation_id":"c%d","user_id":"bench","text":"%s","client_msg_id":"%s-%d-%d"}',
     n % nconv, text, prefix, tid, n)

@@ -69,10 +69,10 @@ async def closed_loop(args: argparse.Namespace) -> dict[str, Any]:
         state["next"] += 1
         if acked and rng.random() < args.dup_fraction:
             conv, cmid = rng.choice(acked)  # a platform-style redelivery: same id, same content
-            text = f"echo {cmid.rsplit('-', 1)[1]}" if args.text == "echo" else ""
+            text = f"echo {cmid.rsplit('-', 1)[1]}"
             return {"conversation_id": conv, "user_id": "bench", "text": text, "client_msg_id": cmid}, True
         conv = f"c{n % args.convs}"
-        return {"conversation_id": conv, "user_id": "bench", "text": f"echo {n}" if args.text == "echo" else "",
+        return {"conversation_id": conv, "user_id": "bench", "text": f"echo {n}",
                 "client_msg_id": f"{args.prefix}-{n}"}, False
 
     async def worker(session: aiohttp.ClientSession) -> None:
@@ -250,7 +250,6 @@ def main() -> None:
     c.add_argument("--dup-fraction", type=float, default=0.0, help="share of requests re-sending an acked id")
     c.add_argument("--record-ids", action="store_true")
     c.add_argument("--seed", type=int, default=1)
-    c.add_argument("--text", choices=("echo", "empty"), default="echo", help='"echo <n>" or "" (diagnostic)')
     r = sub.add_parser("replies", help="open-loop message -> reply latency")
     r.add_argument("--url", required=True)
     r.add_argument("--out", required=True, type=Path)

@@ -53,7 +53,7 @@ from bench.procs import memory_kb, service_pids, tree_times
 LUA = Path(__file__).with_name("chat_post.lua")
 RESULTS = Path(__file__).with_name("results")
 
-TEXT_LABEL = {"echo": '"echo <n>"', "empty": "empty (diagnostic: no turns)"}
+TEXT_LABEL = '"echo <n>"'  # every message runs `echo` in bash (the web chat refuses a blank one)
 TARGETS = {"accepted_per_s": 6000.0, "ack_p99_ms": 15.0, "ratio_vs_bare": 0.4, "peak_rss_mb": 100.0}
 
 
@@ -174,13 +174,13 @@ def children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def run_wrk(url: str, *, duration: float, conns: int, threads: int, convs: int, prefix: str, cpu: int | None,
-            text: str = "echo") -> dict[str, Any]:
+def run_wrk(url: str, *, duration: float, conns: int, threads: int, convs: int, prefix: str,
+            cpu: int | None) -> dict[str, Any]:
     argv = pin_prefix(cpu) + [
         "wrk", f"-t{threads}", f"-c{conns}", f"-d{max(1, round(duration))}s", "--timeout", "10s",
         "-s", str(LUA), url + "/chat/api/messages",
     ]
-    env = {**os.environ, "BENCH_PREFIX": prefix, "BENCH_CONVS": str(convs), "BENCH_TEXT": text}
+    env = {**os.environ, "BENCH_PREFIX": prefix, "BENCH_CONVS": str(convs)}
     cpu0 = children_cpu()
     started = time.monotonic()
     proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=duration + 60)
@@ -223,11 +223,11 @@ def run_python_client(mode_args: list[str], *, cpu: int | None, timeout: float) 
         out.unlink(missing_ok=True)
 
 
-def run_python_closed(url: str, *, duration: float, conns: int, convs: int, prefix: str, cpu: int | None,
-                      text: str = "echo") -> dict[str, Any]:
+def run_python_closed(url: str, *, duration: float, conns: int, convs: int, prefix: str,
+                      cpu: int | None) -> dict[str, Any]:
     raw, gen_cpu, wall = run_python_client(
         ["closed", "--url", url, "--duration", str(duration), "--conns", str(conns), "--convs", str(convs),
-         "--prefix", prefix, "--text", text], cpu=cpu, timeout=duration + 60)
+         "--prefix", prefix], cpu=cpu, timeout=duration + 60)
     lat = raw["latency_ms"]
     return {
         "generator": "python", "prefix": prefix, "duration_s": raw["elapsed_s"], "sent": raw["sent"],
@@ -241,9 +241,9 @@ def run_python_closed(url: str, *, duration: float, conns: int, convs: int, pref
 def generate(args: argparse.Namespace, url: str, duration: float, prefix: str) -> dict[str, Any]:
     if args.generator == "wrk":
         return run_wrk(url, duration=duration, conns=args.conns, threads=args.wrk_threads, convs=args.convs,
-                       prefix=prefix, cpu=args.client_cpu, text=args.text)
+                       prefix=prefix, cpu=args.client_cpu)
     return run_python_closed(url, duration=duration, conns=args.conns, convs=args.convs, prefix=prefix,
-                             cpu=args.client_cpu, text=args.text)
+                             cpu=args.client_cpu)
 
 
 # -- the service's database -----------------------------------------------------------------------
@@ -716,7 +716,7 @@ def markdown(result: dict[str, Any]) -> str:
     if ingest:
         lines += [f"### Ingest runs (closed loop, {result['config']['conns']} connections, "
                   f"{result['config']['duration']:g} s each, generator {result['config']['generator']}, "
-                  f"text {TEXT_LABEL[result['config']['text']]})", "",
+                  f"text {TEXT_LABEL})", "",
                   "| rep | server | accepted/s | ack p50 ms | ack p99 ms | acked | peak RSS MB | server CPU % (sys) "
                   "| bash children CPU % | other procs on server core % | steal % | generator CPU % "
                   "| other procs on generator core % | server CPU µs/request | x/bare |",
@@ -862,9 +862,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--generator", choices=("auto", "wrk", "python"), default="auto",
                    help="load generator: wrk (if installed) or the aiohttp client (default auto)")
     p.add_argument("--wrk-threads", type=int, default=1)
-    p.add_argument("--text", choices=("echo", "empty"), default="echo",
-                   help='message text of the ingest runs: "echo <n>" (default) or "" (diagnostic: the pipeline '
-                        "skips empty messages, so no turn, bash or reply follows; shows the ingest path alone)")
     p.add_argument("--server-cpu", type=int, default=None,
                    help="pin the servers to this CPU (default: not pinned; the service's edge workers use the "
                         "other cores, and a pinned service runs with none: BRIDGE_HTTP_WORKERS=auto)")

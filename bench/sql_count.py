@@ -6,7 +6,6 @@ SQLAlchemy's `before_cursor_execute` / `commit` events on the writer and reader 
 nothing queues) and prints statements per message by engine and by statement shape.
 
     python -m bench.sql_count                  # "echo <n>" messages (a shell turn each)
-    python -m bench.sql_count --text empty     # "" (stored closed on arrival: the ingest alone)
 """
 
 from __future__ import annotations
@@ -66,7 +65,7 @@ async def run(args: argparse.Namespace) -> dict:
             counting["on"] = True
             for i in range(args.messages):
                 conv = f"s{i}"
-                text = f"echo {i}" if args.text == "echo" else ""
+                text = f"echo {i}"
                 body = {"conversation_id": conv, "user_id": "bench", "text": text, "client_msg_id": f"s-{i}"}
                 async with http.post(base + "/chat/api/messages", json=body) as resp:
                     assert resp.status == 202, await resp.text()
@@ -83,7 +82,7 @@ async def run(args: argparse.Namespace) -> dict:
         shutil.rmtree(data_dir, ignore_errors=True)
     n = args.messages
     return {
-        "text": args.text, "messages": n,
+        "text": "echo <n>", "messages": n,
         "per_message": {
             name: {
                 "statements": round(sum(s["statements"].values()) / n, 2),
@@ -111,7 +110,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.sql_count", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--messages", type=int, default=50, help="messages to post, one at a time (max 1000)")
-    parser.add_argument("--text", choices=("echo", "empty"), default="echo")
     args = parser.parse_args()
     if not 1 <= args.messages <= 1000:
         parser.error("--messages must be 1..1000")

@@ -1,16 +1,17 @@
-"""CPU the service spends on one message at a steady, low rate: with its `echo` turn, or empty
-(stored, acked, skipped: no turn). On demand only; results in docs/benchmarks.md.
+"""CPU the service spends on one message at a steady, low rate, with its `echo` turn. On demand
+only; results in docs/benchmarks.md. (Until 2026-12-07 it also ran empty messages, stored and
+skipped without a turn, as the ingest path alone; the web chat now refuses a blank message.)
 
 Starts a fresh service (`python -m bridge serve`, one process: BRIDGE_HTTP_WORKERS=0, SQLite,
 shell runtime), posts --messages messages open loop at --rate over --convs conversations, waits
-until every one is answered (the turns counter, or the inbound events for empty text), then reads
+until every one is answered (the turns counter), then reads
 the service process's CPU from /proc: its own (all threads; the main thread apart) and its reaped
 bash children's, each divided by the messages. Before posting, the service's idle CPU is read over
 as long as the run takes; `less_idle_ms_per_msg` subtracts it. With --py-spy the threads holding
 the GIL are sampled during the run.
 
-    python -m bench.turn_cost                      # echo and empty, 2 alternating pairs
-    python -m bench.turn_cost --pairs 1 --py-spy .venv/bin/py-spy
+    python -m bench.turn_cost                      # 2 runs
+    python -m bench.turn_cost --runs 1 --py-spy .venv/bin/py-spy
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ async def _drive(url: str, *, messages: int, rate: float, convs: int, text: str,
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             turns, inbound = await _counts(session, url)
-            if (turns if text else inbound) >= messages:
+            if turns >= messages:
                 return time.monotonic() - started
             await asyncio.sleep(0.05)
         raise RuntimeError(f"not answered in time: turns {turns}, inbound {inbound}")
@@ -99,7 +100,7 @@ def run_one(args: argparse.Namespace, text: str, workdir: Path, spy: bool) -> di
         threads_before = _threads(server.pid)
         spy_proc = None
         if spy:
-            profile = workdir / f"profile-{'echo' if text else 'empty'}.txt"
+            profile = workdir / f"profile-echo-{time.monotonic_ns()}.txt"
             spy_proc = subprocess.Popen([args.py_spy, "record", "--pid", str(server.pid), "--format", "raw",
                                          "--rate", "1000", "--gil", "--output", str(profile), "--nonblocking"],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -115,7 +116,7 @@ def run_one(args: argparse.Namespace, text: str, workdir: Path, spy: bool) -> di
         server.stop()
     own = after[0] - before[0]
     bash = after[1] - before[1]
-    return {"text": "echo" if text else "empty", "messages": args.messages, "seconds": round(took, 2),
+    return {"text": "echo", "messages": args.messages, "seconds": round(took, 2),
             "service_cpu_ms_per_msg": round(own * 1000 / args.messages, 3),
             "idle_cpu_ms_per_s": round(idle * 1000, 2),
             "less_idle_ms_per_msg": round((own - idle * took) * 1000 / args.messages, 3),
@@ -131,25 +132,22 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=400)
     parser.add_argument("--rate", type=float, default=40.0, help="messages a second, open loop (default 40)")
     parser.add_argument("--convs", type=int, default=200)
-    parser.add_argument("--pairs", type=int, default=2, help="alternating echo/empty pairs (default 2)")
-    parser.add_argument("--only", choices=["echo", "empty"], help="run one kind only")
+    parser.add_argument("--runs", type=int, default=2, help="runs, each on a fresh service (default 2)")
     parser.add_argument("--py-spy", help="py-spy binary: sample the service's threads in each run (raw stacks)")
     parser.add_argument("--out", type=Path, help="result file (default bench/results/turn-cost-<time>.json)")
     args = parser.parse_args()
-    kinds = [k for k in ("echo", "empty") if args.only in (None, k)]
     results = []
     with tempfile.TemporaryDirectory(prefix="turn-cost-") as tmp:
         workdir = Path(tmp)
-        for _ in range(args.pairs):
-            for kind in kinds:
-                result = run_one(args, "echo {n}" if kind == "echo" else "", workdir, bool(args.py_spy))
-                if result["profile"]:
-                    kept = ROOT / "bench" / "results" / Path(result["profile"]).name
-                    kept.parent.mkdir(exist_ok=True)
-                    kept.write_bytes(Path(result["profile"]).read_bytes())
-                    result["profile"] = str(kept)
-                print(json.dumps(result))
-                results.append(result)
+        for _ in range(args.runs):
+            result = run_one(args, "echo {n}", workdir, bool(args.py_spy))
+            if result["profile"]:
+                kept = ROOT / "bench" / "results" / Path(result["profile"]).name
+                kept.parent.mkdir(exist_ok=True)
+                kept.write_bytes(Path(result["profile"]).read_bytes())
+                result["profile"] = str(kept)
+            print(json.dumps(result))
+            results.append(result)
     out = args.out or ROOT / "bench" / "results" / time.strftime("turn-cost-%Y%m%dT%H%M%SZ.json", time.gmtime())
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps({"machine": platform.uname()._asdict(), "args": vars(args) | {"out": str(out)},

@@ -15,6 +15,8 @@ from typing import Annotated, Literal
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from bridge.errors import plain_message
+
 
 class ConfigError(Exception):
     """A setting is missing or invalid; the message names it."""
@@ -326,5 +328,5 @@ def load_settings(**overrides: object) -> Settings:
             name = _env_name(err.get("loc", ()))
             value = err.get("input")
             shown = f" (got {value!r})" if isinstance(value, (str, int, float)) else ""
-            lines.append(f"invalid setting {name}: {err.get('msg')}{shown}")
+            lines.append(f"invalid setting {name}: {plain_message(err)}{shown}")
         raise ConfigError("; ".join(lines)) from None

@@ -5,6 +5,8 @@ from __future__ import annotations
 from aiohttp import web
 from pydantic import ValidationError
 
+from bridge.errors import plain_message
+
 MAX_BODY = 1024 * 1024  # larger request bodies get 413 before anything is stored
 
 
@@ -17,5 +19,7 @@ def validation_message(exc: ValidationError) -> str:
     first = exc.errors()[0]
     if first.get("type") == "json_invalid":
         return f"malformed JSON: {first.get('ctx', {}).get('error', first.get('msg'))}"
-    where = ".".join(str(p) for p in first.get("loc", ())) or "body"
-    return f"{where}: {first.get('msg')}"
+    where = ".".join(str(p) for p in first.get("loc", ()))
+    message = plain_message(first)
+    return f"{where}: {message}" if where else message
+

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Annotated
 
-from pydantic import AfterValidator, BaseModel, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, Field, ValidationError, model_validator
 
 from bridge.web.http import validation_message
 from channels.base import Answer, Forward
@@ -40,6 +40,13 @@ class PostMessage(BaseModel):
     client_msg_id: Text = Field(min_length=1, max_length=128)
     # files uploaded before (POST /chat/api/files) in this conversation; optional
     file_ids: list[str] = Field(default_factory=list, max_length=MAX_FILES)
+
+    @model_validator(mode="after")
+    def _says_something(self) -> "PostMessage":
+        # a message with nothing in it would be kept and never answered: refused instead
+        if not self.file_ids and not self.text.strip():
+            raise ValueError("text must not be empty (or send file_ids)")
+        return self
 
 
 class PostAction(BaseModel):

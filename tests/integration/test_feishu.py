@@ -120,7 +120,12 @@ async def test_a_direct_message_gets_a_reply_to_it(service, emulator):
     await asyncio.sleep(0.5)
     with sqlite3.connect(proc.data_dir / "bridge.db") as db:
         assert db.execute("SELECT count(*) FROM inbound_events").fetchone()[0] == 2
+        assert db.execute("SELECT status FROM inbound_events ORDER BY id DESC").fetchone()[0] == "skipped"
     assert [r for r in emulator.reactions() if r["message_id"] == empty["event"]["message"]["message_id"]] == []
+    # the conversation goes on as usual after it
+    after = fp.message_event(token=TOKEN, text="echo after-empty", chat_type="p2p", chat_id="oc_dm1")
+    assert (await post_event(proc, after))[0] == 200
+    await wait_until(lambda: replies_with(emulator, "after-empty", "exit 0"), what="the reply after the empty one")
     assert payload["sender"]["name"] == "Alice"
 
 

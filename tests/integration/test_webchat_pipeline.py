@@ -70,6 +70,10 @@ async def test_malformed_and_oversized_bodies_store_nothing(bridge, http, worker
         assert "client_msg_id" in (await r.json())["error"]
     async with http.post(url, json={"conversation_id": "bad:id", "user_id": "a", "text": "x", "client_msg_id": "1"}) as r:
         assert r.status == 400
+    for blank in ("", " \n\t "):  # nothing to run or answer: refused, not kept unanswered
+        async with http.post(url, json={"conversation_id": "c-1", "user_id": "a", "text": blank, "client_msg_id": "2"}) as r:
+            assert r.status == 400
+            assert (await r.json())["error"] == "text must not be empty (or send file_ids)"
     big = b'{"conversation_id": "c-1", "user_id": "a", "client_msg_id": "1", "text": "' + b"x" * (2 * 1024 * 1024) + b'"}'
     async with http.post(url, data=big, headers={"Content-Type": "application/json"}) as r:
         assert r.status == 413
@@ -522,24 +526,21 @@ async def test_a_message_that_waits_only_briefly_gets_no_queued_notice(bridge, c
     assert not [m for m in await c.bot_messages("c-quick") if m["text"].startswith(("⏳", "▶️"))]
 
 
-async def test_a_message_with_nothing_to_run_gets_no_turn_and_the_next_one_runs(bridge, chat):
-    """An empty message is kept (it dedupes, the person sees it) and closed as skipped: no turn,
-    no reply; the conversation goes on as usual."""
+async def test_a_blank_message_is_refused_and_the_conversation_goes_on(bridge, chat):
+    """A message with nothing in it would have nothing to run or answer: the web chat refuses it
+    (400) and keeps nothing; the next message runs as usual, the conversation's only turn."""
     proc = bridge()
     c = chat(proc)
-    assert (await c.post("c-empty", "alice", "   ", client_msg_id="blank"))[0] == 202
-    assert (await c.post("c-empty", "alice", "   ", client_msg_id="blank"))[1]["duplicate"] is True
+    status, body = await c.post("c-empty", "alice", "   ", client_msg_id="blank")
+    assert status == 400 and "text must not be empty" in body["error"]
     await c.post("c-empty", "alice", "echo after")
     texts = await c.wait_for("c-empty", final_texts)
     assert len(texts) == 1 and "after" in texts[0]
     with sqlite3.connect(proc.data_dir / "bridge.db") as conn:
-        rows = conn.execute("SELECT payload, status, processed_at FROM inbound_events"
-                            " WHERE conversation_key = 'webchat:c-empty' ORDER BY id").fetchall()
+        statuses = conn.execute("SELECT status FROM inbound_events WHERE conversation_key = 'webchat:c-empty'").fetchall()
         turns = conn.execute("SELECT input_text FROM turns").fetchall()
-    assert [(status, processed is not None) for _, status, processed in rows] == [("skipped", True), ("done", True)]
-    assert turns == [("echo after",)]
-    users = [m["text"] for m in await c.messages("c-empty") if m["role"] == "user"]
-    assert users == ["   ", "echo after"]
+    assert statuses == [("done",)] and turns == [("echo after",)]
+    assert [m["text"] for m in await c.messages("c-empty") if m["role"] == "user"] == ["echo after"]
 
 
 async def upload(http, proc, conversation: str, name: str, data: bytes, user: str = "alice"):

@@ -14,7 +14,9 @@ answer again.
 
 Outbound, every message is a card (cards can be patched in place, which progress and approval
 state need), sent as a reply to the person's message where there is one, with an idempotency
-`uuid` derived from the outbox key, so a retried send never posts twice.
+`uuid` derived from the outbox key, so a retried send never posts twice. A reply too long for
+one card goes in numbered parts, a part Feishu finds too large (230025) in smaller ones; an edit
+puts the first part in the message and posts the others after it.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import hashlib
 import mimetypes
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -63,6 +65,8 @@ MEMORY_WORKING = 50_000  # message ids whose "OnIt" reaction this process rememb
 ACTION_MEMORY = 4096
 DOWNLOAD_BUDGET = 1.5  # seconds for attachments before the ack (Feishu waits 3 s)
 LOAD_WAIT = 30.0  # seconds an event or a reply waits for the client to load at start-up
+
+Poster = Callable[[dict[str, Any], str], Awaitable[str]]  # (card, uuid) -> the message id it went to
 
 
 @dataclass(frozen=True, slots=True)
@@ -386,28 +390,40 @@ class FeishuChannel:
 
     async def send(self, conversation: ConversationKey, reply: Reply, *, idempotency_key: str) -> str:
         reply_to, in_thread = self._target(conversation, reply)
+
+        async def post(card: dict[str, Any], uuid: str) -> str:
+            return await self._post(conversation, card, uuid, reply_to, in_thread)
+
         first = ""
         for part, card in enumerate(render.render(reply)):
-            try:
-                posted = [await self._post(conversation, card, _uuid(f"{idempotency_key}:{render.BUDGET}", part),
-                                           reply_to, in_thread)]
-            except TooLarge:
-                # The platform measured this part bigger than we did (230025): it goes again as
-                # smaller parts. The parts already posted stay: each part's uuid is its own, so
-                # neither this nor a retried send posts any of them twice.
-                if reply.card is not None:
-                    raise
-                logger.warning("feishu: part {} of a reply was too large; sent in smaller parts", part + 1)
-                half = render.BUDGET // 2
-                posted = [await self._post(conversation, piece, _uuid(f"{idempotency_key}:{half}:{part}", sub),
-                                           reply_to, in_thread)
-                          for sub, piece in enumerate(render.smaller(reply, part, half))]
-            for message_id in posted:
-                self._sent_in[message_id] = str(conversation)
-                if len(self._sent_in) > MEMORY_WORKING:
-                    self._sent_in.popitem(last=False)
+            uuid = _uuid(f"{idempotency_key}:{render.BUDGET}", part)
+            posted = await self._part(conversation, reply, part, card, uuid, idempotency_key, post, post)
             first = first or posted[0]
         return first
+
+    async def _part(self, conversation: ConversationKey, reply: Reply, part: int, card: dict[str, Any], uuid: str,
+                    key: str, first: Poster, rest: Poster) -> list[str]:
+        """Part `part` of the reply (`card`), put with `first`: a post, or the edit of a message.
+        When the platform measures it bigger than we did (230025), it goes again as smaller parts
+        ("2.1 / 3"): the first of them with `first`, the others posted with `rest`. The parts
+        already delivered stay; every part's uuid is its own (from `key`), so a retry posts none
+        of them twice. Returns the ids of the messages it went to, in order."""
+        try:
+            delivered = [await first(card, uuid)]
+        except TooLarge:
+            if reply.card is not None:
+                raise
+            logger.warning("feishu: part {} of a reply was too large; sent in smaller parts", part + 1)
+            half = render.BUDGET // 2
+            pieces = render.smaller(reply, part, half)
+            delivered = [await first(pieces[0], _uuid(f"{key}:{half}:{part}", 0))]
+            for sub, piece in enumerate(pieces[1:], start=1):
+                delivered.append(await rest(piece, _uuid(f"{key}:{half}:{part}", sub)))
+        for message_id in delivered:
+            self._sent_in[message_id] = str(conversation)
+            if len(self._sent_in) > MEMORY_WORKING:
+                self._sent_in.popitem(last=False)
+        return delivered
 
     async def _post(self, conversation: ConversationKey, card: dict[str, Any], uuid: str,
                     reply_to: str | None, in_thread: bool) -> str:
@@ -422,16 +438,37 @@ class FeishuChannel:
             raise
 
     async def update(self, conversation: ConversationKey, platform_message_id: str, reply: Reply) -> None:
-        cards = self.render(reply)
-        await (await self.api()).patch_card(chat_id=conversation.chat_id, message_id=platform_message_id,
-                                  card=render.card_json(cards[0]))
-        if len(cards) > 1:
-            # A reply that outgrew its message: the rest follows as numbered parts, with uuids from
-            # the message and the content, so a retried update does not post them twice.
-            key = f"{platform_message_id}:{hashlib.sha256((reply.text or '').encode()).hexdigest()}"
-            reply_to, in_thread = self._target(conversation, reply)
-            for part, card in enumerate(cards[1:], start=1):
-                await self._post(conversation, card, _uuid(key, part), reply_to, in_thread)
+        """The message gets the reply's first part; a reply that outgrew it follows in numbered
+        parts posted after it, as `send` numbers them. The parts' uuids come from the message and
+        the content, so the outbox's retry of this edit posts none of them twice."""
+        api = await self.api()
+        reply_to, in_thread = self._target(conversation, reply)
+        key = f"{platform_message_id}:{hashlib.sha256((reply.text or '').encode()).hexdigest()}"
+        edited = False
+
+        async def edit(card: dict[str, Any], _unused: str) -> str:  # an edit needs no uuid
+            nonlocal edited
+            await api.patch_card(chat_id=conversation.chat_id, message_id=platform_message_id,
+                                 card=render.card_json(card))
+            edited = True
+            return platform_message_id
+
+        async def post(card: dict[str, Any], uuid: str) -> str:
+            return await self._post(conversation, card, uuid, reply_to, in_thread)
+
+        try:
+            for part, card in enumerate(self.render(reply)):
+                await self._part(conversation, reply, part, card, _uuid(key, part), key,
+                                 edit if part == 0 else post, post)
+        except DeliveryError as exc:
+            if exc.transient or not edited:
+                raise  # a permanent failure of the edit itself: the outbox sends the reply anew
+            # The message was edited and a part after it failed for good. Said to be permanent,
+            # the outbox would send the whole reply anew, the edited part and the parts already
+            # posted twice; as transient, it tries this edit again, which posts only what is
+            # missing, until its attempts run out.
+            raise DeliveryError(f"the message was edited but a part after it was refused: {exc}", transient=True,
+                                retry_after=exc.retry_after) from exc
 
     async def react(self, conversation: ConversationKey, platform_message_id: str, state: str) -> None:
         """The turn ended: "OnIt" is taken off the person's message, and "DONE" put on when it was

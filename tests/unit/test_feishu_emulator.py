@@ -128,6 +128,9 @@ async def test_patch_keeps_history_and_rejects_non_cards(emulator: FeishuEmulato
         assert resp.success(), (resp.code, resp.msg)
     stored = emulator.message(mid)
     assert stored["history"] == [CARD, v2, v3] and stored["content"] == v3 and stored["updated"] is True
+    too_big = await client.im.v1.message.apatch(patch_request(mid, CARD.replace("v1", "x" * 30 * 1024)))
+    assert (too_big.code, too_big.raw.status_code) == (230025, 400)  # the card limit holds for a patch too
+    assert emulator.message(mid)["content"] == v3
 
     text = await client.im.v1.message.acreate(send_request("plain"))
     rejected = await client.im.v1.message.apatch(patch_request(text.data.message_id, v2))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import socket
 from pathlib import Path
 from typing import Annotated, Literal
@@ -279,6 +280,18 @@ class Settings(BaseSettings):
     @property
     def feishu_enabled(self) -> bool:
         return bool(self.feishu_app_id and self.feishu_app_secret.get_secret_value())
+
+    @field_validator("codex_bin")
+    @classmethod
+    def _command_line(cls, value: str) -> str:
+        # a command line, split as a shell would (e.g. `npx @openai/codex`)
+        try:
+            argv = shlex.split(value)
+        except ValueError as exc:
+            raise ValueError(f"not a command line: {exc}") from None
+        if not argv:
+            raise ValueError("must name the codex command")
+        return value
 
     @model_validator(mode="after")
     def _feishu_pair(self) -> "Settings":

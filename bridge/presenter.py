@@ -137,7 +137,7 @@ def help_text(runtime: str) -> Reply:
         "- `/new [name]` a fresh session (the old one is kept) · `/sessions` · `/switch <name|n>`.",
         "- `/resume <thread id>` continue a runtime thread started elsewhere (admins).",
         "- `/cwd [path]` the workspace (admins, inside the allowed roots) · `/model [name]` · `/mode strict|default|trusted`.",
-        "- `/output` the whole output of the last turn, where its reply was cut.",
+        f"- `/output` more of the last turn's output (its last {OUTPUT_SHOWN:,} characters), where its reply was cut.",
         "- `/retry` asks an expired or interrupted approval again · `/help` shows this.",
     ]
     if runtime == "shell":
@@ -199,8 +199,12 @@ def cancelled_by_stop_all() -> Reply:
     return Reply(text="⏹ Dropped by `/stop all`; not run.")
 
 
-def stopped_all(dropped: int) -> Reply:
-    return Reply(text=f"⏹ Stopping the running turn; {dropped} queued message(s) dropped.")
+def stopped_all(dropped: int, *, stopping: bool) -> Reply:
+    """`/stop all`: what it did, and only that (no turn running, or nothing queued, is said so)."""
+    if not stopping and not dropped:
+        return Reply(text="Nothing is running and nothing is queued.")
+    queue = f"{dropped} queued message(s) dropped" if dropped else "nothing was queued"
+    return Reply(text=f"⏹ Stopping the running turn; {queue}." if stopping else f"⏹ Nothing is running; {queue}.")
 
 
 def steered() -> Reply:

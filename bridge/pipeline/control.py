@@ -167,7 +167,7 @@ class ControlCommands:
             interrupted = await self.runner.runtime.interrupt(running.session_id)
             stopped = bool(stopped_approvals or interrupted)
         if drop_queue:
-            return presenter.stopped_all(len(dropped))
+            return presenter.stopped_all(len(dropped), stopping=stopped)
         return presenter.stop_requested() if stopped else presenter.nothing_to_stop()
 
     async def _routines(self, key: str, user: str, args: str) -> Reply:

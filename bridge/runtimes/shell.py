@@ -192,7 +192,7 @@ class ShellRuntime:
         text = storable(text).rstrip("\n")
         cut_note = ""
         if hidden:
-            cut_note = f"\n_Output truncated: the first {hidden} bytes are not shown; `/output` shows the rest._"
+            cut_note = f"\n_Output truncated: the first {hidden} bytes are not shown; `/output` shows more of it._"
         status = "_running…_" if running else note
         return f"{fence(text)}{cut_note}\n{status}".strip()
 

@@ -92,6 +92,10 @@ async def test_stop_all_drops_the_queue_and_queue_lists_it(bridge, chat, tmp_pat
     await c.wait_for("c-q", lambda msgs: len(has_final("Dropped by `/stop all`")(msgs)) == 3)
     await asyncio.sleep(1.0)
     assert not has_final("queued-0", "exit 0")(await c.bot_messages("c-q"))
+    # again, with nothing left to stop: it says so
+    await c.wait_for("c-q", has_final("Stopped"), timeout=10)
+    await say(c, "c-q", "/stop all")
+    await c.wait_for("c-q", has_final("Nothing is running and nothing is queued."))
 
 
 async def test_a_burst_held_by_id_is_listed_dropped_and_told_once(bridge, chat, tmp_path):

@@ -56,6 +56,7 @@ def test_admins_are_split_and_qualified(monkeypatch):
     ("BRIDGE_PORT", "eighty"), ("BRIDGE_PORT", "70000"), ("BRIDGE_RUNTIME", "gpt"), ("BRIDGE_RUNTIME", "claude"),
     ("BRIDGE_DATABASE_URL", "mysql://x"), ("BRIDGE_LOG_LEVEL", "loud"),
     ("BRIDGE_HTTP_WORKERS", "many"), ("BRIDGE_HTTP_WORKERS", "-1"), ("BRIDGE_HTTP_WORKERS", "33"),
+    ("CODEX_BIN", "codex --profile \"unclosed"),
 ])
 def test_invalid_setting_names_the_setting(monkeypatch, name, value):
     monkeypatch.setenv(name, value)

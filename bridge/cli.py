@@ -133,7 +133,9 @@ def cmd_approvals_audit(args: argparse.Namespace) -> int:
 
     from bridge.store import approvals
 
-    rows = _read(_settings(), lambda c: approvals.audit_since(c, args.since, limit=args.limit))
+    rows, total = _read(_settings(), lambda c: approvals.audit_since(c, args.since, limit=args.limit))
+    if total > len(rows):
+        print(f"the newest {len(rows)} of {total} audit records in that period (--limit)")
     for r in rows:
         at = datetime.fromtimestamp(r.at, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
         print(f"{at}  {r.event:<13} {(r.actor or '-'):<14} {r.approval_id[:12]}  {r.conversation_key}  "

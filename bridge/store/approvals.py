@@ -113,9 +113,12 @@ async def audit(conn: AsyncConnection, approval_id: str, event: str, conversatio
     await conn.execute(stmt, params)
 
 
-async def audit_since(conn: AsyncConnection, since: float, limit: int = 1000):
-    return (
-        await conn.execute(
-            select(approval_audit).where(approval_audit.c.at >= since).order_by(approval_audit.c.id).limit(limit)
-        )
-    ).all()
+async def audit_since(conn: AsyncConnection, since: float, limit: int = 1000) -> tuple[list, int]:
+    """The newest `limit` audit records since `since`, oldest first, and how many the period
+    holds in all (more than `limit`: the older ones were left out)."""
+    recent = (await conn.execute(
+        select(approval_audit).where(approval_audit.c.at >= since).order_by(approval_audit.c.id.desc()).limit(limit)
+    )).all()
+    total = len(recent) if len(recent) < limit else (await conn.execute(
+        select(func.count()).select_from(approval_audit).where(approval_audit.c.at >= since))).scalar_one()
+    return list(reversed(recent)), total

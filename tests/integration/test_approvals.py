@@ -159,6 +159,9 @@ async def test_cli_lists_approvals_and_the_audit_trail(bridge, chat, tmp_path):
     audit = run("approvals", "audit", "--since", "1h")
     lines = [line for line in audit.splitlines() if line.strip()]
     assert [line.split()[2] for line in lines] == ["requested", "requested", "decided"]
+    newest = [line for line in run("approvals", "audit", "--since", "1h", "--limit", "2").splitlines() if line.strip()]
+    assert newest[0] == "the newest 2 of 3 audit records in that period (--limit)"
+    assert [line.split()[2] for line in newest[1:]] == ["requested", "decided"]  # the newest two, oldest first
     assert "nothing" not in run("approvals", "audit", "--since", "2000-01-01")
     assert "no audit records" in run("approvals", "audit", "--since", "2999-01-01")
 

@@ -203,7 +203,7 @@ class Rules:
         if preset == "strict":
             return "ask"
         if facts.kind == "command" and facts.command is not None:
-            if is_read_only(facts.command):
+            if is_read_only(facts.command) and _reads_inside(facts.command, facts.workspace, facts.cwd):
                 return "allow"
             if preset == "trusted" and _stays_inside(facts.command, facts.workspace, facts.cwd):
                 return "allow"
@@ -246,6 +246,23 @@ def _stays_inside(command: str, workspace: str, cwd: str | None = None) -> bool:
             if not _within((here / value).resolve(), root):
                 return False
     return True
+
+
+# read-only programs that open no file named by their arguments
+READS_NO_FILE = frozenset({"echo", "pwd", "date", "whoami", "uname"})
+
+
+def _reads_inside(command: str, workspace: str, cwd: str | None = None) -> bool:
+    """A read-only line reads nothing outside the workspace: no file of the host (its secrets,
+    the service's own settings and database) is shown to whoever can post in a chat without a
+    person approving it. Programs that read no file pass; the others' arguments must stay inside
+    the workspace, as `_stays_inside` checks them."""
+    commands = split_commands(command)
+    if commands is None:
+        return False
+    return all(not argv or argv[0] in READS_NO_FILE
+               or _stays_inside(shlex.join(a for a in argv if a != "/dev/null"), workspace, cwd)  # reads nothing
+               for argv in commands)
 
 
 def _within(path: Path, root: Path) -> bool:

@@ -29,6 +29,12 @@ def test_default_rules_refuse_with_a_message(default_rules, command):
     ("git status", "allow"), ("ls -la", "allow"), ("cat a | wc -l", "allow"),
     ("touch a", "ask"), ("rm -rf /tmp/x", "ask"), ("git push origin main", "ask"), ("echo hi > f", "ask"),
     ("ls x#; touch pwned", "ask"), ("cat /proc/1/environ", "ask"), ("date -us 2000-01-01", "ask"),
+    # read-only, but reading outside the workspace (the host's secrets, the service's .env and
+    # database) needs a person's approval; programs that read no file do not
+    ("cat /etc/shadow", "ask"), ("cat ../../.env", "ask"), ("wc -c ../bridge.db", "ask"), ("ls /", "ask"),
+    ("head -n 2 src/../../x", "ask"), ("git diff /etc/passwd", "ask"), ("cat a | tail -n 2 /root/.bashrc", "ask"),
+    ("ls src/..", "allow"), ("cat /srv/ws/README.md", "allow"), ("head -n 5 a.txt", "allow"),
+    ("echo /etc/passwd", "allow"), ("cat /dev/null | wc -l", "allow"), ("pwd", "allow"), ("uname -a", "allow"), ("date +%F", "allow"),
 ])
 def test_default_preset(default_rules, command, action):
     assert default_rules.decide(facts(command)).action == action

@@ -19,7 +19,7 @@ from typing import Any
 
 from loguru import logger
 
-from bridge.markdown import fence
+from bridge.markdown import code, fence
 from bridge.processes import exited
 from bridge.runtimes.base import (
     Approval,
@@ -97,7 +97,7 @@ class ShellRuntime:
             approval = await ctx.ask_approval(
                 ApprovalRequest(
                     kind="command",
-                    summary=f"Run `{command}`" if len(command) < 200 else "Run a shell command",
+                    summary=f"Run {code(command)}" if len(command) < 200 else "Run a shell command",
                     detail={"command": command, "cwd": request.workspace},
                 )
             )
@@ -120,7 +120,7 @@ class ShellRuntime:
         }.get(approval.decision, approval.decision.value)
         status = "stopped" if approval.decision is Decision.STOP else "completed"
         reason = f"\n{approval.reason}" if approval.reason else ""
-        return TurnOutcome(status, f"Not run ({why}): `{command}`{reason}")
+        return TurnOutcome(status, f"Not run ({why}): {code(command)}{reason}")
 
     async def _spawn(self, command: str, cwd: str) -> tuple[subprocess.Popen[bytes], asyncio.StreamReader]:
         """Start bash in its own process group. The fork happens on the spawner thread (it releases

@@ -172,6 +172,24 @@ def test_deny_does_not_run_the_command(open_chat, service):
     assert not (service.data_dir / "workspace" / "y").exists()
 
 
+def test_commands_with_backticks_and_marks_are_shown_as_typed(open_chat):
+    """A person's message is shown as typed, never as markdown; a command quoted in a reply keeps
+    its backticks and stars (its code span is delimited by more backticks than it holds)."""
+    page = open_chat()
+    command = "touch `date` **bold** _x_"
+    send(page, command)
+    mine = page.locator(".msg.user .text")
+    expect(mine).to_have_text(command)
+    expect(mine.locator("strong, em, code")).to_have_count(0)
+    card = page.locator(".card[data-kind=approval]")
+    expect(card).to_have_attribute("data-status", "pending")
+    card.locator("button[data-action=deny]").click()
+    denied = page.locator(".msg.bot", has_text="Not run (denied)")
+    expect(denied).to_have_count(1)
+    expect(denied.locator("code")).to_have_text(command)
+    expect(denied.locator("strong")).to_have_count(0)
+
+
 def test_quick_messages_keep_their_order(open_chat):
     page = open_chat()
     send(page, "echo one")

@@ -13,7 +13,7 @@ def fence(text: str, info: str = "") -> str:
 
 
 def code(text: str) -> str:
-    """Inline code that survives backticks inside the text (`echo \`date\``): its delimiters are
+    """Inline code that survives backticks inside the text (``echo `date` ``): its delimiters are
     longer than any run of backticks in it, padded with a space where the text starts or ends
     with one (CommonMark code spans)."""
     longest = run = 0

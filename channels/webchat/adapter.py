@@ -333,10 +333,16 @@ class WebChatChannel:
         row = await self.db.read(lambda c: transcript.get(c, body.message_id))
         if row is None or row["conversation_id"] != body.conversation_id:
             return refusal(404, "no such message in this conversation")
-        card = row.get("card") or {}
-        button = next((a for a in card.get("actions", ()) if a["id"] == body.action_id), None)
-        if button is None:
+        card = row.get("card")
+        if not card:
+            return refusal(400, "this message is not a card: it has no buttons")
+        buttons = card.get("actions") or ()
+        if not buttons:  # decided, expired, stopped: its buttons are gone
             return refusal(409, "this card is no longer actionable", card_status=card.get("status"))
+        button = next((a for a in buttons if a["id"] == body.action_id), None)
+        if button is None:
+            return refusal(400, f"this card has no button {body.action_id!r}",
+                           actions=[a["id"] for a in buttons])
         action = InboundAction(
             conversation=ConversationKey(CHANNEL, body.conversation_id),
             actor=Sender(body.user_id, body.user_id),

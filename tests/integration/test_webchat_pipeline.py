@@ -144,6 +144,13 @@ async def test_approve_runs_the_command_and_updates_the_card(bridge, chat):
     assert [a["id"] for a in card["card"]["actions"]] == ["approve", "approve_session", "deny", "stop"]
     assert "touch approved.txt" in card["card"]["body"]
     assert not (proc.data_dir / "workspace" / "approved.txt").exists()
+    # a button the card does not have, or a message that is not a card: 400, and nothing decided
+    status, body = await c.act("c-appr", card["id"], "launch", "alice")
+    assert status == 400 and body["error"] == "this card has no button 'launch'" and "approve" in body["actions"]
+    mine = [m for m in await c.messages("c-appr") if m["role"] == "user"][0]
+    status, body = await c.act("c-appr", mine["id"], "approve", "alice")
+    assert status == 400 and "not a card" in body["error"]
+    assert (await c.wait_card("c-appr", "pending"))["id"] == card["id"]
     status, body = await c.act("c-appr", card["id"], "approve", "alice")
     assert status == 200 and body["ok"] is True and body["toast"]
     decided = await c.wait_card("c-appr", "approved")

@@ -50,15 +50,18 @@ class _UnattendedContext:
         self.key = key
         self.latest = ""
         self.notices: list[str] = []
+        self.refused: list[str] = []  # what the rules did not allow (nobody is asked instead)
 
     async def progress(self, text: str) -> None:
         self.latest = text
 
     async def ask_approval(self, request: ApprovalRequest) -> Approval:
         ruled = await self.runner.gate.by_rules(self.scope, request)
-        if ruled is not None:
+        if ruled is not None and ruled.allows:
             return ruled
-        return Approval(Decision.DENY, "Routines run unattended: allow this in the approval rules for it to run.")
+        self.refused.append(request.summary)
+        return ruled or Approval(Decision.DENY, "Routines run unattended: allow this in the approval rules for "
+                                                "it to run.")
 
     async def bind_thread(self, thread_id: str, *, lost: str | None = None, reason: str | None = None) -> None:
         async def _bind(conn) -> None:
@@ -190,6 +193,12 @@ class RoutineRunner:
         except asyncio.CancelledError:
             await self.runtime.interrupt(session.session_id)
             raise
+        if outcome.status == "completed" and ctx.refused:
+            # not run as meant: what it needed was refused (a routine's rules must allow it)
+            refused = "; ".join(ctx.refused)
+            return Reply(card=Card(kind="routine", title=f"Routine {routine.name} failed",
+                                   body=f"{outcome.text}\n\n_Refused by the approval rules: {refused}. Routines run "
+                                        f"unattended: allow what this one needs in the rules._", status="failed"))
         if outcome.status == "failed":
             return Reply(card=Card(kind="routine", title=f"Routine {routine.name} failed", body=outcome.text,
                                    status="failed"))

@@ -594,3 +594,18 @@ async def test_last_runs_gives_each_routines_latest_run(sqlite, tmp_path):
                                                            now=d))
     last = await db.read(repo.last_runs)
     assert {name: row.due_at for name, row in last.items()} == {"a": T0 + 120, "b": T0 + 60}
+
+
+async def test_a_routine_whose_command_the_rules_refuse_fails_and_says_why(sqlite, tmp_path):
+    """Nobody is asked for a routine: what the rules do not allow is refused, and the run did not
+    do what it is for, so it is a failure to fix (a rule), not a completed run."""
+    routines, clock = tmp_path / "routines", Clock()
+    write(routines, "ping", EVERY_MINUTE.format(n=9, catch_up="skip").replace("echo pong-9", "touch made-by-routine"))
+    scheduler, db = await sqlite(routines, clock)
+    await tick(scheduler)
+    clock.now = T0 + 61
+    await tick(scheduler)
+    assert [(r.status, "Refused by the approval rules" in (r.error or "")) for r in await runs(db)] == [("failed", True)]
+    messages = [text for key, text in await sent(db) if key == "webchat:c-ops"]
+    assert len(messages) == 1 and "Not run" in messages[0] and "allow what this one needs" in messages[0]
+    assert not (tmp_path / "ws" / "made-by-routine").exists()

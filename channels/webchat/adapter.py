@@ -215,6 +215,8 @@ class WebChatChannel:
     def routes(self) -> list[web.RouteDef]:
         return [
             web.get("/chat", self.page),
+            web.get("/chat/", self.to_page),  # what a person may type for it, and the service's root
+            web.get("/", self.to_page),
             web.post("/chat/api/files", self.post_file),
             web.get("/chat/api/messages", self.list_messages),
             web.get("/chat/api/stream", self.stream),
@@ -225,6 +227,9 @@ class WebChatChannel:
 
     async def page(self, request: web.Request) -> web.Response:
         return web.Response(body=self._page, content_type="text/html", charset="utf-8")
+
+    async def to_page(self, request: web.Request) -> web.Response:
+        raise web.HTTPFound(f"/chat?{request.query_string}" if request.query_string else "/chat")
 
     async def post_message(self, forward: Forward) -> Answer:
         return (await self.post_messages([forward]))[0]

@@ -701,3 +701,14 @@ async def test_sigterm_with_pages_open_stops_at_once(bridge, chat, http):
         started = time.monotonic()
         assert await asyncio.to_thread(proc.stop, 25.0) == 0
         assert time.monotonic() - started < 20
+
+
+@HTTP_MODES
+async def test_the_root_and_a_trailing_slash_lead_to_the_page(bridge, http, workers):
+    proc = bridge(BRIDGE_HTTP_WORKERS=workers)
+    for path, where in (("/", "/chat"), ("/chat/", "/chat"), ("/chat/?user=bob&conversation=g-x",
+                                                              "/chat?user=bob&conversation=g-x")):
+        async with http.get(proc.url + path, allow_redirects=False) as r:
+            assert (r.status, r.headers["Location"]) == (302, where), path
+    async with http.get(proc.url + "/") as r:
+        assert r.status == 200 and "text/html" in r.headers["Content-Type"]

@@ -16,6 +16,7 @@ from channels.base import Answer, Forward
 from channels.http import refusal
 
 ID_PATTERN = r"^[A-Za-z0-9_.@-]{1,128}$"
+ID_RULE = "1 to 128 letters, digits, or _ . @ - (no spaces)"
 MAX_FILES = 10  # files one message may carry
 # How the service and its edge workers are reached: plain HTTP (neither terminates TLS; a proxy
 # in front that does says so with X-Forwarded-Proto).
@@ -106,6 +107,9 @@ class ModelCheck:
         try:
             return Forward(body, self.model.model_validate_json(body))
         except ValidationError as exc:
+            first = exc.errors()[0]
+            if first.get("type") == "string_pattern_mismatch" and first.get("ctx", {}).get("pattern") == ID_PATTERN:
+                return refusal(400, f"{'.'.join(map(str, first['loc']))}: use {ID_RULE}")
             return refusal(400, validation_message(exc))
 
     def parsed(self, forward: Forward) -> BaseModel:

@@ -57,3 +57,10 @@ def test_a_post_is_refused_for_its_origin_then_its_content_type_then_its_body():
     assert status(headers(Host="h", Content_Type="application/json"), b"{") == 400
     refused = MESSAGES.check(BODY, headers(Host="h", Content_Type="text/plain; charset=utf-8"))
     assert json.loads(refused.body) == {"error": "Content-Type must be application/json (got 'text/plain; charset=utf-8')"}
+
+
+def test_a_bad_id_is_told_in_words_a_person_can_follow():
+    body = json.dumps({"conversation_id": "team chat", "user_id": "alice", "text": "hi", "client_msg_id": "1"})
+    refused = MESSAGES.check(body.encode(), headers(Host="h", Content_Type="application/json"))
+    assert refused.status == 400
+    assert json.loads(refused.body) == {"error": "conversation_id: use 1 to 128 letters, digits, or _ . @ - (no spaces)"}

@@ -420,6 +420,7 @@ def cmd_version(_args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="agent-bridge", description="Run coding agents from team chat.")
+    parser.add_argument("--version", action="version", version=f"agent-bridge {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("serve", help="run the service").set_defaults(fn=cmd_serve)
     db = sub.add_parser("db", help="database maintenance")
@@ -484,5 +485,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.fn is not cmd_serve:
+        # a one-shot command prints its own result; the store's and the runtime's routine records
+        # (commits, start-up) are for the service's log, so only warnings and errors show here
+        from loguru import logger
+
+        logger.remove()
+        logger.add(sys.stderr, level="WARNING", format="{level}: {message}")
     return args.fn(args)
 

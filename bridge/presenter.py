@@ -138,6 +138,7 @@ def help_text(runtime: str) -> Reply:
         "- `/resume <thread id>` continue a runtime thread started elsewhere (admins).",
         "- `/cwd [path]` the workspace (admins, inside the allowed roots) · `/model [name]` · `/mode strict|default|trusted`.",
         f"- `/output` more of the last turn's output (its last {OUTPUT_SHOWN:,} characters), where its reply was cut.",
+        "- `/routines` the scheduled routines and their next runs · `/routines run <name>` runs one now (admins).",
         "- `/retry` asks an expired or interrupted approval again · `/help` shows this.",
     ]
     if runtime == "shell":

@@ -21,6 +21,15 @@ def run(args, tmp_path, **env):
 def test_version(tmp_path):
     result = run(["version"], tmp_path)
     assert result.returncode == 0 and result.stdout.strip() == f"agent-bridge {bridge.__version__}"
+    result = run(["--version"], tmp_path)
+    assert result.returncode == 0 and result.stdout.strip() == f"agent-bridge {bridge.__version__}"
+
+
+def test_a_one_shot_command_prints_its_result_and_not_the_stores_records(tmp_path):
+    assert run(["db", "upgrade"], tmp_path).returncode == 0
+    result = run(["outbox", "retry", "--all-dead"], tmp_path)  # writes through the store
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == "" and result.stdout.strip()
 
 
 def test_db_upgrade_creates_the_schema(tmp_path):

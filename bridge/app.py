@@ -348,7 +348,8 @@ class Service:
         if self._site is not None:
             await self._site.stop()
         await self.scheduler.stop()
-        await self.dispatcher.close(timeout=max(0.0, deadline - time.monotonic()))
+        await self.dispatcher.close(timeout=max(0.0, deadline - time.monotonic()),
+                                    waiting_on_people=self.gate.waiting_turns)
         if self.ownership is not None:
             await self.ownership.close()
         drained = await self.delivery.flush(deadline=max(deadline, time.monotonic() + 2.0))

@@ -74,6 +74,7 @@ class HumanGate:
         self.on_expiry = on_expiry
         self.admins = set(admins)
         self._waiters: dict[str, asyncio.Future[Approval]] = {}
+        self._waiting_turn: dict[str, int] = {}  # approval id -> the turn waiting on it here
         # this process's pending approvals per conversation, with their kind
         self._pending_by_conversation: dict[str, dict[str, str]] = {}
 
@@ -143,9 +144,11 @@ class HumanGate:
             await self.db.write(_create)
             self.outbox.kick(scope.conversation_key)
             log.info("gate: approval {} requested: {}", approval_id, req.summary)
+            self._waiting_turn[approval_id] = scope.turn_id  # its card is out: only a person moves it now
             outcome = await self._await(approval_id, waiter, row["expires_at"], scope)
         finally:
             self._waiters.pop(approval_id, None)
+            self._waiting_turn.pop(approval_id, None)
             pending = self._pending_by_conversation.get(scope.conversation_key)
             if pending is not None:
                 pending.pop(approval_id, None)
@@ -156,6 +159,10 @@ class HumanGate:
         if outcome.decision is Decision.EXPIRED and self.on_expiry == "interrupt":
             return Approval(Decision.STOP, "The approval expired; the turn was stopped.")
         return outcome
+
+    def waiting_turns(self) -> int:
+        """How many turns of this process wait for a person's decision now."""
+        return len(set(self._waiting_turn.values()))
 
     def has_pending(self, conversation_key: str) -> bool:
         """Whether a turn of this process waits for a decision in that conversation."""

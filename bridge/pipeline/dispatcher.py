@@ -66,6 +66,7 @@ class _Lane:
 
 
 QUEUED_NOTICE_DELAY = 0.5  # a message that starts sooner gets no "queued" notice (no chat noise)
+CLOSE_CHECK = 0.2  # how often a closing dispatcher looks whether only turns waiting for a person are left
 
 Process = Callable[[Job], Awaitable[None]]
 Notify = Callable[[Job, int], Awaitable[None]]  # returns the pending write (no task per message)
@@ -260,9 +261,12 @@ class Dispatcher:
         except Exception:  # noqa: BLE001 - one failing event must not stop its conversation's queue
             logger.bind(conversation=job.conversation_key, event=job.event_id).exception("dispatch: job failed")
 
-    async def close(self, timeout: float) -> None:
+    async def close(self, timeout: float, *, waiting_on_people: Callable[[], int] | None = None) -> None:
         """Start nothing new; let active jobs finish within `timeout`, then cancel them. Waiting
-        messages stay `accepted` in the store and run after the next start."""
+        messages stay `accepted` in the store and run after the next start. `waiting_on_people`
+        counts the turns that wait for a person (an approval card): once every job left is such a
+        turn, they are cancelled at once, since nobody's click is worth holding a shutdown for (their
+        cards end as interrupted, to be asked again with Retry)."""
         self._closing = True
         if self._pacer is not None:
             self._pacer.close()
@@ -270,10 +274,17 @@ class Dispatcher:
             for job in lane.queue:
                 if isinstance(job, Job) and job.timer is not None:
                     job.timer.cancel()
-        tasks = [lane.task for lane in self._lanes.values() if lane.task is not None] + list(self._controls)
-        if not tasks:
-            return
-        done, pending = await asyncio.wait(tasks, timeout=timeout)
+        pending = {lane.task for lane in self._lanes.values() if lane.task is not None} | set(self._controls)
+        deadline = asyncio.get_running_loop().time() + timeout
+        while pending:
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                break
+            _, pending = await asyncio.wait(pending, timeout=min(remaining, CLOSE_CHECK))
+            if (pending and waiting_on_people is not None and not pending & self._controls
+                    and len(pending) <= waiting_on_people()):
+                logger.info("shutdown: {} turn(s) wait only for a person; interrupting them now", len(pending))
+                break
         for task in pending:
             task.cancel()
         if pending:

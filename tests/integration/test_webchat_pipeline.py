@@ -712,3 +712,19 @@ async def test_the_root_and_a_trailing_slash_lead_to_the_page(bridge, http, work
             assert (r.status, r.headers["Location"]) == (302, where), path
     async with http.get(proc.url + "/") as r:
         assert r.status == 200 and "text/html" in r.headers["Content-Type"]
+
+
+async def test_sigterm_does_not_wait_on_turns_that_wait_for_a_person(bridge, chat):
+    """Only a turn waiting for an approval is left: the shutdown does not hold for a click that
+    may never come (the deadline is 30 s here); the card ends interrupted, offering Retry."""
+    proc = bridge(BRIDGE_SHUTDOWN_TIMEOUT="30")
+    c = chat(proc)
+    await c.post("c-wait", "alice", "touch later.txt")
+    await c.wait_card("c-wait", "pending")
+    started = time.monotonic()
+    assert proc.stop() == 0
+    assert time.monotonic() - started < 8
+    with sqlite3.connect(proc.data_dir / "bridge.db") as conn:
+        assert conn.execute("SELECT status FROM approvals").fetchall() == [("interrupted",)]
+    assert not (proc.data_dir / "workspace" / "later.txt").exists()
+    assert "wait only for a person" in proc.log()

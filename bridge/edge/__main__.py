@@ -1,4 +1,5 @@
-"""`python -m bridge.edge <link fd> <service pid>`: one HTTP edge worker, started by the service."""
+"""`python -m bridge.edge <link fd> <listening fds> <service pid>`: one HTTP edge worker, started by the
+service, which inherits the link and the port's listening sockets (comma-separated)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ PR_SET_NAME, PR_SET_PDEATHSIG = 15, 1
 
 
 def main(argv: list[str]) -> int:
-    link_fd, service_pid = int(argv[0]), int(argv[1])
+    link_fd, listening, service_pid = int(argv[0]), [int(fd) for fd in argv[1].split(",")], int(argv[2])
     # Die with the service, whatever kills it (kill -9 included): a worker must never outlive it
     # and keep answering on its port.
     libc = ctypes.CDLL(None, use_errno=True)
@@ -22,7 +23,7 @@ def main(argv: list[str]) -> int:
         return 1  # it died before we asked
     from bridge.edge.worker import serve
 
-    return asyncio.run(serve(link_fd))
+    return asyncio.run(serve(link_fd, listening))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
-"""An HTTP edge worker: a process of its own that serves the public port beside its siblings
-(SO_REUSEPORT), so HTTP parsing, signature checks and decryption use the machine's other cores.
+"""An HTTP edge worker: a process of its own that serves the public port beside its siblings, so
+HTTP parsing, signature checks and decryption use the machine's other cores. The service listens
+on the port and every worker accepts from that one socket, inherited: the port stays the
+service's alone.
 
 - A webhook route (`channels.base.Webhook`: the web chat's posts, Feishu's and Slack's events)
   runs its check here; what passes goes over the edge link to the service, which persists it
@@ -36,6 +38,7 @@ from channels.http import refusal
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
                         "trailers", "transfer-encoding", "upgrade"})
 UNREACHABLE = refusal(503, "the service is not reachable; try again")
+BACKLOG = 1024  # the port's accept queue: the service listens with it, and each worker again (listen() sets it)
 
 
 @dataclass(frozen=True)
@@ -92,7 +95,7 @@ class PassThrough:
         await self.session.close()
 
 
-async def serve(link_fd: int) -> int:
+async def serve(link_fd: int, listening: list[int]) -> int:
     loop = asyncio.get_running_loop()
     _, link = await loop.create_connection(WorkerEnd, sock=socket.socket(fileno=link_fd))
     config: EdgeConfig = pickle.loads(await link.config)
@@ -106,8 +109,9 @@ async def serve(link_fd: int) -> int:
     app.router.add_route("*", "/{tail:.*}", passthrough.handle)
     runner = web.AppRunner(app, access_log=None, handler_cancellation=False, shutdown_timeout=2.0)
     await runner.setup()
-    site = web.TCPSite(runner, config.host, config.port, reuse_port=True, backlog=1024)
-    await site.start()
+    sites = [web.SockSite(runner, socket.socket(fileno=fd), backlog=BACKLOG) for fd in listening]
+    for site in sites:
+        await site.start()
 
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -120,7 +124,8 @@ async def serve(link_fd: int) -> int:
         logger.error("edge {}: the service is gone; exiting", config.index)
         return 1
     # Graceful: no new connections; what was forwarded is answered; then long streams end.
-    await site.stop()
+    for site in sites:
+        await site.stop()  # this worker's copy of the socket; the port goes with the last one
     try:
         async with asyncio.timeout(config.shutdown_timeout):
             while link.in_flight:

@@ -1,5 +1,6 @@
-"""The service's side of the HTTP edge workers: start them, give each its link, watch them, start
-a dead one again (with backoff), stop them first at shutdown."""
+"""The service's side of the HTTP edge workers: listen on the port, start them, give each its link
+and the listening socket, watch them, start a dead one again (with backoff), stop them first at
+shutdown."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from typing import Any
 from loguru import logger
 
 from bridge.edge.link import ServiceEnd
-from bridge.edge.worker import EdgeConfig
+from bridge.edge.worker import BACKLOG, EdgeConfig
 from bridge.processes import exited
 from channels.base import Webhook
 
@@ -28,7 +29,7 @@ BACKOFF_FIRST, BACKOFF_MAX, STABLE_AFTER = 0.5, 30.0, 60.0
 
 
 class EdgeStartError(RuntimeError):
-    """The edge workers could not start (the port is taken, a worker died at start-up)."""
+    """The edge workers could not start (a worker died at start-up, or did not serve in time)."""
 
 
 @dataclass
@@ -56,13 +57,14 @@ class EdgeWorkers:
         self._workers = [_Worker(i) for i in range(count)]
         self._stopping = False
         self._respawns: set[asyncio.Task[None]] = set()
+        self._sockets: list[socket.socket] = []  # the port's listening sockets, open while workers may start
 
     async def start(self) -> int:
-        """Start every worker and wait until each listens; the port they serve (BRIDGE_PORT, or the
-        one the system chose for port 0)."""
-        reservation = self._reserve()
+        """Listen on the port, start every worker on that socket and wait until each serves it; the
+        port they serve (BRIDGE_PORT, or the one the system chose for port 0)."""
+        self._sockets = self._listen()
         try:
-            self.port = reservation.getsockname()[1]
+            self.port = self._sockets[0].getsockname()[1]
             self.config = replace(self.config, port=self.port)
             for worker in self._workers:
                 await self._spawn(worker)
@@ -73,39 +75,57 @@ class EdgeWorkers:
                         done, _ = await asyncio.wait([worker.link.ready, worker.link.closed],
                                                      return_when=asyncio.FIRST_COMPLETED)
                         if not worker.link.ready.done():
-                            raise EdgeStartError(f"HTTP edge worker {worker.index} exited at start-up"
-                                                 f" (is {self.host}:{self.port} in use?); see the log above")
+                            raise EdgeStartError(f"HTTP edge worker {worker.index} exited at start-up;"
+                                                 " see the log above")
             except TimeoutError:
                 raise EdgeStartError(f"HTTP edge workers did not listen within {START_TIMEOUT:.0f}s") from None
         except BaseException:
             await self.stop(timeout=2.0)
             raise
-        finally:
-            reservation.close()  # the workers hold the port now
         logger.info("{} HTTP edge worker(s) on {}:{}", self.count, self.host, self.port)
         return self.port
 
-    def _reserve(self) -> socket.socket:
-        """Bind the port (shared, SO_REUSEPORT) before any worker does: a port in use fails here,
-        with a clear message, and port 0 becomes a real one that every worker then binds."""
+    def _listen(self) -> list[socket.socket]:
+        """Bind and listen on the port here, once, as the service would without workers: the port
+        is this service's alone (no SO_REUSEPORT), so a port in use fails here with a clear
+        message, and port 0 becomes a real one. Every worker serves these same sockets (one per
+        address the host resolves to), inherited: a worker started again takes them up, and what
+        waits to be accepted stays queued for the others meanwhile."""
         infos = socket.getaddrinfo(self.host or None, self.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        family, kind, proto, _, address = infos[0]
-        sock = socket.socket(family, kind, proto)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sockets: list[socket.socket] = []
+        port, seen = self.port, set()
         try:
-            sock.bind(address)
-        except OSError as exc:
-            sock.close()
-            raise OSError(exc.errno, f"cannot listen on {self.host}:{self.port}: {exc.strerror}") from None
-        return sock
+            for family, kind, proto, _, address in infos:
+                address = (address[0], port, *address[2:])  # port 0: every address on the port of the first
+                if (family, address) in seen:
+                    continue
+                seen.add((family, address))
+                sock = socket.socket(family, kind, proto)
+                sockets.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # not held up by TIME_WAIT
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # 0.0.0.0 has its own
+                try:
+                    sock.bind(address)
+                except OSError as exc:
+                    raise OSError(exc.errno, f"cannot listen on {self.host}:{port}: {exc.strerror}") from None
+                sock.listen(BACKLOG)
+                port = sock.getsockname()[1]
+        except BaseException:
+            for sock in sockets:
+                sock.close()
+            raise
+        return sockets
 
     async def _spawn(self, worker: _Worker) -> None:
         loop = asyncio.get_running_loop()
         ours, theirs = socket.socketpair()
+        listening = [sock.fileno() for sock in self._sockets]
         try:
             worker.process = subprocess.Popen(
-                [sys.executable, "-m", "bridge.edge", str(theirs.fileno()), str(os.getpid())],
-                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
+                [sys.executable, "-m", "bridge.edge", str(theirs.fileno()), ",".join(map(str, listening)),
+                 str(os.getpid())],
+                pass_fds=(theirs.fileno(), *listening), stdin=subprocess.DEVNULL,
             )
         finally:
             theirs.close()
@@ -148,10 +168,14 @@ class EdgeWorkers:
 
     async def stop(self, timeout: float) -> None:
         """SIGTERM each worker: it stops accepting, waits for the answers to what it forwarded (this
-        service still gives them), ends its streams and exits; SIGKILL at the deadline."""
+        service still gives them), ends its streams and exits; SIGKILL at the deadline. This
+        service lets go of the port first, so it closes with the last worker's copy, and
+        connections still queued then are reset rather than left waiting."""
         self._stopping = True
         for task in list(self._respawns):
             task.cancel()
+        for sock in self._sockets:
+            sock.close()
         alive = [w for w in self._workers if w.process is not None and w.process.poll() is None]
         for worker in alive:
             assert worker.process is not None

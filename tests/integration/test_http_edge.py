@@ -82,12 +82,17 @@ async def test_a_killed_worker_is_started_again(bridge, chat, http):
     c = chat(proc)
     [worker] = await _workers(http, proc)
     os.kill(worker["pid"], signal.SIGKILL)
+    while _alive(worker["pid"]):
+        await asyncio.sleep(0.01)
+    # No worker now, but the port is still the service's: a connection made meanwhile waits in
+    # its queue and is answered by the new worker, not refused.
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True),
+                                     timeout=aiohttp.ClientTimeout(total=30)) as fresh:
+        async with fresh.get(proc.url + "/healthz") as r:
+            assert r.status == 200
 
     async def replaced() -> bool:
-        try:
-            [now] = await _workers(http, proc, settled=False)
-        except (aiohttp.ClientError, OSError):
-            return False  # between the old worker's death and the new one's start: nobody listens
+        [now] = await _workers(http, proc, settled=False)
         return now["up"] and now["pid"] != worker["pid"] and now["restarts"] == 1
 
     deadline = time.monotonic() + 15
@@ -140,3 +145,27 @@ def test_a_port_in_use_stops_start_up_with_a_clear_message(tmp_path):
                              capture_output=True, text=True, timeout=60)
     assert run.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in run.stderr
+
+
+async def test_a_second_service_on_the_same_port_refuses_to_start_and_the_first_keeps_it(bridge, tmp_path):
+    first = bridge(BRIDGE_HTTP_WORKERS="2")
+    # a new connection for every request, so the kernel would spread them over every listener
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True),
+                                     timeout=aiohttp.ClientTimeout(total=30)) as fresh:
+        mine = {w["pid"] for w in await _workers(fresh, first)}
+        second = BridgeProcess(tmp_path / "second", env={"BRIDGE_HTTP_WORKERS": "2"}, port=first.port)
+        second.data_dir.mkdir()
+        run = subprocess.Popen([sys.executable, "-m", "bridge", "serve"], env=second.env, cwd=second.data_dir,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            _, stderr = await asyncio.to_thread(run.communicate, timeout=20)
+        except subprocess.TimeoutExpired:
+            run.kill()
+            _, stderr = run.communicate()
+            pytest.fail(f"a second service started on port {first.port}, which the first one serves:\n{stderr}")
+        assert run.returncode == 1, stderr
+        assert f"cannot listen on 127.0.0.1:{first.port}" in stderr and "in use" in stderr, stderr
+        # every request still reaches the first service's own workers
+        for _ in range(10):
+            assert {w["pid"] for w in await _workers(fresh, first, settled=False)} == mine
+    assert first.proc is not None and first.proc.poll() is None

@@ -476,10 +476,11 @@ class TurnRunner:
     def _post_ops(self, scope: TurnScope, ref: str, reply: Reply, *, sent: bool, uncertain: bool = False):
         """The message's send (it is new), or its edit (`sent`), or both (`uncertain`: a send
         that may have been committed: then the send is a no-op on its key and the edit lands)."""
+        if scope.reply_to and reply.reply_to is None:
+            # an edit too: parts of a long reply the edited message cannot hold follow it there
+            reply = dataclasses.replace(reply, reply_to=scope.reply_to)
         if sent:
             return self.outbox.update_ops(scope.channel, scope.conversation_key, reply, ref=ref)
-        if scope.reply_to and reply.reply_to is None:
-            reply = dataclasses.replace(reply, reply_to=scope.reply_to)
         ops = self.outbox.send_ops(scope.channel, scope.conversation_key, reply, ref=ref)
         if uncertain:
             ops += self.outbox.update_ops(scope.channel, scope.conversation_key, reply, ref=ref)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import sqlite3
 import time
 import uuid
@@ -440,3 +441,26 @@ async def test_help_card_buttons_act_in_the_conversation_they_came_from_each_cli
     with sqlite3.connect(proc.data_dir / "bridge.db") as db:
         keys = [key for (key,) in db.execute("SELECT conversation_key FROM inbound_events ORDER BY id")]
     assert keys == ["feishu:oc_gu:u-ou_alice"] * 3  # /help, then two clicks
+
+
+async def test_a_long_reply_edited_into_its_progress_card_stays_with_its_message(service, emulator, tmp_path):
+    """A turn that streamed progress ends with a reply longer than one card: its card is edited
+    to the first part and the other parts follow as replies to the same message, even when a
+    newer message of the conversation came in meanwhile."""
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("version: 1\npreset: default\nrules:\n"
+                     '  - {name: slow, action: allow, command: ["seq *", "sleep *"]}\n')
+    proc = service(BRIDGE_SHELL_OUTPUT_LIMIT="100000", BRIDGE_APPROVAL_RULES=str(rules))
+    first = fp.message_event(token=TOKEN, text="seq 1 3; sleep 2; seq 100000 112000", chat_type="p2p",
+                             chat_id="oc_long")
+    assert (await post_event(proc, first))[0] == 200
+    await wait_until(lambda: replies_with(emulator, "running"), what="the progress card")
+    later = fp.message_event(token=TOKEN, text="echo later-one", chat_type="p2p", chat_id="oc_long")
+    assert (await post_event(proc, later))[0] == 200
+    await wait_until(lambda: replies_with(emulator, "later-one", "exit 0"), timeout=30, what="the later reply")
+    parts = [m for m in bot_messages(emulator) if re.search(r"\*\(\d+ / \d+\)\*", card_text(m))]
+    first_id = first["event"]["message"]["message_id"]
+    assert len(parts) >= 3, [card_text(m)[-40:] for m in parts]
+    assert {m["parent_id"] for m in parts} == {first_id}, [(m["parent_id"], card_text(m)[-12:]) for m in parts]
+    numbers = {int(tok) for m in parts for tok in card_text(m).split() if tok.isdigit()}
+    assert set(range(100000, 112001)) <= numbers

@@ -69,10 +69,11 @@ def waiting_for_approval() -> Reply:
     return Reply(text="⏸ Waiting for approval: see the card above.")
 
 
-def interrupted_by_restart(command: str) -> Reply:
+def interrupted_by_restart(command: str, *, card: bool = False) -> Reply:
+    """`card`: it waited for an approval, whose card now offers Retry."""
+    again = "Retry on its approval card asks again." if card else "Send it again to retry."
     return Reply(
-        text=f"⚠️ Interrupted: the service restarted while this turn was running (`{_short(command)}`). "
-        "Send it again to retry."
+        text=f"⚠️ Interrupted: the service restarted while this turn was running (`{_short(command)}`). {again}"
     )
 
 
@@ -160,7 +161,7 @@ def status_text(*, runtime: str, session: str, workspace: str, running: str | No
     parts = [f"Session `{session}` · runtime `{runtime}` · workspace `{workspace}`{extras}"]
     if running is not None:
         parts.append(f"⚙️ Working for {elapsed:.0f}s on `{_short(running)}`")
-        if doing:
+        if doing and not pending:  # waiting for a card is said once, below
             parts.append(f"Now: {_short(doing, 200)}")
     else:
         parts.append("💤 Idle.")

@@ -73,11 +73,12 @@ async def _interrupt(db: Database, outbox: Outbox, gate: HumanGate, turn) -> Non
         key = await conversations.key_of(conn, turn.conversation_id)
         channel = ConversationKey.parse(key).channel
         await turns.finish(conn, turn.id, status="interrupted", error="service restarted")
-        for approval in await approvals.pending_for_turns(conn, [turn.id]):
+        pending = await approvals.pending_for_turns(conn, [turn.id])
+        for approval in pending:
             await approvals.decide(conn, approval.id, status="interrupted", decided_by=None)
             await approvals.audit(conn, approval.id, "interrupted", key, detail={"reason": "service restarted"})
             await gate.queue_card(conn, approval.id)
-        reply = presenter.interrupted_by_restart(turn.input_text)
+        reply = presenter.interrupted_by_restart(turn.input_text, card=bool(pending))
         if turn.reply_ref and await outbox_repo.ref_exists(conn, turn.reply_ref):
             await outbox.update_in(conn, channel, key, reply, ref=turn.reply_ref)
         else:

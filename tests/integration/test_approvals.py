@@ -57,6 +57,8 @@ async def test_retry_after_a_restart_asks_again_and_runs(bridge, chat):
     proc.kill()
     proc.start()
     interrupted = await c.wait_card("c-r", "interrupted")
+    notice = (await c.wait_for("c-r", has_final("Interrupted: the service restarted")))[0]
+    assert "Retry on its approval card asks again." in notice and "Send it again" not in notice
     status, body = await c.act("c-r", interrupted["id"], "retry", "alice")
     assert (status, body["toast"]) == (200, "Retrying.")
     fresh = await c.wait_for("c-r", lambda msgs: [m for m in msgs if m["card"] and m["card"]["status"] == "pending"
@@ -65,6 +67,9 @@ async def test_retry_after_a_restart_asks_again_and_runs(bridge, chat):
     assert old["card"]["actions"] == [] and "Retried by alice" in old["card"]["body"]
     status, _ = await c.act("c-r", interrupted["id"], "retry", "alice")
     assert status == 409  # once per card
+    await c.post("c-r", "alice", "/status")
+    said = (await c.wait_for("c-r", has_final("Waiting for approval (see the card above)")))[0]
+    assert said.count("Waiting for approval") == 1 and "Now:" not in said
     await c.act("c-r", fresh[0]["id"], "approve", "alice")
     await c.wait_for("c-r", has_final("exit 0"))
     assert (proc.data_dir / "workspace" / "retried.txt").exists()

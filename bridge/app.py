@@ -41,6 +41,7 @@ from bridge.runtimes.base import Runtime
 from bridge.runtimes.codex.appserver import AppServerConfig
 from bridge.runtimes.codex.runtime import CodexOptions, CodexRuntime
 from bridge.runtimes.shell import ShellRuntime
+from bridge.runtimes.shell_records import CommandRecords
 from bridge.store import approvals as approvals_repo
 from bridge.store import migrate
 from bridge.store import outbox as outbox_repo
@@ -64,7 +65,10 @@ PLATFORM_SECRET_PREFIXES = ("BRIDGE_", "FEISHU_", "LARK_", "SLACK_")
 
 def build_runtime(settings: Settings) -> Runtime:
     if settings.runtime == "shell":
-        return ShellRuntime(timeout=settings.shell_timeout, output_limit=settings.shell_output_limit)
+        # each process on a data dir records the commands it runs there, and its start ends those
+        # a killed one left running (each replica has a data dir of its own)
+        return ShellRuntime(timeout=settings.shell_timeout, output_limit=settings.shell_output_limit,
+                            records=CommandRecords(settings.data_dir / "running-commands"))
     if settings.runtime == "codex":
         env = {k: v for k, v in os.environ.items() if not k.startswith(PLATFORM_SECRET_PREFIXES)}
         server = AppServerConfig(binary=settings.codex_bin, overrides=tuple(settings.codex_config),
@@ -287,6 +291,8 @@ class Service:
         if self.webchat_live is not None:
             await self.webchat_live.start()
         self.retention.start()
+        # before recovery or a takeover says a turn was interrupted: the runtime ends what a killed
+        # run of this process left running (the shell's recorded commands)
         await self.runtime.start()
         if self.ownership is None:
             # before any channel takes a message: what the last run left keeps its place in line

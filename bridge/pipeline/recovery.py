@@ -1,7 +1,11 @@
 """Recovery: what a process that stopped left unfinished.
 
 - Turns still `running` died with that process: they become `interrupted`, their pending
-  approvals too (the card says so), and the conversation gets a visible message.
+  approvals too (the card says so), and the conversation gets a visible message. At start-up
+  what their shell commands left running has been killed by then (the runtime's start,
+  bridge/runtimes/shell_records.py): a turn said interrupted no longer runs, and sending it again
+  cannot run it twice at once. (A replica taking over another's conversations cannot end that
+  one's processes; they are ended when it starts again.)
 - Inbound events accepted but never finished are dispatched again, oldest first.
 - Pending outbox operations are left to the delivery worker's sweep.
 

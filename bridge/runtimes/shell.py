@@ -4,12 +4,14 @@ ChatOps and the zero-credential first run. Every command goes to the human gate,
 read-only commands run at once (by default), refuse dangerous ones, and ask a person for the rest. Each command runs in its own process group so `/stop`
 and the timeout kill everything it started. Output streams into the reply as a code block; long
 output is cut to its tail in chat and kept whole (up to `KEEP_BYTES`) in the turn ledger.
+While a command runs it is recorded in the data dir (bridge/runtimes/shell_records.py): a service
+killed outright cannot end it, so the next start does, before recovery says the turn was
+interrupted.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import os
 import signal
 import subprocess
@@ -30,6 +32,7 @@ from bridge.runtimes.base import (
     TurnRequest,
     storable,
 )
+from bridge.runtimes.shell_records import MARK_VARIABLE, CommandRecords, Record, new_mark
 
 KEEP_BYTES = 4 * 1024 * 1024
 SECRET_ENV_PREFIXES = ("BRIDGE_", "FEISHU_", "SLACK_", "OPENAI_", "ANTHROPIC_", "CODEX_")
@@ -53,22 +56,29 @@ class ShellRuntime:
     name = "shell"
     accepts_files = False  # a message is a command line; attachments stay where the channel saved them
 
-    def __init__(self, *, timeout: float, output_limit: int, bash: str = "bash") -> None:
+    def __init__(self, *, timeout: float, output_limit: int, bash: str = "bash",
+                 records: CommandRecords | None = None) -> None:
         self.timeout = timeout
         self.output_limit = output_limit
         self.bash = bash
+        self.records = records  # None: not recorded (a process killed outright leaves its commands running)
         self._runs: dict[int, _Run] = {}
+        self._ending: set[asyncio.Task[None]] = set()  # commands whose turn was gone before they started
         self._spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shell-spawn")
 
     async def start(self) -> None:
-        return None
+        """Kill what the last run of this process left running (it was killed, or crashed): before
+        recovery tells the chat those turns were interrupted, they are no longer running."""
+        if self.records is not None:
+            await asyncio.to_thread(self.records.end_left_behind)
 
     async def stop(self) -> None:
         """Every command still running is ended (its whole process group), and waited for."""
         runs = list(self._runs.values())
         for run in runs:
             run.stopped = True
-        await asyncio.gather(*(_terminate(run.process) for run in runs if run.process is not None))
+        await asyncio.gather(*(_terminate(run.process) for run in runs if run.process is not None),
+                             *self._ending)
         self._spawner.shutdown(wait=False)
 
     async def health(self) -> dict[str, Any]:
@@ -122,21 +132,73 @@ class ShellRuntime:
         reason = f"\n{approval.reason}" if approval.reason else ""
         return TurnOutcome(status, f"Not run ({why}): {code(command)}{reason}")
 
-    async def _spawn(self, command: str, cwd: str) -> tuple[subprocess.Popen[bytes], asyncio.StreamReader]:
-        """Start bash in its own process group. The fork happens on the spawner thread (it releases
-        the GIL), so a burst of commands never stalls the event loop that acknowledges messages."""
+    async def _spawn(self, request: TurnRequest, command: str
+                     ) -> tuple[subprocess.Popen[bytes], Record | None, asyncio.StreamReader]:
+        """Start bash in its own process group, recorded. The fork happens on the spawner thread (it
+        releases the GIL), so a burst of commands never stalls the event loop that acknowledges
+        messages."""
         loop = asyncio.get_running_loop()
-        process = await loop.run_in_executor(self._spawner, functools.partial(
-            subprocess.Popen, [self.bash, "-c", command], cwd=cwd, stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, env=_clean_env(),
-        ))
-        reader = asyncio.StreamReader(limit=KEEP_BYTES)
-        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), process.stdout)
-        return process, reader
+        spawning = loop.run_in_executor(self._spawner, self._start_recorded, request, command)
+        try:
+            process, record = await asyncio.shield(spawning)
+        except asyncio.CancelledError:
+            # The turn is gone (shutdown) while bash was being forked: it starts all the same, so it
+            # is ended as soon as it exists rather than left to run unwatched.
+            spawning.add_done_callback(
+                lambda f: f.cancelled() or f.exception() is not None or self._end_unwatched(*f.result()))
+            raise
+        try:
+            reader = asyncio.StreamReader(limit=KEEP_BYTES)
+            await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), process.stdout)
+        except BaseException:
+            self._end_unwatched(process, record)
+            raise
+        return process, record, reader
+
+    def _start_recorded(self, request: TurnRequest, command: str) -> tuple[subprocess.Popen[bytes], Record | None]:
+        """On the spawner thread: the command recorded, bash started, and its pid recorded, so a
+        service killed at any point leaves a record that finds it. A command that cannot be
+        recorded does not run: nothing would end it after a crash."""
+        mark = new_mark()
+        record = None if self.records is None else self.records.add(
+            mark, session=request.session_id, turn=request.turn_id)
+        try:
+            process = subprocess.Popen(
+                [self.bash, "-c", command], cwd=request.workspace, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT, start_new_session=True, env={**_clean_env(), MARK_VARIABLE: mark},
+            )
+        except BaseException:
+            self._forget(record)
+            raise
+        if self.records is None or record is None:
+            return process, None
+        try:
+            return process, self.records.started(record, process.pid)
+        except OSError:
+            _signal_group(process, signal.SIGKILL)
+            process.wait()
+            process.stdout.close()  # type: ignore[union-attr]
+            self._forget(record)
+            raise
+
+    def _end_unwatched(self, process: subprocess.Popen[bytes], record: Record | None) -> None:
+        """End, in the background, a command that started for a turn no longer there to watch it."""
+        async def end() -> None:
+            process.stdout.close()  # type: ignore[union-attr]
+            await _terminate(process)
+            self._forget(record)
+
+        task = asyncio.ensure_future(end())
+        self._ending.add(task)
+        task.add_done_callback(self._ending.discard)
+
+    def _forget(self, record: Record | None) -> None:
+        if record is not None and self.records is not None:
+            self.records.remove(record)
 
     async def _execute(self, request: TurnRequest, command: str, ctx: TurnContext, run: _Run) -> TurnOutcome:
         os.makedirs(request.workspace, exist_ok=True)
-        process, reader = await self._spawn(command, request.workspace)
+        process, record, reader = await self._spawn(request, command)
         run.process = process
         started = time.monotonic()
         buffer = bytearray()
@@ -161,8 +223,11 @@ class ShellRuntime:
         finally:
             # a timeout, a stop (bash may be gone, what it started not), or the turn cancelled
             # (shutdown): the whole group goes, and is waited for, so nothing outlives the turn
-            if process.returncode is None or timed_out or run.stopped:
-                await asyncio.shield(_terminate(process))
+            try:
+                if process.returncode is None or timed_out or run.stopped:
+                    await asyncio.shield(_terminate(process))
+            finally:
+                self._forget(record)  # ended, or exited: nothing for the next start to end
         elapsed = time.monotonic() - started
         output = storable(buffer.decode("utf-8", errors="replace"))
         if dropped:

@@ -16,6 +16,7 @@ import asyncpg
 import pytest
 
 from tests.support.chat import ChatClient, final_texts, finals
+from tests.support.commands import kill_left, run_long, running
 from tests.support.databases import postgres_database
 from tests.support.service import BridgeProcess
 
@@ -109,6 +110,39 @@ async def test_a_replica_that_dies_hands_its_conversations_over(replicas, http):
             ("echo first", "completed"), ("touch handed-over.txt", "interrupted"), ("echo after", "completed")]
         owner = await rows(url, "SELECT owner FROM conversation_leases WHERE conversation_key = 'webchat:d-fail'")
         assert [r["owner"] for r in owner] == ["replica-1"]
+
+
+async def test_a_replica_restarted_after_kill_9_ends_its_own_commands_only(replicas, http):
+    """Each replica records what it runs in its own data dir: one killed and started again ends
+    the commands it left running, before its turn is said interrupted, and never the other's."""
+    async with postgres_database() as url:
+        a, b = replicas(url)
+        chat_a, chat_b = ChatClient(http, a.url), ChatClient(http, b.url)
+        workspace = a.data_dir.parent / "workspace"
+        on_a = await run_long(chat_a, chat_a, workspace, "d-on-a", "on-a", 42.5)
+        on_b = await run_long(chat_b, chat_b, workspace, "d-on-b", "on-b", 42.5)
+        try:
+            owners = await rows(url, "SELECT conversation_key, owner FROM conversation_leases ORDER BY 1")
+            assert [(r["conversation_key"], r["owner"]) for r in owners] == [
+                ("webchat:d-on-a", "replica-0"), ("webchat:d-on-b", "replica-1")]
+            b.kill()
+            await asyncio.sleep(0.3)
+            assert all(running(pid) for pid in on_a + on_b)
+            b.start()
+            assert not any(running(pid) for pid in on_b)
+            texts = await chat_b.wait_for("d-on-b", lambda msgs: [t for t in final_texts(msgs) if "Interrupted" in t],
+                                          timeout=20)
+            assert len(texts) == 1
+            assert all(running(pid) for pid in on_a)  # the other replica's command goes on
+            turns = await rows(url, "SELECT input_text, status FROM turns ORDER BY id")
+            assert [t["status"] for t in turns] == ["running", "interrupted"]
+            await chat_a.post("d-on-a", "alice", "/stop")
+            await chat_a.wait_for("d-on-a", lambda msgs: [t for t in final_texts(msgs) if "Stopped after" in t])
+            await asyncio.sleep(1.0)
+            assert not any(running(pid) for pid in on_a)
+            assert len([t for t in final_texts(await chat_a.bot_messages("d-on-b")) if "Interrupted" in t]) == 1
+        finally:
+            kill_left(on_a + on_b)
 
 
 async def test_stop_reaches_the_replica_that_runs_the_turn(replicas, http):

@@ -15,6 +15,7 @@ import aiohttp
 import pytest
 
 from tests.support.chat import final_texts, finals
+from tests.support.commands import kill_left, run_long, running
 from tests.support.waiting import wait_until
 
 
@@ -357,6 +358,32 @@ async def test_restart_with_pending_approval_marks_it_interrupted(bridge, chat):
     status, _ = await c.act("c-int", card["id"], "approve", "alice")
     assert status == 409
     assert not (proc.data_dir / "workspace" / "never.txt").exists()
+
+
+async def test_a_command_running_when_the_service_is_killed_is_ended_before_it_is_said_interrupted(bridge, chat):
+    """kill -9 leaves the command running (nothing in the service runs to end it); the next start
+    kills its whole process group before recovery tells the chat the turn was interrupted, so
+    sending it again cannot run it twice at once."""
+    proc = bridge()
+    c = chat(proc)
+    pids = await run_long(c, c, proc.data_dir / "workspace", "c-orphan", "deploy", 41.5)
+    try:
+        proc.kill()
+        await asyncio.sleep(0.3)
+        assert all(running(pid) for pid in pids)  # adopted by init, still going
+        proc.start()
+        # start-up waited for them to be gone, before recovery and before serving
+        assert not any(running(pid) for pid in pids), "a command of the killed service outlived its restart"
+        texts = await c.wait_for("c-orphan", lambda msgs: [t for t in final_texts(msgs) if "Interrupted" in t])
+        await asyncio.sleep(1.0)
+        assert len([t for t in final_texts(await c.bot_messages("c-orphan")) if "Interrupted" in t]) == 1
+        assert "sleep 41.5" in texts[0]
+        with sqlite3.connect(proc.data_dir / "bridge.db") as conn:
+            assert conn.execute("SELECT status FROM turns").fetchall() == [("interrupted",)]
+        assert re.search(rf"killed process group {pids[0]}, .* session=1 turn=1", proc.log())
+        assert list((proc.data_dir / "running-commands").iterdir()) == []
+    finally:
+        kill_left(pids)
 
 
 async def test_long_output_is_truncated_in_chat_and_kept_whole(bridge, chat):

@@ -1,13 +1,17 @@
 """The shell runtime on its own, with real bash: stops that come before the process exists,
-process groups that must not outlive their turn, output the store can keep, the reply's note."""
+process groups that must not outlive their turn, the records that let the next start end them
+after a crash, output the store can keep, the reply's note."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 from pathlib import Path
 
 from bridge.runtimes.base import Approval, ApprovalRequest, Decision, TurnRequest
 from bridge.runtimes.shell import ShellRuntime
+from bridge.runtimes.shell_records import CommandRecords, Record, start_time
 
 
 
@@ -129,3 +133,64 @@ async def test_the_reply_says_how_much_it_does_not_show(tmp_path):
     assert len(long.output.splitlines()) == 100000
     assert all(len(p.split("```")[1]) <= 110 for p in ctx.progressed)
     await runtime.stop()
+
+
+async def test_a_command_is_recorded_while_it_runs_and_not_after(tmp_path):
+    records = tmp_path / "records"
+    runtime = ShellRuntime(timeout=30, output_limit=1000, records=CommandRecords(records))
+    ctx = Context()
+    turn = asyncio.create_task(runtime.run_turn(request(tmp_path, "echo pid=$$; echo $AGENT_BRIDGE_RUN; sleep 0.5"), ctx))
+    pid = await pid_from(ctx)
+    [path] = records.iterdir()
+    saved = json.loads(path.read_text())
+    assert saved["pid"] == pid and saved["started"] == start_time(pid) and saved["owner"][0] == os.getpid()
+    assert (saved["session"], saved["turn"]) == (1, 1)
+    outcome = await asyncio.wait_for(turn, 10)
+    assert outcome.status == "completed" and saved["mark"] in outcome.text
+    assert list(records.iterdir()) == []
+    # stopped, it goes too
+    ctx = Context()
+    turn = asyncio.create_task(runtime.run_turn(request(tmp_path, "echo pid=$$; exec sleep 300"), ctx))
+    await pid_from(ctx)
+    assert len(list(records.iterdir())) == 1
+    await runtime.interrupt(1)
+    assert (await asyncio.wait_for(turn, 10)).status == "stopped"
+    assert list(records.iterdir()) == []
+    await runtime.stop()
+
+
+class Watched(CommandRecords):
+    """Records that also remember every pid they were given."""
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(directory)
+        self.pids: list[int] = []
+
+    def started(self, record: Record, pid: int) -> Record:
+        self.pids.append(pid)
+        return super().started(record, pid)
+
+
+async def test_a_command_whose_turn_is_cancelled_while_bash_is_forked_is_ended_when_it_exists(tmp_path):
+    """The turn is cancelled (shutdown) while its spawn waits on the spawner thread: bash starts
+    all the same, and is ended at once rather than left to run unwatched."""
+    records = Watched(tmp_path / "records")
+    runtime = ShellRuntime(timeout=30, output_limit=1000, records=records)
+    loop = asyncio.get_running_loop()
+    release = asyncio.Event()
+    busy = loop.run_in_executor(runtime._spawner, lambda: asyncio.run_coroutine_threadsafe(release.wait(), loop).result())
+    turn = asyncio.create_task(runtime.run_turn(request(tmp_path, "trap '' TERM; exec sleep 1235"), Context()))
+    await asyncio.sleep(0.1)  # the turn waits for the spawner
+    turn.cancel()
+    await asyncio.gather(turn, return_exceptions=True)
+    release.set()
+    await busy
+    await loop.run_in_executor(runtime._spawner, lambda: None)  # the spawn has run
+    assert len(records.pids) == 1
+    try:
+        await runtime.stop()  # waits for it to be ended
+        assert not alive(records.pids[0])
+        assert list(records.directory.iterdir()) == []
+    finally:
+        if alive(records.pids[0]):
+            os.killpg(records.pids[0], 9)

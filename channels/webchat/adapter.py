@@ -345,6 +345,9 @@ class WebChatChannel:
         if not buttons:  # decided, expired, stopped: its buttons are gone
             return refusal(409, "this card is no longer actionable", card_status=card.get("status"))
         button = next((a for a in buttons if a["id"] == body.action_id), None)
+        if button is None and card.get("status") not in (None, "", "pending"):
+            # a click on what the card offered before it was decided (Approve on an interrupted one)
+            return refusal(409, "this card is no longer actionable", card_status=card.get("status"))
         if button is None:
             return refusal(400, f"this card has no button {body.action_id!r}",
                            actions=[a["id"] for a in buttons])

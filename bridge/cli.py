@@ -207,8 +207,9 @@ def cmd_sessions_archive(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"agent-bridge: {exc}", file=sys.stderr)
         return 1
-    print(f"session {args.id} archived" if done else f"no session {args.id}")
-    return 0 if done else 1
+    print({True: f"session {args.id} archived", False: f"session {args.id} was archived already",
+           None: f"no session {args.id}"}[done])
+    return 1 if done is None else 0
 
 
 def cmd_handoff(args: argparse.Namespace) -> int:

@@ -90,8 +90,11 @@ async def run_checks(settings: Settings) -> list[Row]:
     rows += _workspace(settings)
     rows += _rules(settings)
     if settings.webchat:
-        rows.append(("channel:webchat", True, f"http://{settings.host}:{settings.port}/chat (no sign-in: anyone who "
-                                              "reaches the port may post as any user)"))
+        everywhere = settings.host in ("0.0.0.0", "::", "")
+        host = "127.0.0.1" if everywhere else f"[{settings.host}]" if ":" in settings.host else settings.host
+        where = " (listening on every interface)" if everywhere else ""
+        rows.append(("channel:webchat", True, f"http://{host}:{settings.port}/chat{where} (no sign-in: anyone "
+                                              "who reaches the port may post as any user)"))
     if settings.feishu_enabled:
         rows += await _feishu(settings)
     if settings.slack_enabled:

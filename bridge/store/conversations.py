@@ -134,10 +134,13 @@ async def update_session(conn: AsyncConnection, session_id: int, *, workspace: s
         await conn.execute(update(sessions).where(sessions.c.id == session_id).values(**values))
 
 
-async def archive_session(conn: AsyncConnection, session_id: int) -> bool:
-    """Archive a session; the conversation's active one cannot be (switch away first)."""
+async def archive_session(conn: AsyncConnection, session_id: int) -> bool | None:
+    """Archive a session; the conversation's active one cannot be (switch away first). True when
+    archived now, False when it was already, None when there is no such session."""
     row = (await conn.execute(select(sessions).where(sessions.c.id == session_id))).first()
     if row is None:
+        return None
+    if row.status == "archived":
         return False
     active = (await conn.execute(select(conversations.c.active_session_id)
                                  .where(conversations.c.id == row.conversation_id))).scalar_one_or_none()

@@ -46,6 +46,8 @@ def test_doctor_passes_on_defaults_and_fails_on_a_bad_store(tmp_path):
     assert ok.returncode == 0, ok.stdout + ok.stderr
     names = [line.split()[0] for line in ok.stdout.splitlines() if line.strip()]
     assert names == ["config", "store", "runtime", "workspace", "approval", "channel:webchat"]
+    everywhere = run(["doctor"], tmp_path, BRIDGE_HOST="0.0.0.0")
+    assert "http://127.0.0.1:8788/chat (listening on every interface)" in everywhere.stdout
     bad = run(["doctor"], tmp_path, BRIDGE_DATABASE_URL="postgresql+asyncpg://nobody@127.0.0.1:1/none")
     assert bad.returncode == 1
     store_line = next(line for line in bad.stdout.splitlines() if line.startswith("store"))

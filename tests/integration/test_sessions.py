@@ -200,7 +200,9 @@ async def test_cli_lists_sessions_and_hands_a_thread_off_to_a_chat(bridge, chat)
         active = db.execute("SELECT active_session_id FROM conversations WHERE key = 'webchat:c-cli'").fetchone()[0]
     assert active != main_id
     archived = cli(proc, "sessions", "archive", str(main_id))
-    assert archived.returncode == 0 and "archived" in archived.stdout
+    assert archived.returncode == 0 and archived.stdout.strip() == f"session {main_id} archived"
+    again = cli(proc, "sessions", "archive", str(main_id))
+    assert again.returncode == 0 and again.stdout.strip() == f"session {main_id} was archived already"
     refused = cli(proc, "sessions", "archive", str(active))
     assert refused.returncode == 1 and "active session" in refused.stderr
     await asyncio.sleep(CACHE_TTL + 0.5)  # the service picks up a binding changed from outside within the TTL

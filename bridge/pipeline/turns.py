@@ -292,7 +292,7 @@ class TurnRunner:
             turn_id=turn_id, session_id=session.session_id, runtime_thread_id=session.runtime_thread_id,
             workspace=session.workspace, text=text, sender_id=row.sender_id,
             sender_name=sender.get("name") or row.sender_id, is_group=is_group, settings=session.settings,
-            files=files if accepts_files else (),
+            files=files,
         )
         progress = _Progress(self, scope, ref, sent=False)
         self.running[row.conversation_key] = RunningTurn(turn_id, session.session_id, text, time.monotonic(),

@@ -59,7 +59,9 @@ class TurnRequest:
     sender_name: str
     is_group: bool
     settings: dict[str, Any] = field(default_factory=dict)  # the session's: "model", "mode"
-    files: tuple[InputFile, ...] = ()  # downloaded attachments, for a runtime that takes files
+    # the message's downloaded attachments: input for a runtime that takes files; the shell
+    # runtime hands their paths to the command ($BRIDGE_FILES)
+    files: tuple[InputFile, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -39,6 +39,15 @@ SECRET_ENV_PREFIXES = ("BRIDGE_", "FEISHU_", "SLACK_", "OPENAI_", "ANTHROPIC_", 
 KILL_GRACE = 0.5
 
 
+# The files that came with the message, one path a line (a file's name is the one it was sent
+# with, in a folder of its own): `cat "$BRIDGE_FILES"` for one, `xargs -d '\n' wc -l < <(...)` etc.
+FILES_VARIABLE = "BRIDGE_FILES"
+
+
+def _file_paths(request: TurnRequest) -> str:
+    return "\n".join(f.path for f in request.files if f.path)
+
+
 def _clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith(SECRET_ENV_PREFIXES)}
 
@@ -165,7 +174,8 @@ class ShellRuntime:
         try:
             process = subprocess.Popen(
                 [self.bash, "-c", command], cwd=request.workspace, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT, start_new_session=True, env={**_clean_env(), MARK_VARIABLE: mark},
+                stderr=subprocess.STDOUT, start_new_session=True,
+                env={**_clean_env(), MARK_VARIABLE: mark, FILES_VARIABLE: _file_paths(request)},
             )
         except BaseException:
             self._forget(record)
@@ -241,6 +251,9 @@ class ShellRuntime:
                                error="timeout")
         code = process.returncode
         note = f"exit {code} · {elapsed:.1f}s"
+        attached = sum(1 for f in request.files if f.path)
+        if attached:  # where the message's files were for the command (their names stay theirs)
+            note += f" · 📎 {attached} file{'s' if attached != 1 else ''} in `${FILES_VARIABLE}`"
         return TurnOutcome("completed", self._render(command, buffer, dropped, note=note), output=output)
 
     def _render(self, command: str, data: bytes | bytearray, dropped: int = 0, *, running: bool = False,

@@ -603,13 +603,16 @@ async def test_a_file_is_uploaded_then_carried_by_a_message(bridge, chat, http):
     assert saved.read_bytes() == b"line one\n" and saved.is_relative_to(proc.data_dir)
     person = [m for m in await c.messages("c-files") if m["role"] == "user"][0]
     assert person["files"] == [{"name": "notes.txt", "mime_type": "text/plain"}]
-    # with a command: the command runs, and sees the file where the event says it is
+    # with a command: the command runs, and finds the file's path in $BRIDGE_FILES
     status, other = await upload(http, proc, "c-files", "notes.txt", b"line two\n")
     async with http.post(proc.url + "/chat/api/messages", json={
-            "conversation_id": "c-files", "user_id": "alice", "text": "echo with-a-file", "client_msg_id": "f2",
+            "conversation_id": "c-files", "user_id": "alice", "text": 'cat "$BRIDGE_FILES"', "client_msg_id": "f2",
             "file_ids": [other["file_id"]]}) as r:
         assert r.status == 202
-    await c.wait_for("c-files", lambda msgs: [t for t in final_texts(msgs) if "with-a-file" in t])
+    card = await c.wait_card("c-files", "pending")  # a path from a variable: the rules cannot see it, so ask
+    await c.act("c-files", card["id"], "approve", "alice")
+    done = await c.wait_for("c-files", lambda msgs: [t for t in final_texts(msgs) if "line two" in t])
+    assert "exit 0" in done[0] and "📎 1 file in `$BRIDGE_FILES`" in done[0]
     with sqlite3.connect(proc.data_dir / "bridge.db") as db:
         payloads = [json.loads(p) for (p,) in db.execute("SELECT payload FROM inbound_events ORDER BY id")]
     assert [Path(a["path"]).read_bytes() for p in payloads for a in p["attachments"]] == [b"line one\n", b"line two\n"]

@@ -190,6 +190,15 @@ def test_commands_with_backticks_and_marks_are_shown_as_typed(open_chat):
     expect(denied.locator("strong")).to_have_count(0)
 
 
+def test_the_help_card_lists_its_commands_as_a_list(open_chat):
+    page = open_chat()
+    send(page, "/help")
+    card = page.locator(".card[data-kind=help]")
+    expect(card.locator("ul > li").first).to_contain_text("Each message is a shell command")
+    assert card.locator("ul > li").count() >= 8
+    assert not [t for t in card.locator("p").all_inner_texts() if t.startswith("- ")]
+
+
 def test_quick_messages_keep_their_order(open_chat):
     page = open_chat()
     send(page, "echo one")

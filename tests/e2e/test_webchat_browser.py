@@ -199,6 +199,19 @@ def test_the_help_card_lists_its_commands_as_a_list(open_chat):
     assert not [t for t in card.locator("p").all_inner_texts() if t.startswith("- ")]
 
 
+def test_enter_in_the_conversation_field_switches_to_it(open_chat, service):
+    page = open_chat()
+    send(page, "echo in-the-first")
+    expect(bot_reply(page, "in-the-first")).to_have_count(1)
+    page.locator("#conversation").fill("c-second")
+    page.locator("#conversation").press("Enter")
+    expect(page.locator("#text")).to_be_focused()
+    expect(page.locator(".msg")).to_have_count(0)  # the other conversation's page is empty
+    send(page, "echo in-the-second")
+    expect(bot_reply(page, "in-the-second")).to_have_count(1)
+    expect(bot_reply(page, "in-the-first")).to_have_count(0)
+
+
 def test_quick_messages_keep_their_order(open_chat):
     page = open_chat()
     send(page, "echo one")

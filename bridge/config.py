@@ -336,10 +336,13 @@ def load_settings(**overrides: object) -> Settings:
     try:
         return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
-        lines = []
+        # one entry per setting: a setting of several types (`3` or `auto`) fails once per type
+        found: dict[str, tuple[list[str], str]] = {}
         for err in exc.errors():
             name = _env_name(err.get("loc", ()))
             value = err.get("input")
             shown = f" (got {value!r})" if isinstance(value, (str, int, float)) else ""
-            lines.append(f"invalid setting {name}: {plain_message(err)}{shown}")
-        raise ConfigError("; ".join(lines)) from None
+            messages, _ = found.setdefault(name, ([], shown))
+            messages.append(plain_message(err))
+        raise ConfigError("; ".join(f"invalid setting {name}: {', or '.join(messages)}{shown}"
+                                    for name, (messages, shown) in found.items())) from None

@@ -89,3 +89,10 @@ def test_a_feishu_webhook_needs_something_to_check_requests_by(monkeypatch):
     monkeypatch.setenv("FEISHU_CONNECTION", "webhook")
     monkeypatch.setenv("FEISHU_VERIFICATION_TOKEN", "t")
     assert load_settings().feishu_enabled
+
+
+def test_a_setting_of_two_types_is_named_once(monkeypatch):
+    monkeypatch.setenv("BRIDGE_HTTP_WORKERS", "x")
+    with pytest.raises(ConfigError) as refused:
+        load_settings()
+    assert str(refused.value).count("BRIDGE_HTTP_WORKERS") == 1 and "'auto'" in str(refused.value)

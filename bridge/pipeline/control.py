@@ -111,6 +111,7 @@ class ControlCommands:
             self.dispatcher.enqueue(job)
             return
         # interrupt: stop the running turn; the new message runs next
+        running.stopped_for = presenter.interrupted_for_new_input().text
         await self.gate.stop_turn(running.turn_id, "busy-policy")
         await self.runner.runtime.interrupt(running.session_id)
         self.dispatcher.enqueue(job, front=True)

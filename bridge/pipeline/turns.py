@@ -53,6 +53,7 @@ class RunningTurn:
     text: str
     started: float
     progress: "_Progress | None" = None
+    stopped_for: str | None = None  # why the bridge stopped it, when that is not a person's /stop
 
     def doing(self) -> str | None:
         """What the turn shows now (its latest progress), for `/status`."""
@@ -319,8 +320,10 @@ class TurnRunner:
             error = f"{type(exc).__name__}: {exc}"
             outcome = TurnOutcome("failed", presenter.runtime_failed(error).text, error=error)
         finally:
-            self.running.pop(row.conversation_key, None)
+            running = self.running.pop(row.conversation_key, None)
             self.metrics.turns_running.dec()
+        if outcome.status == "stopped" and running is not None and running.stopped_for:
+            outcome = dataclasses.replace(outcome, text=f"{outcome.text}\n{running.stopped_for}")
         overhead = await self._finish(scope, row.id, progress, outcome, row.received_at, job.accepted_at,
                                       marked=payload.get("marked_message_id"))
         log.bind(**overhead).info("turn: {}", outcome.status)

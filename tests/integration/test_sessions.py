@@ -123,7 +123,7 @@ async def test_interrupt_policy_stops_the_turn_for_the_new_message(bridge, chat,
     await say(c, "c-int", "echo instead")
     await c.wait_for("c-int", has_final("instead", "exit 0"))
     assert time.monotonic() - started < 5.0
-    assert has_final("Stopped after")(await c.bot_messages("c-int"))
+    assert has_final("Stopped after", "Stopped for your new message.")(await c.bot_messages("c-int"))
 
 
 async def test_cwd_is_for_admins_inside_the_allowed_roots(bridge, chat, tmp_path):

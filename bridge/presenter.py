@@ -125,7 +125,7 @@ def kept_output(turn: Any | None) -> Reply:
         cut = (f"\n_The first {len(output) - OUTPUT_SHOWN} of {len(output)} characters are not shown "
                "(the whole output stays in the store)._")
         output = output[-OUTPUT_SHOWN:]
-    return Reply(text=f'Output of turn {turn.id} ({turn.status}), "{request}":\n{fence(output)}{cut}')
+    return Reply(text=f'Output of the last turn ({turn.status}), "{request}":\n{fence(output)}{cut}')
 
 
 def help_text(runtime: str) -> Reply:

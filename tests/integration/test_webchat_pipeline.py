@@ -402,7 +402,8 @@ async def test_long_output_is_truncated_in_chat_and_kept_whole(bridge, chat):
     assert "/output" in texts[0]  # the cut reply says how to see the rest
     # `/output` shows what the reply cut: the whole of it, in this conversation only
     await c.post("c-long", "alice", "/output")
-    shown = await c.wait_for("c-long", lambda msgs: [t for t in final_texts(msgs) if t.startswith("Output of turn")])
+    shown = await c.wait_for("c-long", lambda msgs: [t for t in final_texts(msgs)
+                                                     if t.startswith("Output of the last turn (completed)")])
     assert len(shown) == 1 and '"cat big.txt"' in shown[0]
     assert "\nline 0\n" in shown[0] and "line 1999\n" in shown[0] and "not shown" not in shown[0]
     await c.post("c-other", "bob", "/output")

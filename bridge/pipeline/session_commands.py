@@ -138,4 +138,7 @@ class SessionCommands:
             settings[name] = value
         await self.db.write(lambda c: conversations.update_session(c, current.session_id, settings=settings))
         self.sessions.forget(key)
-        return Reply(text=f"{name.capitalize()} of session `{current.name}`: `{value}`.")
+        said = f"{name.capitalize()} of session `{current.name}`: `{value}`."
+        if name == "model" and current.runtime == "shell":
+            said += " The shell runtime runs no model: it applies when the session's runtime has one (codex)."
+        return Reply(text=said)

@@ -154,7 +154,7 @@ async def test_mode_and_model_are_per_session_and_shown_in_status(bridge, chat, 
     await say(c, "c-mode", "/mode trusted")
     await c.wait_for("c-mode", has_final("Sorry", "admins"))
     await say(c, "c-mode", "/model gpt-x")
-    await c.wait_for("c-mode", has_final("Model of session `main`: `gpt-x`"))
+    await c.wait_for("c-mode", has_final("Model of session `main`: `gpt-x`", "The shell runtime runs no model"))
     await say(c, "c-mode", "/status")
     status = (await c.wait_for("c-mode", has_final("Session `main`", "Waiting for approval")))[0]
     assert "mode `strict`" in status and "model `gpt-x`" in status and "echo now-asks" in status

@@ -26,7 +26,7 @@ from bridge.store.db import Database
 from channels.base import ConversationKey, Reply
 
 
-REFUSAL_INTERVAL = 60.0  # one "admins only" answer per person and conversation a minute
+REFUSAL_INTERVAL = 60.0  # one "admins only" answer per person, conversation and command a minute
 QUEUE_SHOWN = 20  # `/queue` lists this many waiting messages, then says how many more
 
 
@@ -43,7 +43,7 @@ class ControlCommands:
         self.sessions = sessions
         self.busy_policy = busy_policy
         self.routines = routines
-        self._refused: dict[tuple[str, str], float] = {}
+        self._refused: dict[tuple[str, str, str], float] = {}
 
     async def handle(self, job: Job) -> None:
         row = await claim(self.db, job.event_id)
@@ -82,14 +82,14 @@ class ControlCommands:
             reply = await self.sessions.handle(command.name, command.args, key, user, is_group=is_group)
         else:
             reply = presenter.unknown_command(command.name)
-        if reply.text.startswith("Sorry, ") and self._recently_refused(key, user):
-            reply = None  # asked again within the minute: answered once already
+        if reply.text.startswith("Sorry, ") and self._recently_refused(key, user, command.name):
+            reply = None  # the same asked again within the minute: answered once already
         await answer(self.db, self.outbox, row, reply, status="done" if reply is not None else "skipped")
 
-    def _recently_refused(self, key: str, user: str) -> bool:
+    def _recently_refused(self, key: str, user: str, command: str) -> bool:
         now = time.monotonic()
-        last = self._refused.get((key, user))
-        self._refused[(key, user)] = now if last is None or now - last >= REFUSAL_INTERVAL else last
+        last = self._refused.get((key, user, command))
+        self._refused[(key, user, command)] = now if last is None or now - last >= REFUSAL_INTERVAL else last
         if len(self._refused) > 10_000:
             self._refused.clear()
         return last is not None and now - last < REFUSAL_INTERVAL

@@ -134,6 +134,8 @@ async def test_cwd_is_for_admins_inside_the_allowed_roots(bridge, chat, tmp_path
     await say(c, "c-cwd", "/cwd /etc", user="mallory")
     await c.wait_for("c-cwd", has_final("Sorry", "/cwd", "admins"))
     await say(c, "c-cwd", "/cwd /etc", user="mallory")  # asked again: not answered twice within the minute
+    await say(c, "c-cwd", "/resume t-1", user="mallory")  # another command: refused in its own words
+    await c.wait_for("c-cwd", has_final("Sorry", "/resume", "admins"))
     await say(c, "c-cwd", "/cwd /etc", user="root")
     refused = (await c.wait_for("c-cwd", has_final("outside the allowed roots")))[0]
     assert str(root.resolve()) in refused
@@ -141,7 +143,7 @@ async def test_cwd_is_for_admins_inside_the_allowed_roots(bridge, chat, tmp_path
     await c.wait_for("c-cwd", has_final("Workspace of session"))
     await say(c, "c-cwd", "pwd", user="root")
     await c.wait_for("c-cwd", has_final(str((root / "app").resolve()), "exit 0"))
-    assert len(has_final("Sorry")(await c.bot_messages("c-cwd"))) == 1
+    assert len(has_final("Sorry")(await c.bot_messages("c-cwd"))) == 2
 
 
 async def test_mode_and_model_are_per_session_and_shown_in_status(bridge, chat, tmp_path):

@@ -182,7 +182,9 @@ def queue_text(texts: list[str], *, more: int = 0) -> Reply:
 
 def session_list(rows, *, active_id: int) -> Reply:
     lines = ["Sessions:"]
-    for n, row in enumerate(rows, 1):
+    for n, row in enumerate(rows, 1):  # numbered among all, archived ones included (and not shown)
+        if row.status == "archived":
+            continue
         mark = "▶️" if row.id == active_id else "  "
         thread = f" · thread `{row.runtime_thread_id}`" if row.runtime_thread_id else ""
         lines.append(f"{mark} {n}. `{row.name}` · {row.runtime} · last active {clock(row.last_active_at)}{thread}")

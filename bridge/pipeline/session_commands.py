@@ -79,18 +79,20 @@ class SessionCommands:
                           f"`/switch {current.name}` returns to it).")
 
     async def _list(self, current: conversations.SessionRef) -> Reply:
-        rows = await self.db.read(lambda c: conversations.list_sessions(c, current.conversation_id))
+        rows = await self.db.read(lambda c: conversations.list_sessions(c, current.conversation_id, archived=True))
         return presenter.session_list(rows, active_id=current.session_id)
 
     async def _switch(self, key: str, current: conversations.SessionRef, target: str) -> Reply:
         if not target:
             return Reply(text="Usage: `/switch <name or number>` (see `/sessions`).")
-        rows = await self.db.read(lambda c: conversations.list_sessions(c, current.conversation_id))
+        rows = await self.db.read(lambda c: conversations.list_sessions(c, current.conversation_id, archived=True))
         chosen = None
         if target.isdigit() and 1 <= int(target) <= len(rows):
             chosen = rows[int(target) - 1]
+            if chosen.status == "archived":
+                return Reply(text=f"Session {target} (`{chosen.name}`) is archived; `/sessions` lists the others.")
         else:
-            chosen = next((r for r in rows if r.name == target), None)
+            chosen = next((r for r in rows if r.name == target and r.status != "archived"), None)
         if chosen is None:
             return Reply(text=f"No session `{target}` here; `/sessions` lists them.")
         if chosen.id == current.session_id:

@@ -101,12 +101,14 @@ async def new_session(conn: AsyncConnection, conversation_id: int, *, name: str 
     return SessionRef(conversation_id, session_id, name, runtime, runtime_thread_id, workspace, {})
 
 
-async def list_sessions(conn: AsyncConnection, conversation_id: int) -> list:
-    """The conversation's sessions, oldest first (their 1-based position is what `/switch n` takes)."""
-    return list((await conn.execute(
-        select(sessions).where(sessions.c.conversation_id == conversation_id, sessions.c.status != "archived")
-        .order_by(sessions.c.id)
-    )).all())
+async def list_sessions(conn: AsyncConnection, conversation_id: int, *, archived: bool = False) -> list:
+    """The conversation's sessions, oldest first; `archived`: the archived ones too (a session's
+    1-based position among all of them is its number in `/sessions` and `/switch n`, so archiving
+    one renumbers none of the others)."""
+    query = select(sessions).where(sessions.c.conversation_id == conversation_id)
+    if not archived:
+        query = query.where(sessions.c.status != "archived")
+    return list((await conn.execute(query.order_by(sessions.c.id))).all())
 
 
 async def activate(conn: AsyncConnection, conversation_id: int, session_id: int) -> None:

@@ -210,3 +210,9 @@ async def test_cli_lists_sessions_and_hands_a_thread_off_to_a_chat(bridge, chat)
     await asyncio.sleep(CACHE_TTL + 0.5)  # the service picks up a binding changed from outside within the TTL
     await say(c, "c-cli", "/status")
     await c.wait_for("c-cli", has_final("Session `terminal`"), timeout=15)
+    # the archived `main` keeps its number: `terminal` is still 2, and 1 says it is archived
+    await say(c, "c-cli", "/sessions")
+    listing = (await c.wait_for("c-cli", lambda m: [t for t in has_final("Sessions:")(m) if "terminal" in t]))[-1]
+    assert "▶️ 2. `terminal`" in listing and "`main`" not in listing
+    await say(c, "c-cli", "/switch 1")
+    await c.wait_for("c-cli", has_final("Session 1 (`main`) is archived"))

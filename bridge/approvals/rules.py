@@ -225,13 +225,43 @@ def _views(command: str) -> tuple[list[list[str]], ...] | None:
     return (every,) if not commented or commented == every else (every, commented)
 
 
+# what bash would expand into a path the checks below cannot see (`$HOME/`, `~`, a backslash ...)
+UNSEEN = ("`", "$", "~", "\\")
+
+
 def _stays_inside(command: str, workspace: str, cwd: str | None = None) -> bool:
     """The command runs inside the workspace and no argument leaves it: no absolute path outside
-    it, no `..` above it, no `cd`, and nothing bash would expand into a path the check cannot see
-    (`$HOME/`, `~`, a backslash ...). Relative paths are taken from where the command runs."""
+    it, no `..` above it, no `cd`, and nothing bash would expand into a path the check cannot see.
+    Relative paths are taken from where the command runs."""
     commands = split_commands(command)
-    if commands is None or any(s in command for s in ("`", "$", "~", "\\")) or CONTROL_CHARS.search(command):
+    if commands is None or any(s in command for s in UNSEEN) or CONTROL_CHARS.search(command):
         return False
+    return _args_inside(commands, workspace, cwd)
+
+
+# read-only programs that open no file named by their arguments
+READS_NO_FILE = frozenset({"echo", "pwd", "date", "whoami", "uname"})
+
+
+def _reads_inside(command: str, workspace: str, cwd: str | None = None) -> bool:
+    """A read-only line reads nothing outside the workspace: no file of the host (its secrets,
+    the service's own settings and database) is shown to whoever can post in a chat without a
+    person approving it. Programs that read no file pass (and /dev/null reads nothing); the
+    others' arguments must stay inside the workspace, as for `_stays_inside`."""
+    commands = split_commands(command)
+    if commands is None:
+        return False
+    readers = [[arg for arg in argv if arg != "/dev/null"] for argv in commands
+               if argv and argv[0] not in READS_NO_FILE]
+    if not readers:
+        return True
+    if any(CONTROL_CHARS.search(arg) or any(s in arg for s in UNSEEN) for argv in readers for arg in argv):
+        return False
+    return _args_inside(readers, workspace, cwd)
+
+
+def _args_inside(commands: list[list[str]], workspace: str, cwd: str | None) -> bool:
+    """Each command runs inside the workspace and none of its arguments names a path outside it."""
     root = Path(workspace).resolve()
     here = Path(workspace, cwd).resolve() if cwd else root  # an absolute cwd replaces the workspace
     if not _within(here, root):
@@ -246,23 +276,6 @@ def _stays_inside(command: str, workspace: str, cwd: str | None = None) -> bool:
             if not _within((here / value).resolve(), root):
                 return False
     return True
-
-
-# read-only programs that open no file named by their arguments
-READS_NO_FILE = frozenset({"echo", "pwd", "date", "whoami", "uname"})
-
-
-def _reads_inside(command: str, workspace: str, cwd: str | None = None) -> bool:
-    """A read-only line reads nothing outside the workspace: no file of the host (its secrets,
-    the service's own settings and database) is shown to whoever can post in a chat without a
-    person approving it. Programs that read no file pass; the others' arguments must stay inside
-    the workspace, as `_stays_inside` checks them."""
-    commands = split_commands(command)
-    if commands is None:
-        return False
-    return all(not argv or argv[0] in READS_NO_FILE
-               or _stays_inside(shlex.join(a for a in argv if a != "/dev/null"), workspace, cwd)  # reads nothing
-               for argv in commands)
 
 
 def _within(path: Path, root: Path) -> bool:

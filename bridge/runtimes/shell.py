@@ -63,7 +63,9 @@ class _Run:
 
 class ShellRuntime:
     name = "shell"
-    accepts_files = False  # a message is a command line; attachments stay where the channel saved them
+    # a message is a command line (a file alone is not a turn); the files that come with a command
+    # stay where the channel saved them, their paths in $BRIDGE_FILES
+    accepts_files = False
 
     def __init__(self, *, timeout: float, output_limit: int, bash: str = "bash",
                  records: CommandRecords | None = None) -> None:

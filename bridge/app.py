@@ -354,6 +354,7 @@ class Service:
         if self._site is not None:
             await self._site.stop()
         await self.scheduler.stop()
+        self.runner.slots.close()  # turns waiting for a runtime slot start no more: they run after the next start
         await self.dispatcher.close(timeout=max(0.0, deadline - time.monotonic()),
                                     waiting_on_people=self.gate.waiting_turns)
         if self.ownership is not None:

@@ -23,6 +23,9 @@ class Metrics:
             ["phase"], buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1), registry=r,
         )
         self.turns_running = Gauge("bridge_turns_running", "Turns running now", registry=r)
+        self.turns_waiting_for_slot = Gauge(
+            "bridge_turns_waiting_for_slot", "Messages waiting for a runtime slot (BRIDGE_MAX_CONCURRENT_TURNS)",
+            registry=r)
         self.outbox_depth = Gauge("bridge_outbox_depth", "Outbox operations by status", ["status"], registry=r)
         self.delivery_attempts = Counter("bridge_delivery_attempts", "Delivery attempts", ["channel"], registry=r)
         self.delivery_failures = Counter(

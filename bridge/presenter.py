@@ -24,6 +24,15 @@ def queued(position: int) -> Reply:
     return Reply(text=f"⏳ Queued (position {position}); it runs when the current turn finishes.")
 
 
+def waiting_for_slot(limit: int) -> Reply:
+    return Reply(text=f"⏳ Waiting: the bridge is running as many turns as it may at once ({limit}); "
+                      "this one starts when one of them ends.")
+
+
+def stopped_before_start() -> Reply:
+    return Reply(text="⏹ Stopped before it started; not run.")
+
+
 def backlog(count: int) -> Reply:
     return Reply(text=f"⏳ {count} messages are queued after a burst; they run one at a time, in the order sent.")
 
@@ -106,6 +115,10 @@ def nothing_to_stop() -> Reply:
     return Reply(text="Nothing is running.")
 
 
+def stopped_waiting(text: str) -> Reply:
+    return Reply(text=f"⏹ Dropped `{_short(text, 80)}` before it started (it was waiting for a free runtime slot).")
+
+
 def stop_requested() -> Reply:
     return Reply(text="⏹ Stopping the running turn…")
 
@@ -156,13 +169,19 @@ CLICKABLE_COMMANDS = frozenset({"/status", "/sessions", "/queue", "/new", "/stop
 
 
 def status_text(*, runtime: str, session: str, workspace: str, running: str | None, elapsed: float | None,
-                doing: str | None, queued: int, pending: list[str], settings: dict) -> Reply:
+                doing: str | None, queued: int, pending: list[str], settings: dict,
+                slot_wait: tuple[str, float, int] | None = None) -> Reply:
+    """`slot_wait`: the message waiting for a runtime slot (its text, seconds waited, the limit)."""
     extras = "".join(f" · {k} `{v}`" for k, v in sorted(settings.items()))
     parts = [f"Session `{session}` · runtime `{runtime}` · workspace `{workspace}`{extras}"]
     if running is not None:
         parts.append(f"⚙️ Working for {elapsed:.0f}s on `{_short(running)}`")
         if doing and not pending:  # waiting for a card is said once, below
             parts.append(f"Now: {_short(doing, 200)}")
+    elif slot_wait is not None:
+        text, waited, limit = slot_wait
+        parts.append(f"⏳ `{_short(text)}` has waited {waited:.0f}s to start: the bridge is running as many "
+                     f"turns as it may at once ({limit}). `/stop` drops it.")
     else:
         parts.append("💤 Idle.")
     if pending:

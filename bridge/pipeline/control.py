@@ -167,9 +167,13 @@ class ControlCommands:
             stopped_approvals = await self.gate.stop_turn(running.turn_id, user_id)
             interrupted = await self.runner.runtime.interrupt(running.session_id)
             stopped = bool(stopped_approvals or interrupted)
+        # a message waiting for a runtime slot is dropped (its turn closes it, as not run)
+        unstarted = self.runner.slots.stop(key)
         if drop_queue:
-            return presenter.stopped_all(len(dropped), stopping=stopped)
-        return presenter.stop_requested() if stopped else presenter.nothing_to_stop()
+            return presenter.stopped_all(len(dropped) + (unstarted is not None), stopping=stopped)
+        if stopped:
+            return presenter.stop_requested()
+        return presenter.stopped_waiting(unstarted) if unstarted is not None else presenter.nothing_to_stop()
 
     async def _routines(self, key: str, user: str, args: str) -> Reply:
         if self.routines is None:
@@ -203,6 +207,7 @@ class ControlCommands:
 
     async def _status(self, key: str, is_group: bool) -> Reply:
         running = self.runner.running.get(key)
+        wait = self.runner.slots.waiting.get(key)
         session = await self.runner.sessions.resolve(key, is_group=is_group)
         conversation_id = session.conversation_id
         pending = await self.db.read(lambda c: approvals.pending_in(c, conversation_id))
@@ -216,4 +221,5 @@ class ControlCommands:
             queued=self.dispatcher.queued(key),
             pending=[a.summary for a in pending],
             settings=session.settings,
+            slot_wait=(wait.text, time.monotonic() - wait.since, self.runner.slots.limit) if wait else None,
         )

@@ -22,9 +22,10 @@ from bridge import presenter
 from bridge.approvals.gate import HumanGate, TurnScope
 from bridge.delivery.outbox import Outbox
 from bridge.metrics import Metrics
-from bridge.pipeline.answers import WriteRefused, answer, until_written
+from bridge.pipeline.answers import WriteRefused, answer, claim, until_written
 from bridge.pipeline.dispatcher import Job
 from bridge.pipeline.sessions import SessionResolver
+from bridge.pipeline.slots import RuntimeSlots, Slot
 from bridge.runtimes.base import (
     Approval,
     ApprovalRequest,
@@ -118,13 +119,13 @@ class _Progress:
 class _Context:
     """The TurnContext handed to a runtime for one turn."""
 
-    def __init__(self, runner: "TurnRunner", scope: TurnScope, progress: _Progress) -> None:
+    def __init__(self, runner: "TurnRunner", scope: TurnScope, progress: _Progress, slot: Slot) -> None:
         self.runner = runner
         self.scope = scope
         self._progress = progress
         self.waited = 0.0  # seconds spent waiting for a person's decision (not counted as running)
         self.waiting_since: float | None = None
-        self.holds_slot = False  # one of the runner's runtime slots (given back while a person decides)
+        self.slot = slot  # the turn's runtime slot (given back while a person decides)
 
     def running_for(self, started: float) -> float:
         """Seconds the turn has run since `started`, less the time it waited for a person."""
@@ -143,14 +144,12 @@ class _Context:
         # A turn waiting for a person does not hold one of the runtime slots.
         self._progress.latest = presenter.waiting_for_approval().text
         self._progress.schedule()
-        self.holds_slot = False
-        self.runner.slots.release()
+        self.slot.release()
         self.waiting_since = time.monotonic()
         try:
             return await self.runner.gate.request(self.scope, request)
         finally:
-            await self.runner.slots.acquire()
-            self.holds_slot = True
+            await self.slot.take()
             # the wait for the slot counts as waiting too: the turn runs again only once it has one
             self.waited += time.monotonic() - self.waiting_since
             self.waiting_since = None
@@ -202,7 +201,8 @@ class TurnRunner:
         self.metrics = metrics
         self.workspace = workspace
         self.sessions = sessions
-        self.slots = asyncio.Semaphore(max_concurrent)
+        self.slots = RuntimeSlots(max_concurrent, notify=self.notify_slot_wait)
+        metrics.turns_waiting_for_slot.set_function(lambda: len(self.slots.waiting))
         self.turn_timeout = turn_timeout  # 0: no limit
         self.fenced = fenced  # several replicas: write an outcome only while the turn is still running
         self.running: dict[str, RunningTurn] = {}
@@ -250,6 +250,22 @@ class TurnRunner:
         self.outbox.kick(job.conversation_key)
 
     async def process(self, job: Job) -> None:
+        slot = await self.slots.take(job)
+        if slot == "close":
+            return  # the service is stopping: the event stays accepted, for the next start
+        if slot == "stop":
+            row = await claim(self.db, job.event_id)
+            if row is not None:
+                await answer(self.db, self.outbox, row, presenter.stopped_before_start(), status="skipped")
+            return
+        assert isinstance(slot, Slot)
+        try:
+            await self._process(job, slot)
+        finally:
+            slot.release()
+
+    async def _process(self, job: Job, slot: Slot) -> None:
+        """The turn of `job`, holding `slot` (given back by the caller, when still held)."""
         ref = self.outbox.new_ref()
         accepts_files = self.runtime.accepts_files
         session, row, turn_id = await self._start(job, ref)
@@ -300,17 +316,10 @@ class TurnRunner:
                                                          progress)
         self.metrics.turns_running.inc()
         log.info("turn: started")
-        ctx = _Context(self, scope, progress)
+        ctx = _Context(self, scope, progress, slot)
         try:
-            await self.slots.acquire()
-            ctx.holds_slot = True
-            try:
-                progress.schedule()
-                outcome = await self._run_limited(request, ctx, log)
-            finally:
-                if ctx.holds_slot:  # not when cancelled while it waited to take its slot back
-                    ctx.holds_slot = False
-                    self.slots.release()
+            progress.schedule()
+            outcome = await self._run_limited(request, ctx, log)
         except asyncio.CancelledError:
             await asyncio.shield(self._finish(scope, row.id, progress, self._shutdown_outcome(), row.received_at,
                                               job.accepted_at, marked=payload.get("marked_message_id")))
@@ -491,6 +500,7 @@ class TurnRunner:
 
     def notify_backlog(self, conversation_key: str, count: int) -> None:
         """One notice for the messages of a conversation still waiting after a burst."""
+        self.slots.told(conversation_key)  # their waits for a runtime slot are not told again
         channel = ConversationKey.parse(conversation_key).channel
         written = self.db.execute(self.outbox.send_ops(channel, conversation_key, presenter.backlog(count),
                                                        ref=self.outbox.new_ref()))
@@ -499,10 +509,17 @@ class TurnRunner:
     def notify_queued(self, job: Job, position: int) -> Awaitable[None]:
         """Tell the user their message waits (the turn edits this notice when it starts). Returns
         the pending write: a plain future, so a long backlog costs no task per message."""
+        return self._notify_waiting(job, presenter.queued(position))
+
+    def notify_slot_wait(self, job: Job) -> Awaitable[None]:
+        """Tell the user their message waits for one of the runtime's slots."""
+        return self._notify_waiting(job, presenter.waiting_for_slot(self.slots.limit))
+
+    def _notify_waiting(self, job: Job, reply: Reply) -> Awaitable[None]:
         ref = self.outbox.new_ref()
         channel = ConversationKey.parse(job.conversation_key).channel
         written = self.db.execute([
-            *self.outbox.send_ops(channel, job.conversation_key, presenter.queued(position), ref=ref),
+            *self.outbox.send_ops(channel, job.conversation_key, reply, ref=ref),
             inbox.reply_ref_op(job.event_id, ref),
         ])
         written.add_done_callback(lambda _f: self.outbox.kick(job.conversation_key))

@@ -759,3 +759,86 @@ async def test_sigterm_does_not_wait_on_turns_that_wait_for_a_person(bridge, cha
         assert conn.execute("SELECT status FROM approvals").fetchall() == [("interrupted",)]
     assert not (proc.data_dir / "workspace" / "later.txt").exists()
     assert "wait only for a person" in proc.log()
+
+
+async def _waiting_for_a_slot(c, proc) -> list[int]:
+    """One runtime slot (BRIDGE_MAX_CONCURRENT_TURNS=1), held by a long command in c-busy; bob's
+    `echo waited` in c-next waits for it. The long command's pids."""
+    pids = await run_long(c, c, proc.data_dir / "workspace", "c-busy", "hold", 42.5)
+    await c.post("c-next", "bob", "echo waited")
+    [notice] = await c.wait_for("c-next", lambda msgs: [m["text"] for m in msgs if m["text"].startswith("⏳")])
+    assert "as many turns as it may at once (1)" in notice
+    return pids
+
+
+def _unstarted(proc) -> tuple[str, list]:
+    """c-next's message: its event's status, and its turns (none while it waits for its slot)."""
+    with sqlite3.connect(proc.data_dir / "bridge.db") as conn:
+        [(event_id, status)] = conn.execute(
+            "SELECT id, status FROM inbound_events WHERE conversation_key = 'webchat:c-next' AND payload LIKE '%waited%'"
+        ).fetchall()
+        return status, conn.execute("SELECT status FROM turns WHERE inbound_event_id = ?", (event_id,)).fetchall()
+
+
+async def test_a_message_waiting_for_a_runtime_slot_is_not_started_so_a_kill_does_not_interrupt_it(bridge, chat):
+    """With every runtime slot taken, the next conversation's message waits unclaimed: it is told
+    so once, /status shows the wait, and a service killed meanwhile runs it after the restart,
+    exactly once, rather than telling bob that a turn which never ran was interrupted."""
+    proc = bridge(BRIDGE_MAX_CONCURRENT_TURNS="1")
+    c = chat(proc)
+    pids = await _waiting_for_a_slot(c, proc)
+    try:
+        await c.post("c-next", "bob", "/status")
+        [status] = await c.wait_for("c-next", lambda msgs: [m["text"] for m in msgs if "has waited" in m["text"]])
+        assert "`echo waited` has waited" in status and "Working" not in status
+        assert _unstarted(proc) == ("accepted", [])
+        async with c.http.get(f"{c.base}/metrics") as resp:
+            metrics = await resp.text()
+        assert "bridge_turns_waiting_for_slot 1.0" in metrics and "bridge_turns_running 1.0" in metrics
+        proc.kill()
+        proc.start()
+        await c.wait_for("c-next", lambda msgs: [t for t in final_texts(msgs) if "\nwaited\n" in t])
+        await c.wait_for("c-busy", lambda msgs: [t for t in final_texts(msgs) if "Interrupted" in t])
+        await asyncio.sleep(1.0)
+        texts = final_texts(await c.bot_messages("c-next"))
+        assert not [t for t in texts if "Interrupted" in t], texts
+        assert len([t for t in texts if "\nwaited\n" in t]) == 1, texts
+        assert _unstarted(proc) == ("done", [("completed",)])
+        # the notice was edited to say the turn started, as a queued notice is
+        assert not [m for m in await c.bot_messages("c-next") if m["text"].startswith("⏳")]
+    finally:
+        kill_left(pids)
+
+
+async def test_a_shutdown_starts_no_turn_waiting_for_a_slot_and_it_runs_after_the_next_start(bridge, chat):
+    proc = bridge(BRIDGE_MAX_CONCURRENT_TURNS="1", BRIDGE_SHUTDOWN_TIMEOUT="2")
+    c = chat(proc)
+    pids = await _waiting_for_a_slot(c, proc)
+    try:
+        assert proc.stop() == 0  # the long command is interrupted at the deadline, which frees the slot
+        assert _unstarted(proc) == ("accepted", [])
+        with sqlite3.connect(proc.data_dir / "bridge.db") as conn:  # nothing said of a turn: only the notice
+            said = [t for (t,) in conn.execute("SELECT text FROM webchat_messages WHERE conversation_id = 'c-next'"
+                                               " AND role = 'bot'")]
+        assert len(said) == 1 and said[0].startswith("⏳ Waiting"), said
+        proc.start()
+        await c.wait_for("c-next", lambda msgs: [t for t in final_texts(msgs) if "\nwaited\n" in t])
+        assert _unstarted(proc) == ("done", [("completed",)])
+    finally:
+        kill_left(pids)
+
+
+async def test_stop_drops_a_message_waiting_for_a_runtime_slot(bridge, chat):
+    proc = bridge(BRIDGE_MAX_CONCURRENT_TURNS="1")
+    c = chat(proc)
+    pids = await _waiting_for_a_slot(c, proc)
+    try:
+        await c.post("c-next", "bob", "/stop")
+        await c.wait_for("c-next", lambda msgs: [m for m in msgs if "Dropped `echo waited` before it started" in m["text"]])
+        await c.wait_for("c-next", lambda msgs: [m for m in msgs if "Stopped before it started" in m["text"]])
+        assert _unstarted(proc) == ("skipped", [])
+        await c.post("c-busy", "alice", "/stop")  # the slot is free again: bob's next message runs
+        await c.post("c-next", "bob", "echo after")
+        await c.wait_for("c-next", lambda msgs: [t for t in final_texts(msgs) if "\nafter\n" in t], timeout=20)
+    finally:
+        kill_left(pids)

@@ -78,17 +78,17 @@ async def test_a_turn_cancelled_while_it_waits_for_its_slot_back_gives_none_back
         while not runner.gate.has_pending("webchat:c2"):
             await asyncio.sleep(0.02)
     for _ in range(4):  # every slot taken by other turns
-        await runner.slots.acquire()
+        await runner.slots.semaphore.acquire()
     await runner.gate.stop_turn(runner.running["webchat:c2"].turn_id, "alice")
     await asyncio.sleep(0.2)  # decided: the turn now waits for a slot
     assert not turn.done()
     turn.cancel()
     await asyncio.gather(turn, return_exceptions=True)
     for _ in range(4):
-        runner.slots.release()
+        runner.slots.semaphore.release()
     for _ in range(4):
-        await runner.slots.acquire()
-    assert runner.slots.locked()  # four slots in all, as configured
+        await runner.slots.semaphore.acquire()
+    assert runner.slots.semaphore.locked()  # four slots in all, as configured
 
 
 def _rows(tmp_path, sql: str, *args) -> list[tuple]:

@@ -1,0 +1,69 @@
+"""The runtime slots in process: taken in arrival order, never leaked by a waiter that is
+cancelled or stopped, and a waiting message told once per conversation."""
+
+from __future__ import annotations
+
+import asyncio
+
+from bridge.pipeline import slots as slots_module
+from bridge.pipeline.dispatcher import Job
+from bridge.pipeline.slots import RuntimeSlots, Slot
+
+
+def _slots(limit: int, told: list[int]) -> RuntimeSlots:
+    def notify(job: Job):
+        told.append(job.event_id)
+        written = asyncio.get_running_loop().create_future()  # as the store's write is: a future
+        written.set_result(None)
+        return written
+
+    return RuntimeSlots(limit, notify=notify)
+
+
+async def test_waiters_take_freed_slots_in_arrival_order_and_cancelled_ones_take_none(monkeypatch):
+    monkeypatch.setattr(slots_module, "NOTICE_DELAY", 0.05)
+    told: list[int] = []
+    slots = _slots(1, told)
+    first = await slots.take(Job(1, "webchat:a", "echo 1"))
+    assert isinstance(first, Slot)
+    order: list[int] = []
+
+    async def turn(event_id: int, key: str) -> None:
+        slot = await slots.take(Job(event_id, key, f"echo {event_id}"))
+        assert isinstance(slot, Slot)
+        order.append(event_id)
+        slot.release()
+
+    b = asyncio.create_task(turn(2, "webchat:b"))
+    cancelled = asyncio.create_task(turn(3, "webchat:c"))
+    d = asyncio.create_task(turn(4, "webchat:d"))
+    await asyncio.sleep(0.1)
+    assert sorted(slots.waiting) == ["webchat:b", "webchat:c", "webchat:d"]
+    assert sorted(told) == [2, 3, 4]  # each conversation told once that its message waits
+    cancelled.cancel()
+    await asyncio.gather(cancelled, return_exceptions=True)
+    first.release()
+    first.release()  # a second release of the same slot gives nothing back twice
+    await asyncio.wait_for(asyncio.gather(b, d), 5)
+    assert order == [2, 4] and not slots.waiting
+    assert not slots.semaphore.locked()
+    again = [await slots.take(Job(5, "webchat:e", "x"))]
+    assert slots.semaphore.locked()  # one slot in all, as configured
+    again[0].release()
+
+
+async def test_a_stopped_or_closed_wait_gives_its_slot_back_and_says_why():
+    slots = _slots(1, [])
+    held = await slots.take(Job(1, "webchat:a", "echo 1"))
+    stopped = asyncio.create_task(slots.take(Job(2, "webchat:b", "echo 2")))
+    closed = asyncio.create_task(slots.take(Job(3, "webchat:c", "echo 3")))
+    await asyncio.sleep(0.05)
+    assert slots.stop("webchat:b") == "echo 2"
+    assert slots.stop("webchat:b") is None
+    assert await stopped == "stop"
+    assert isinstance(held, Slot)
+    held.release()  # the wake-up goes to the closing waiter, which passes the slot back
+    slots.close()
+    assert await closed == "close"
+    assert await slots.take(Job(4, "webchat:d", "echo 4")) == "close"
+    assert not slots.semaphore.locked()

@@ -221,6 +221,10 @@ def cmd_handoff(args: argparse.Namespace) -> int:
     from bridge.store import conversations
 
     settings = _settings()
+    if settings.runtime != "codex":
+        print(f"agent-bridge: handoff continues a Codex thread, and this service runs the {settings.runtime} runtime "
+              f"(BRIDGE_RUNTIME={settings.runtime}), which has none; set BRIDGE_RUNTIME=codex", file=sys.stderr)
+        return 2
     try:
         key = ConversationKey.parse(args.to)
     except ValueError as exc:

@@ -10,6 +10,8 @@ import json
 import os
 import signal
 import sqlite3
+import subprocess
+import sys
 import time
 import urllib.request
 import uuid
@@ -405,3 +407,34 @@ async def test_a_turn_over_its_time_limit_on_a_hung_app_server_has_it_restarted(
         if first:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(first["pid"], signal.SIGKILL)
+
+
+async def test_a_thread_started_elsewhere_is_handed_off_to_a_chat_and_continues_there(
+        tmp_path, chat, codex_setup, model, service):
+    """`agent-bridge handoff`: a Codex thread begun outside this service (here by another one,
+    sharing CODEX_HOME, as a terminal session would) becomes a conversation's active session; the
+    next message there resumes it, with its history."""
+    elsewhere = start_bridge(tmp_path / "elsewhere", codex_setup)
+    try:
+        c, cid = chat(elsewhere), conv()
+        await c.post(cid, "alice", "remember the word heron")
+        await c.wait_for(cid, has_final("Mock reply: remember the word heron"), timeout=30)
+        with sqlite3.connect(elsewhere.data_dir / "bridge.db") as db:
+            [(thread,)] = db.execute("SELECT runtime_thread_id FROM sessions").fetchall()
+    finally:
+        elsewhere.stop()
+    target = conv()
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")}, **codex_setup,
+           "BRIDGE_DATA_DIR": str(service.data_dir)}
+    out = subprocess.run([sys.executable, "-m", "bridge", "handoff", thread, "--to", f"webchat:{target}",
+                          "--name", "terminal"], capture_output=True, text=True, env=env, cwd=service.data_dir,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    c = chat(service)
+    await c.wait_for(target, has_final("Handed off from the terminal", thread))
+    before = len(model.requests)
+    await c.post(target, "bob", "what was the word")
+    await c.wait_for(target, has_final("Mock reply: what was the word"), timeout=30)
+    assert "remember the word heron" in json.dumps(model.requests[before:])  # the thread's history came along
+    await c.post(target, "bob", "/status")
+    await c.wait_for(target, has_final("Session `terminal`"))

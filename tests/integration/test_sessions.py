@@ -187,16 +187,18 @@ def cli(proc, *argv: str) -> subprocess.CompletedProcess:
                           cwd=proc.data_dir, timeout=60)
 
 
-async def test_cli_lists_sessions_and_hands_a_thread_off_to_a_chat(bridge, chat):
+async def test_cli_lists_and_archives_sessions(bridge, chat):
+    """(The handoff of a Codex thread to a chat is tested with the real codex, in test_codex.)"""
     proc = bridge()
     c = chat(proc)
     await say(c, "c-cli", "echo hi")
     await c.wait_for("c-cli", has_final("hi", "exit 0"))
-    out = cli(proc, "handoff", "thread-from-terminal", "--to", "webchat:c-cli", "--name", "terminal")
-    assert out.returncode == 0, out.stderr
-    await c.wait_for("c-cli", has_final("Handed off from the terminal", "thread-from-terminal"))
+    refused = cli(proc, "handoff", "thread-from-terminal", "--to", "webchat:c-cli")
+    assert refused.returncode == 2 and "runs the shell runtime" in refused.stderr and "BRIDGE_RUNTIME=codex" in refused.stderr
+    await say(c, "c-cli", "/new terminal")
+    await c.wait_for("c-cli", has_final("New session `terminal`"))
     listing = cli(proc, "sessions", "list")
-    assert "terminal" in listing.stdout and "thread-from-terminal" in listing.stdout
+    assert "terminal" in listing.stdout and "main" in listing.stdout
     with sqlite3.connect(proc.data_dir / "bridge.db") as db:
         main_id = db.execute("SELECT id FROM sessions WHERE name = 'main'").fetchone()[0]
         active = db.execute("SELECT active_session_id FROM conversations WHERE key = 'webchat:c-cli'").fetchone()[0]

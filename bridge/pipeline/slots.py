@@ -84,7 +84,10 @@ class RuntimeSlots:
             return "close"
         if not self.semaphore.locked():
             await self.semaphore.acquire()  # free: taken without suspending
-            self._told.discard(key)  # the conversation's wait, if any, is over
+            if self.waiting:
+                self._told.discard(key)  # this conversation's wait, if it had one, is over
+            else:
+                self._told.clear()  # nobody waits: every conversation's is
             return Slot(self.semaphore)
         wait = self.waiting[key] = SlotWait(job.text, time.monotonic())
         timer = None

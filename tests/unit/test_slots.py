@@ -67,3 +67,26 @@ async def test_a_stopped_or_closed_wait_gives_its_slot_back_and_says_why():
     assert await closed == "close"
     assert await slots.take(Job(4, "webchat:d", "echo 4")) == "close"
     assert not slots.semaphore.locked()
+
+
+async def test_a_conversation_is_told_once_while_its_messages_keep_waiting(monkeypatch):
+    monkeypatch.setattr(slots_module, "NOTICE_DELAY", 0.01)
+    told: list[int] = []
+    slots = _slots(1, told)
+
+    async def waited(event_id: int) -> Slot:
+        task = asyncio.create_task(slots.take(Job(event_id, "webchat:b", "echo")))
+        await asyncio.sleep(0.05)  # past the notice delay
+        return task
+
+    for first in (1, 11):
+        a = await slots.take(Job(0, "webchat:a", "echo"))
+        b1 = await waited(first)
+        a.release()
+        held = await asyncio.wait_for(b1, 1)  # b's first message runs; its next one waits behind it
+        b2 = await waited(first + 1)
+        held.release()
+        (await asyncio.wait_for(b2, 1)).release()
+        assert not slots.waiting
+        assert told == [1, 11][:1 + (first == 11)]  # told once per wait, again after a free slot
+        (await slots.take(Job(99, "webchat:c", "echo"))).release()  # a slot free, nobody waiting

@@ -24,7 +24,10 @@ class Command:
 
 
 def parse(text: str) -> Command | None:
-    """`/name args` -> Command. A path such as `/usr/bin/ls` is not a command."""
+    """`/name args` -> Command. A path such as `/usr/bin/ls` is not a command. A lone `/` (what
+    a person types to see the commands) is `/help`."""
+    if text.strip() == "/":
+        return Command("help", "", True)
     match = COMMAND.match(text.strip())
     if match is None:
         return None

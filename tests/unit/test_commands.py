@@ -9,4 +9,4 @@ def test_commands_are_parsed_and_paths_are_not():
     assert unknown is not None and not unknown.known and unknown.args == "now"
     assert parse("/usr/bin/ls") is None
     assert parse("echo /stop") is None
-    assert parse("/") is None
+    assert parse(" / ") == parse("/help")  # a lone slash asks for the commands

@@ -18,8 +18,9 @@ class Metrics:
         )
         self.runtime_overhead = Histogram(
             "bridge_runtime_overhead_seconds",
-            "The bridge's own time around a runtime turn: start = message accepted -> turn sent to the "
-            "runtime (less time spent waiting on the runtime); finish = runtime done -> reply queued",
+            "The bridge's own time around a runtime turn: start = message accepted, or out of its wait (behind "
+            "its conversation's earlier turn, the burst pacing, a runtime slot) -> turn sent to the runtime (less "
+            "time spent waiting on the runtime); finish = runtime done -> reply queued",
             ["phase"], buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1), registry=r,
         )
         self.turns_running = Gauge("bridge_turns_running", "Turns running now", registry=r)

@@ -10,6 +10,7 @@ backlog can be tens of thousands of messages, and a Job each would be ~230 bytes
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -28,6 +29,10 @@ class Job:
     text: str
     is_group: bool = False
     accepted_at: float | None = None  # when the platform was answered (the event durable)
+    # when it stopped waiting (behind its conversation's earlier turn, for the burst pacing or a
+    # runtime slot): the bridge's own time on it starts there, not at `accepted_at`
+    ready_at: float | None = None
+    queued: bool = False  # it waited behind its conversation's earlier turn
     notice: Awaitable[None] | None = None  # the queued notice's write
     timer: asyncio.TimerHandle | None = None  # posts the notice if the message is still waiting
     started: bool = False
@@ -61,7 +66,7 @@ class _Lane:
         entry = self.queue[index]
         if isinstance(entry, Job):
             return entry
-        job = self.queue[index] = Job(entry, self.key, "", is_group=self.is_group)
+        job = self.queue[index] = Job(entry, self.key, "", is_group=self.is_group, queued=True)
         return job
 
 
@@ -139,6 +144,7 @@ class Dispatcher:
         waits = lane.active is not None or bool(lane.queue)
         bursting = waits and self._pacer is not None and self._pacer.bursting
         held = False
+        job.queued = waits
         if front:  # after those put there before it while the same job runs: in arrival order
             lane.queue.insert(min(lane.fronted, len(lane.queue)), job)
             lane.fronted += 1
@@ -230,11 +236,14 @@ class Dispatcher:
     async def _run(self, key: str, lane: _Lane) -> None:
         try:
             while lane.queue and not self._closing:
+                paced = False
                 if self._pacer is not None:
-                    await self._pacer.admit()  # at once, unless a burst is under way
+                    paced = await self._pacer.admit()  # at once, unless a burst is under way
                     if not lane.queue or self._closing:
                         break
                 job = lane.job_at(0)
+                if paced or job.queued:
+                    job.ready_at = time.time()
                 lane.queue.popleft()
                 lane.fronted = 0
                 job.started = True

@@ -71,13 +71,14 @@ class BurstPacer:
 
     # -- turn starts ------------------------------------------------------------------------
 
-    async def admit(self) -> None:
-        """Return when a turn may start: at once outside a burst, in arrival order within one."""
+    async def admit(self) -> bool:
+        """Return when a turn may start: at once outside a burst, in arrival order within one.
+        True when the turn had to wait."""
         if not self._waiters and not self.bursting:
-            return
+            return False
         if not self._waiters and self._clock() >= self._next_start:
             self._next_start = self._clock() + 1.0 / self.burst_starts
-            return
+            return False
         future = asyncio.get_running_loop().create_future()
         self._waiters.append(future)
         self._arm()
@@ -87,6 +88,7 @@ class BurstPacer:
             if future in self._waiters:
                 self._waiters.remove(future)
             raise
+        return True
 
     def _arm(self) -> None:
         if self._timer is None and self._waiters:

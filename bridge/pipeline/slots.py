@@ -113,6 +113,7 @@ class RuntimeSlots:
         if wait.ended.done() or self.closing:
             self._give_back(acquire)
             return wait.ended.result() if wait.ended.done() else "close"
+        job.ready_at = time.time()  # the wait is not the bridge's own time on the turn
         return Slot(self.semaphore)
 
     def _give_back(self, acquire: asyncio.Future[bool]) -> None:

@@ -322,7 +322,8 @@ class TurnRunner:
             outcome = await self._run_limited(request, ctx, log)
         except asyncio.CancelledError:
             await asyncio.shield(self._finish(scope, row.id, progress, self._shutdown_outcome(), row.received_at,
-                                              job.accepted_at, marked=payload.get("marked_message_id")))
+                                              job.ready_at or job.accepted_at,
+                                              marked=payload.get("marked_message_id")))
             raise
         except Exception as exc:  # noqa: BLE001 - a runtime failure becomes a visible message
             log.exception("turn: runtime failed")
@@ -333,8 +334,8 @@ class TurnRunner:
             self.metrics.turns_running.dec()
         if outcome.status == "stopped" and running is not None and running.stopped_for:
             outcome = dataclasses.replace(outcome, text=f"{outcome.text}\n{running.stopped_for}")
-        overhead = await self._finish(scope, row.id, progress, outcome, row.received_at, job.accepted_at,
-                                      marked=payload.get("marked_message_id"))
+        overhead = await self._finish(scope, row.id, progress, outcome, row.received_at,
+                                      job.ready_at or job.accepted_at, marked=payload.get("marked_message_id"))
         log.bind(**overhead).info("turn: {}", outcome.status)
 
     async def _files_here(self, attachments, conversation_key: str) -> tuple[InputFile, ...]:
@@ -399,7 +400,7 @@ class TurnRunner:
         return TurnOutcome("interrupted", presenter.interrupted_by_shutdown().text, error="shutdown")
 
     async def _finish(self, scope: TurnScope, event_id: int, progress: _Progress, outcome: TurnOutcome,
-                      received_at: float, accepted_at: float | None = None, *, marked: str | None = None
+                      received_at: float, ready_at: float | None = None, *, marked: str | None = None
                       ) -> dict[str, float]:
         """Write the outcome; returns the bridge's own overhead around the runtime, when measurable."""
         await progress.close()
@@ -449,11 +450,12 @@ class TurnRunner:
         self.metrics.turns.labels(outcome.status).inc()
         self.metrics.turn_latency.observe(max(0.0, time.time() - received_at))
         if outcome.timing and "sent_at" in outcome.timing and "done_at" in outcome.timing:
-            # start: the message accepted (the platform answered) -> the turn sent to the runtime,
-            # less the time spent waiting on the runtime itself (starting or resuming its thread);
-            # finish: the runtime done -> the reply handed to the outbox (and -> committed)
+            # start: the message ready (accepted, the platform answered; or, if it waited behind
+            # another turn, for the pacing or a runtime slot, out of that wait) -> the turn sent to
+            # the runtime, less the time spent waiting on the runtime itself (starting or resuming
+            # its thread); finish: the runtime done -> the reply handed to the outbox (and -> committed)
             t = outcome.timing
-            start = t["sent_at"] - (accepted_at or received_at) - t.get("waited", 0.0)
+            start = t["sent_at"] - (ready_at or received_at) - t.get("waited", 0.0)
             finish = handed - t["done_at"]
             committed = time.time() - t["done_at"]
             self.metrics.runtime_overhead.labels("start").observe(max(0.0, start))

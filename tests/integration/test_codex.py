@@ -438,3 +438,30 @@ async def test_a_thread_started_elsewhere_is_handed_off_to_a_chat_and_continues_
     assert "remember the word heron" in json.dumps(model.requests[before:])  # the thread's history came along
     await c.post(target, "bob", "/status")
     await c.wait_for(target, has_final("Session `terminal`"))
+
+
+def _start_overheads(proc: BridgeProcess) -> tuple[float, float]:
+    """bridge_runtime_overhead_seconds{phase="start"}: (turns under 0.25 s, all turns)."""
+    with urllib.request.urlopen(f"{proc.url}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line.startswith("bridge_runtime_overhead_seconds_") and 'phase="start"' in line:
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    under = values['bridge_runtime_overhead_seconds_bucket{le="0.25",phase="start"}']
+    return under, values['bridge_runtime_overhead_seconds_count{phase="start"}']
+
+
+async def test_the_bridges_overhead_leaves_out_the_wait_behind_an_earlier_turn(tmp_path, chat, codex_setup):
+    """A message queued behind its conversation's running turn (2 s here) waited: that is not
+    the bridge's own time before the runtime, which the start overhead measures."""
+    proc = start_bridge(tmp_path / "data", codex_setup)
+    try:
+        c, cid = chat(proc), conv()
+        await c.post(cid, "alice", "SLOW 0.5: one two three four five")
+        await c.post(cid, "alice", "queued behind it")
+        await c.wait_for(cid, has_final("Mock reply: queued behind it"), timeout=30)
+        assert _start_overheads(proc) == (2.0, 2.0)
+    finally:
+        proc.kill()

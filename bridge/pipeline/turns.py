@@ -1,9 +1,11 @@
 """The turn runner: inbound message -> session -> runtime turn -> exactly one final reply.
 
-The claim, the turn's ledger row and the final write are each coalescible, so a busy writer
-cycle carries them for many conversations at once. The final reply, the turn's terminal status
-and the inbound event's closing are written together in one transaction, so a crash leaves either a running turn (recovery marks it
-interrupted, with a message) or a finished one with its reply queued, never a reply twice.
+A turn first takes a runtime slot (`slots`), before anything is written. The claim, the turn's
+ledger row and the final write are each coalescible, so a busy writer cycle carries them for many
+conversations at once. The final reply, the turn's terminal status and the inbound event's
+closing are written together in one transaction, so a crash leaves either a running turn
+(recovery marks it interrupted, with a message) or a finished one with its reply queued, never a
+reply twice.
 """
 
 from __future__ import annotations

@@ -29,8 +29,12 @@ def waiting_for_slot(limit: int) -> Reply:
                       "this one starts when one of them ends.")
 
 
-def stopped_before_start() -> Reply:
-    return Reply(text="⏹ Stopped before it started; not run.")
+NEWER_MESSAGE_RUNS = "Your newer message runs instead."  # the `interrupt` busy policy, before a turn started
+
+
+def stopped_before_start(why: str | None = None) -> Reply:
+    """`why`: when not a person's /stop (the `interrupt` busy policy: for a newer message)."""
+    return Reply(text=f"⏹ Stopped before it started; not run.{f' {why}' if why else ''}")
 
 
 def backlog(count: int) -> Reply:

@@ -99,6 +99,10 @@ class ControlCommands:
         policy. What this does not take is queued as usual."""
         running = self.runner.running.get(job.conversation_key)
         if running is None or self.busy_policy == "queue":
+            if self.busy_policy == "interrupt" and self.runner.slots.stop(
+                    job.conversation_key, why=presenter.NEWER_MESSAGE_RUNS):
+                self.dispatcher.enqueue(job, front=True)  # the message waiting for a slot gives way to this one
+                return
             self.dispatcher.enqueue(job)
             return
         if self.busy_policy == "steer":

@@ -31,6 +31,13 @@ NOTICE_DELAY = 0.5  # a message that gets its slot sooner gets no notice (no cha
 Ended = Literal["stop", "close"]
 
 
+@dataclass(frozen=True, slots=True)
+class Stopped:
+    """A wait ended by `/stop`, or by the `interrupt` busy policy for a newer message (`why`)."""
+
+    why: str | None = None
+
+
 @dataclass(slots=True)
 class SlotWait:
     """A conversation's message waiting for a slot."""
@@ -39,6 +46,7 @@ class SlotWait:
     since: float
     ended: asyncio.Future[Ended] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     notice: Awaitable[None] | None = None  # the notice's write, once one is posted
+    why: str | None = None  # why it was stopped, when not by a person's /stop
 
 
 class Slot:
@@ -76,9 +84,9 @@ class RuntimeSlots:
         """The conversation knows its messages wait (a burst's backlog notice): no slot notice."""
         self._told.add(conversation_key)
 
-    async def take(self, job: Job) -> Slot | Ended:
-        """A slot for `job`'s turn, or why there will be none: "stop" (a person's `/stop`), "close"
-        (the service is stopping; the event stays accepted for the next start)."""
+    async def take(self, job: Job) -> Slot | Stopped | Literal["close"]:
+        """A slot for `job`'s turn, or why there will be none: `Stopped` (its wait was stopped), or
+        "close" (the service is stopping; the event stays accepted for the next start)."""
         key = job.conversation_key
         if self.closing:
             return "close"
@@ -112,7 +120,7 @@ class RuntimeSlots:
                     "turn: the notice of its wait for a runtime slot was not written: {}", exc)
         if wait.ended.done() or self.closing:
             self._give_back(acquire)
-            return wait.ended.result() if wait.ended.done() else "close"
+            return Stopped(wait.why) if wait.ended.done() and wait.ended.result() == "stop" else "close"
         job.ready_at = time.time()  # the wait is not the bridge's own time on the turn
         return Slot(self.semaphore)
 
@@ -128,11 +136,13 @@ class RuntimeSlots:
         self._told.add(job.conversation_key)
         wait.notice = self._notify(job)
 
-    def stop(self, conversation_key: str) -> str | None:
-        """`/stop`: end the conversation's wait; the waiting message's text, or None if none waits."""
+    def stop(self, conversation_key: str, *, why: str | None = None) -> str | None:
+        """`/stop` (or the `interrupt` busy policy, saying `why`): end the conversation's wait; the
+        waiting message's text, or None if none waits."""
         wait = self.waiting.get(conversation_key)
         if wait is None or wait.ended.done():
             return None
+        wait.why = why
         wait.ended.set_result("stop")
         return wait.text
 

@@ -27,7 +27,7 @@ from bridge.metrics import Metrics
 from bridge.pipeline.answers import WriteRefused, answer, claim, until_written
 from bridge.pipeline.dispatcher import Job
 from bridge.pipeline.sessions import SessionResolver
-from bridge.pipeline.slots import RuntimeSlots, Slot
+from bridge.pipeline.slots import RuntimeSlots, Slot, Stopped
 from bridge.runtimes.base import (
     Approval,
     ApprovalRequest,
@@ -255,10 +255,10 @@ class TurnRunner:
         slot = await self.slots.take(job)
         if slot == "close":
             return  # the service is stopping: the event stays accepted, for the next start
-        if slot == "stop":
+        if isinstance(slot, Stopped):
             row = await claim(self.db, job.event_id)
             if row is not None:
-                await answer(self.db, self.outbox, row, presenter.stopped_before_start(), status="skipped")
+                await answer(self.db, self.outbox, row, presenter.stopped_before_start(slot.why), status="skipped")
             return
         assert isinstance(slot, Slot)
         try:

@@ -842,3 +842,21 @@ async def test_stop_drops_a_message_waiting_for_a_runtime_slot(bridge, chat):
         await c.wait_for("c-next", lambda msgs: [t for t in final_texts(msgs) if "\nafter\n" in t], timeout=20)
     finally:
         kill_left(pids)
+
+
+async def test_with_the_interrupt_policy_a_newer_message_replaces_one_waiting_for_a_slot(bridge, chat):
+    """`interrupt`: the newer message runs next. With the older one not started yet (it waits for
+    a runtime slot) that means the older one is not run at all, and says so."""
+    proc = bridge(BRIDGE_MAX_CONCURRENT_TURNS="1", BRIDGE_BUSY_POLICY="interrupt")
+    c = chat(proc)
+    pids = await _waiting_for_a_slot(c, proc)
+    try:
+        await c.post("c-next", "bob", "echo newer")
+        await c.wait_for("c-next", lambda msgs: [m for m in msgs if m["text"] == (
+            "⏹ Stopped before it started; not run. Your newer message runs instead.")])
+        assert _unstarted(proc) == ("skipped", [])
+        await c.post("c-busy", "alice", "/stop")  # the slot is free again
+        await c.wait_for("c-next", lambda msgs: [t for t in final_texts(msgs) if "\nnewer\n" in t], timeout=20)
+        assert not [t for t in final_texts(await c.bot_messages("c-next")) if "\nwaited\n" in t]
+    finally:
+        kill_left(pids)

@@ -7,7 +7,7 @@ import asyncio
 
 from bridge.pipeline import slots as slots_module
 from bridge.pipeline.dispatcher import Job
-from bridge.pipeline.slots import RuntimeSlots, Slot
+from bridge.pipeline.slots import RuntimeSlots, Slot, Stopped
 
 
 def _slots(limit: int, told: list[int]) -> RuntimeSlots:
@@ -60,7 +60,7 @@ async def test_a_stopped_or_closed_wait_gives_its_slot_back_and_says_why():
     await asyncio.sleep(0.05)
     assert slots.stop("webchat:b") == "echo 2"
     assert slots.stop("webchat:b") is None
-    assert await stopped == "stop"
+    assert await stopped == Stopped(None)
     assert isinstance(held, Slot)
     held.release()  # the wake-up goes to the closing waiter, which passes the slot back
     slots.close()

@@ -114,7 +114,10 @@ class RuntimeSlots:
                 del self.waiting[key]
         if wait.notice is not None:
             try:
-                await wait.notice  # the claim must see the notice's reply ref
+                await asyncio.shield(wait.notice)  # the claim must see the notice's reply ref
+            except asyncio.CancelledError:
+                self._give_back(acquire)  # a slot it may hold already
+                raise
             except Exception as exc:  # noqa: BLE001 - a notice not written is logged, the turn goes on
                 logger.bind(conversation=key, event=job.event_id).warning(
                     "turn: the notice of its wait for a runtime slot was not written: {}", exc)

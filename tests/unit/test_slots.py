@@ -90,3 +90,24 @@ async def test_a_conversation_is_told_once_while_its_messages_keep_waiting(monke
         assert not slots.waiting
         assert told == [1, 11][:1 + (first == 11)]  # told once per wait, again after a free slot
         (await slots.take(Job(99, "webchat:c", "echo"))).release()  # a slot free, nobody waiting
+
+
+async def test_cancelled_while_its_notice_is_written_it_gives_its_slot_back(monkeypatch):
+    monkeypatch.setattr(slots_module, "NOTICE_DELAY", 0.01)
+    written: list[asyncio.Future[None]] = []
+
+    def notify(job: Job):
+        written.append(asyncio.get_running_loop().create_future())  # a write the store has not done yet
+        return written[-1]
+
+    slots = RuntimeSlots(1, notify=notify)
+    held = await slots.take(Job(1, "webchat:a", "echo"))
+    waiter = asyncio.create_task(slots.take(Job(2, "webchat:b", "echo")))
+    await asyncio.sleep(0.05)  # told: its notice is being written
+    held.release()
+    await asyncio.sleep(0.05)  # it has the slot, and waits for the notice's write
+    waiter.cancel()
+    await asyncio.gather(waiter, return_exceptions=True)
+    assert not written[0].cancelled()  # the write goes on; only the wait for it was cancelled
+    written[0].set_result(None)
+    assert not slots.semaphore.locked()  # given back
